@@ -1,0 +1,620 @@
+"""The embedded broker: owns one machine's GPUs, grants them in policy order, and takes them back.
+
+It runs on one asyncio loop. Every change is saved to the store first, then the
+policy is asked who starts next (at once: no polling interval between a job's
+end and the next grant), then watchers are told.
+
+A lease is kept alive two ways: the client's process is watched through a
+pidfd (its death is noticed at once), and the client sends heartbeats (the
+fallback where the broker cannot see the process, and after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpulane import procs
+from gpulane.broker import policy
+from gpulane.broker.gpus import Inventory
+from gpulane.broker.store import JobRecord, Store
+from gpulane.identity import Identity
+from gpulane.jobs import JobState, OptionError, Request, format_duration
+
+log = logging.getLogger("gpulane.broker")
+
+Watcher = Callable[[dict[str, Any]], None]
+
+
+class BrokerError(Exception):
+    """A refused request: ``status`` is the HTTP status, the message is for the user."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    policy: policy.PolicyConfig = field(default_factory=policy.PolicyConfig)
+    lease_ttl: float = 10.0  # seconds without heartbeat before a lease is presumed dead
+    kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL of a revoked job
+    max_queued_per_user: int = 1000
+    publish_interval: float = 0.1  # at most this often, queue positions are pushed again
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        inventory: Inventory,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.config = settings.policy
+        self.inventory = inventory
+        self.store = store
+        self.clock = clock
+        self.jobs: dict[int, JobRecord] = {}  # queued and running only
+        self.usage: dict[str, policy.Usage] = {}
+        self.watchers: dict[int, set[Watcher]] = {}
+        self.counters: dict[str, int] = {
+            "submitted": 0,
+            "granted": 0,
+            "cancelled": 0,
+            "timeouts": 0,
+        }
+        self._heartbeat: dict[int, float] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
+        self._publish_handle: asyncio.TimerHandle | None = None
+        self._last_publish = 0.0
+        self._sent: dict[tuple[int, int], dict[str, Any]] = {}
+        self._watcher_identity: dict[int, Identity] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.can_kill_any = os.geteuid() == 0
+
+    # ----------------------------------------------------------------- life cycle
+
+    def start(self) -> None:
+        """Reload state (reattaching live jobs), then schedule. Call inside the running loop."""
+        now = self.clock()
+        self.usage = {u: policy.Usage(v, at) for u, (v, at) in self.store.usage().items()}
+        for job in self.store.active():
+            self.jobs[job.id] = job
+            self._heartbeat[job.id] = now
+            client_alive = procs.is_alive(job.client_pid, job.client_start)
+            command_alive = procs.is_alive(job.cmd_pid, job.cmd_start)
+            if job.state is JobState.QUEUED:
+                if job.client_pid and not client_alive:
+                    self._finalize(
+                        job, JobState.CANCELLED, "its client ended while the broker was down"
+                    )
+                    continue
+            elif not (client_alive or command_alive):
+                self._finalize(
+                    job, JobState.FAILED, "its processes ended while the broker was down"
+                )
+                continue
+            elif job.ending_state is not None:
+                self._arm(job.id, self.settings.kill_grace, self._force_end, job.id)
+            else:
+                assert job.started_at is not None
+                deadline = job.started_at + job.time_limit
+                self._arm(job.id, max(0.0, deadline - now), self._time_limit_reached, job.id)
+            if client_alive and job.client_pid:
+                self._watch_client(job.client_pid, job.id)
+            log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        loop = asyncio.get_running_loop()
+        for fd, _ in self._pidfds.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._pidfds.clear()
+        for handle in self._timers.values():
+            handle.cancel()
+        self.store.close()
+
+    # ----------------------------------------------------------------- requests
+
+    def submit(self, who: Identity, request: Request) -> dict[str, Any]:
+        cfg = self.config
+        admin = policy.is_admin(who.uid, who.groups, cfg)
+        if not policy.may_use_gpus(who.groups, cfg, admin):
+            groups = ", ".join(sorted(cfg.gpu_groups))
+            raise BrokerError(
+                403,
+                f"{who.user} may not use GPUs here: not in a GPU group ({groups}); ask an admin",
+            )
+        time_limit = request.time_limit or min(cfg.default_time, cfg.max_time)
+        if time_limit > cfg.max_time:
+            raise BrokerError(
+                400,
+                f"--time {format_duration(time_limit)} is over this broker's maximum "
+                f"{format_duration(cfg.max_time)}; ask for less",
+            )
+        never = policy.fits_machine(
+            request.gpus, request.slices, self.inventory.count, cfg.slices_per_gpu
+        )
+        if never:
+            raise BrokerError(400, f"this request can never run here: it {never}")
+        queued = sum(
+            1 for j in self.jobs.values() if j.uid == who.uid and j.state is JobState.QUEUED
+        )
+        if queued >= self.settings.max_queued_per_user:
+            raise BrokerError(
+                429,
+                f"{who.user} already has {queued} queued jobs, the most allowed; wait or cancel some",
+            )
+        now = self.clock()
+        job = JobRecord(
+            uid=who.uid,
+            user=who.user,
+            name=request.name,
+            gpus=request.gpus,
+            slices=request.slices,
+            time_limit=time_limit,
+            mem=request.mem,
+            command=list(request.command),
+            submitted_at=now,
+            client_pid=who.pid,
+            client_start=procs.start_time(who.pid) if who.pid else None,
+        )
+        self.store.insert(job)
+        self.jobs[job.id] = job
+        self._heartbeat[job.id] = now
+        self.counters["submitted"] += 1
+        if who.pid:
+            self._watch_client(who.pid, job.id)
+        log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
+        self._schedule()
+        return self.view(job, who)
+
+    def cancel(self, who: Identity, job_id: int) -> dict[str, Any]:
+        job = self._own_job(who, job_id, admin_ok=True)
+        if job.state is JobState.QUEUED:
+            self._finalize(job, JobState.CANCELLED, f"cancelled by {who.user}")
+        elif job.state is JobState.RUNNING:
+            self._revoke(job, JobState.CANCELLED, f"cancelled by {who.user}")
+        self.counters["cancelled"] += 1
+        return self.view(job, who)
+
+    def heartbeat(self, who: Identity, job_id: int) -> dict[str, Any]:
+        job = self._own_job(who, job_id)
+        if job.id in self.jobs:
+            self._heartbeat[job.id] = self.clock()
+        return self.view(job, who)
+
+    def started(self, who: Identity, job_id: int, pid: int) -> dict[str, Any]:
+        """The client started the job's command as process group ``pid``; the broker may kill it."""
+        job = self._own_job(who, job_id)
+        if job.state is not JobState.RUNNING:
+            raise BrokerError(409, f"job {job_id} is {job.state.value}, not running")
+        # Never trust a client-supplied PID blindly: a root broker kills this group later.
+        if procs.owner_uid(pid) != job.uid or _pgid(pid) != pid:
+            raise BrokerError(
+                400, f"process {pid} is not a process group leader owned by {job.user}"
+            )
+        job.cmd_pid, job.cmd_start = pid, procs.start_time(pid)
+        self.store.save(job)
+        if job.ending_state is not None:
+            self._signal_job(job, signal.SIGTERM)
+        return self.view(job, who)
+
+    def finish(self, who: Identity, job_id: int, exit_status: int) -> dict[str, Any]:
+        job = self._own_job(who, job_id)
+        if job.state is JobState.QUEUED:
+            self._finalize(job, JobState.CANCELLED, "withdrawn by its client")
+        elif job.state is JobState.RUNNING:
+            if job.ending_state is not None:
+                self._finalize(job, job.ending_state, job.message, exit_status)
+            elif exit_status == 0:
+                self._finalize(job, JobState.COMPLETED, "", exit_status)
+            else:
+                self._finalize(job, JobState.FAILED, _exit_text(exit_status), exit_status)
+        return self.view(job, who)
+
+    def lookup(self, who: Identity, job_id: int) -> dict[str, Any]:
+        job = self.jobs.get(job_id) or self.store.get(job_id)
+        if job is None:
+            raise BrokerError(404, f"no job {job_id}")
+        return self.view(job, who)
+
+    def watch(self, who: Identity, job_id: int, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher`` with the job's view now and at every change; returns the unsubscribe."""
+        job = self._own_job(who, job_id, admin_ok=True)
+        watcher(self._event(job, who))
+        if job.state.finished:
+            return lambda: None
+        viewers = self.watchers.setdefault(job_id, set())
+        viewers.add(watcher)
+        # Remember who watches to render views for them; cheap, and dropped with the watcher.
+        self._watcher_identity[id(watcher)] = who
+
+        def unsubscribe() -> None:
+            viewers.discard(watcher)
+            self._watcher_identity.pop(id(watcher), None)
+            self._sent.pop((job_id, id(watcher)), None)
+            if not viewers:
+                self.watchers.pop(job_id, None)
+
+        return unsubscribe
+
+    # ----------------------------------------------------------------- views
+
+    def status(self, who: Identity) -> dict[str, Any]:
+        now = self.clock()
+        waiting = self._explain(now)
+        holders = self.holders(now)
+        gpus = []
+        for reading in self.inventory.read():
+            gpus.append(
+                {
+                    "index": reading.index,
+                    "name": reading.name,
+                    "uuid": reading.uuid,
+                    "memory_total": reading.memory_total,
+                    "memory_used": reading.memory_used,
+                    "utilization": reading.utilization,
+                    "simulated": reading.simulated,
+                    "slices": self.config.slices_per_gpu,
+                    "holders": [h for h in holders if reading.index in h["gpus"]],
+                }
+            )
+        queue = sorted(
+            (j for j in self.jobs.values() if j.state is JobState.QUEUED),
+            key=lambda j: waiting[j.id].position if j.id in waiting else 0,
+        )
+        return {
+            "backend": "broker",
+            "backend_reason": "embedded broker on this machine",
+            "now": now,
+            "user": who.user,
+            "is_admin": policy.is_admin(who.uid, who.groups, self.config),
+            "slices_per_gpu": self.config.slices_per_gpu,
+            "gpus": gpus,
+            "running": [
+                self.view(j, who, now) for j in self.jobs.values() if j.state is JobState.RUNNING
+            ],
+            "queue": [self.view(j, who, now, waiting.get(j.id)) for j in queue],
+        }
+
+    def holders(self, now: float) -> list[dict[str, Any]]:
+        result = []
+        for job in self.jobs.values():
+            if job.state is JobState.RUNNING and job.started_at is not None:
+                elapsed = now - job.started_at
+                result.append(
+                    {
+                        "job": job.id,
+                        "user": job.user,
+                        "name": job.name,
+                        "gpus": job.assigned_gpus,
+                        "slices": job.assigned_slices,
+                        "elapsed": elapsed,
+                        "remaining": max(0.0, job.time_limit - elapsed),
+                    }
+                )
+        return result
+
+    def view(
+        self,
+        job: JobRecord,
+        who: Identity,
+        now: float | None = None,
+        waiting: policy.Waiting | None = None,
+    ) -> dict[str, Any]:
+        now = self.clock() if now is None else now
+        data: dict[str, Any] = {
+            "id": job.id,
+            "user": job.user,
+            "name": job.name,
+            "state": job.state.value,
+            "gpus": job.gpus,
+            "slices": job.slices,
+            "time_limit": job.time_limit,
+            "mem": job.mem,
+            "submitted_at": job.submitted_at,
+            "started_at": job.started_at,
+            "ended_at": job.ended_at,
+            "exit_status": job.exit_status,
+            "message": job.message,
+            "assigned_gpus": job.assigned_gpus,
+            "assigned_slices": job.assigned_slices,
+            "gpu_memory_limit": self._memory_limit(job),
+            "ending": job.ending_state.value if job.ending_state else None,
+        }
+        if job.started_at is not None:
+            end = job.ended_at if job.ended_at is not None else now
+            data["elapsed"] = end - job.started_at
+            data["remaining"] = max(0.0, job.time_limit - data["elapsed"])
+        if waiting is not None:
+            data.update(position=waiting.position, eta=waiting.eta, reason=waiting.reason)
+            data["reason_text"] = self._reason_text(waiting.reason)
+        if who.uid == job.uid:  # only the owner sees what the job runs
+            data["command"] = job.command
+        return data
+
+    def _reason_text(self, reason: str) -> str:
+        cfg = self.config
+        return {
+            "resources": "waiting for a GPU to free up",
+            "priority": "jobs submitted earlier are ahead",
+            "fair_share": "fair share: users with less recent GPU time go first",
+            "user_cap": f"per-user cap: you already run {cfg.max_running_per_user} job(s)",
+            "reserved": (
+                "GPUs are held for a job that has waited over "
+                f"{format_duration(cfg.starvation_after)}"
+            ),
+            "never_fits": "this request is larger than any free GPU set here",
+        }.get(reason, reason)
+
+    def _event(
+        self, job: JobRecord, who: Identity, waiting: policy.Waiting | None = None
+    ) -> dict[str, Any]:
+        now = self.clock()
+        if waiting is None and job.state is JobState.QUEUED:
+            waiting = self._explain(now).get(job.id)
+        return {"job": self.view(job, who, now, waiting), "holders": self.holders(now), "now": now}
+
+    def _memory_limit(self, job: JobRecord) -> int | None:
+        if not job.slices or self.config.slices_per_gpu <= 1 or not self.inventory.memory:
+            return None
+        return self.inventory.memory * job.slices // self.config.slices_per_gpu
+
+    # ----------------------------------------------------------------- scheduling
+
+    def _policy_state(self) -> policy.State:
+        queued, running = [], []
+        for job in self.jobs.values():
+            if job.state is JobState.QUEUED:
+                queued.append(
+                    policy.Pending(
+                        job.id, job.user, job.gpus, job.slices, job.time_limit, job.submitted_at
+                    )
+                )
+            elif job.state is JobState.RUNNING and job.started_at is not None:
+                assignment = policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0)
+                running.append(
+                    policy.Active(job.id, job.user, assignment, job.started_at, job.time_limit)
+                )
+        return policy.State(self.inventory.count, tuple(queued), tuple(running), self.usage)
+
+    def _explain(self, now: float) -> dict[int, policy.Waiting]:
+        return policy.explain(self._policy_state(), now, self.config)
+
+    def _schedule(self) -> None:
+        state = self._policy_state()
+        now = self.clock()
+        grants = []
+        if state.queued and any(
+            policy.free_slices(state.gpu_count, state.running, self.config.slices_per_gpu)
+        ):
+            grants = policy.decide(state, now, self.config)
+        for grant in grants:
+            job = self.jobs[grant.job_id]
+            job.state = JobState.RUNNING
+            job.started_at = now
+            job.assigned_gpus = list(grant.assignment.gpus)
+            job.assigned_slices = grant.assignment.slices
+            self.store.save(job)
+            self.counters["granted"] += 1
+            self._arm(job.id, job.time_limit, self._time_limit_reached, job.id)
+            log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
+        self._publish(urgent={g.job_id for g in grants})
+
+    def _publish(self, urgent: set[int] | None = None) -> None:
+        """Tell watchers what changed: their own grant or end at once, positions at most every 100 ms."""
+        for job_id in urgent or ():
+            self._notify(job_id)
+        if self._publish_handle is None and self.watchers:
+            loop = asyncio.get_running_loop()
+            wait = max(0.0, self._last_publish + self.settings.publish_interval - loop.time())
+            self._publish_handle = loop.call_later(wait, self._publish_all)
+
+    def _publish_all(self) -> None:
+        self._publish_handle = None
+        self._last_publish = asyncio.get_running_loop().time()
+        waiting = self._explain(self.clock()) if self.watchers else {}
+        for job_id in list(self.watchers):
+            self._notify(job_id, waiting)
+
+    def _notify(self, job_id: int, waiting: dict[int, policy.Waiting] | None = None) -> None:
+        job = self.jobs.get(job_id) or self.store.get(job_id)
+        if job is None:
+            return
+        for watcher in list(self.watchers.get(job_id, ())):
+            who = self._watcher_identity.get(id(watcher))
+            if who is None:
+                continue
+            event = self._event(job, who, (waiting or {}).get(job_id))
+            key = (job_id, id(watcher))
+            # Skip repeats: elapsed times change every call, the rest rarely.
+            signature = {k: v for k, v in event["job"].items() if k not in ("elapsed", "remaining")}
+            signature["holders"] = [(h["job"], h["user"]) for h in event["holders"]]
+            if self._sent.get(key) == signature:
+                continue
+            self._sent[key] = signature
+            watcher(event)
+        if job.state.finished:
+            for watcher in list(self.watchers.pop(job_id, ())):
+                self._watcher_identity.pop(id(watcher), None)
+                self._sent.pop((job_id, id(watcher)), None)
+
+    # ----------------------------------------------------------------- endings
+
+    def _revoke(self, job: JobRecord, state: JobState, message: str) -> None:
+        """Take a running job's GPU back: its client is told, its processes get SIGTERM, then SIGKILL."""
+        if job.ending_state is not None:
+            return
+        job.ending_state, job.message, job.ending_at = state, message, self.clock()
+        self.store.save(job)
+        log.info("job %d of %s revoked: %s", job.id, job.user, message)
+        self._signal_job(job, signal.SIGTERM)
+        self._arm(job.id, self.settings.kill_grace, self._force_end, job.id)
+        self._publish(urgent={job.id})
+
+    def _force_end(self, job_id: int) -> None:
+        """The grace period is over: kill what is left and free the GPU, reported or not."""
+        job = self.jobs.get(job_id)
+        if job is None or job.ending_state is None:
+            return
+        self._signal_job(job, signal.SIGKILL)
+        self._finalize(job, job.ending_state, job.message)
+
+    def _time_limit_reached(self, job_id: int) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not JobState.RUNNING:
+            return
+        self.counters["timeouts"] += 1
+        limit = format_duration(job.time_limit)
+        self._revoke(
+            job, JobState.TIMEOUT, f"GPU time limit {limit} reached; ask for more with --time"
+        )
+
+    def _client_gone(self, job_id: int, why: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if job.state is JobState.QUEUED:
+            self._finalize(job, JobState.CANCELLED, why)
+        else:
+            # Nobody is left to clean up or to be told: end the command at once.
+            self._signal_job(job, signal.SIGKILL)
+            self._finalize(job, job.ending_state or JobState.FAILED, job.message or why)
+
+    def _finalize(
+        self, job: JobRecord, state: JobState, message: str, exit_status: int | None = None
+    ) -> None:
+        now = self.clock()
+        if job.state is JobState.RUNNING and job.started_at is not None:
+            share = policy.gpu_share(
+                policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0),
+                self.config.slices_per_gpu,
+            )
+            used = self.usage.get(job.user, policy.Usage()).add(
+                share * max(0.0, now - job.started_at), now, self.config.half_life
+            )
+            self.usage[job.user] = used
+            self.store.save_usage(job.user, used.value, used.at)
+        job.state, job.message, job.ended_at = state, message, now
+        job.exit_status = exit_status
+        job.ending_state = None
+        self.store.save(job)
+        self.jobs.pop(job.id, None)
+        self._heartbeat.pop(job.id, None)
+        timer = self._timers.pop(job.id, None)
+        if timer:
+            timer.cancel()
+        self._unwatch_client(job.client_pid, job.id)
+        log.info("job %d of %s ended: %s %s", job.id, job.user, state.value, message)
+        self._schedule()
+        self._publish(urgent={job.id})
+
+    def _signal_job(self, job: JobRecord, sig: signal.Signals) -> None:
+        # Only where the broker may: as root, or when the job runs as the broker's own user.
+        if job.cmd_pid and (self.can_kill_any or job.uid == os.geteuid()):
+            procs.signal_group(job.cmd_pid, job.cmd_start, sig)
+
+    # ----------------------------------------------------------------- leases
+
+    def _watch_client(self, pid: int, job_id: int) -> None:
+        entry = self._pidfds.get(pid)
+        if entry is None:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                return  # not visible to us (another pid namespace): heartbeats alone keep it
+            asyncio.get_running_loop().add_reader(fd, self._client_exited, pid)
+            entry = self._pidfds[pid] = (fd, set())
+        entry[1].add(job_id)
+
+    def _unwatch_client(self, pid: int | None, job_id: int) -> None:
+        entry = self._pidfds.get(pid or 0)
+        if entry is None:
+            return
+        entry[1].discard(job_id)
+        if not entry[1]:
+            asyncio.get_running_loop().remove_reader(entry[0])
+            os.close(entry[0])
+            del self._pidfds[pid or 0]
+
+    def _client_exited(self, pid: int) -> None:
+        entry = self._pidfds.pop(pid, None)
+        if entry is None:
+            return
+        fd, job_ids = entry
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        for job_id in sorted(job_ids):
+            self._client_gone(job_id, f"its client (process {pid}) exited; the GPU was freed")
+
+    async def _sweep_leases(self) -> None:
+        """Expire leases whose client stopped sending heartbeats (the fallback to pidfds)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.lease_ttl / 4))
+            now = self.clock()
+            for job_id, last in list(self._heartbeat.items()):
+                if now - last > self.settings.lease_ttl:
+                    ttl = format_duration(self.settings.lease_ttl)
+                    self._client_gone(
+                        job_id, f"its client sent no heartbeat for {ttl}; the GPU was freed"
+                    )
+
+    # ----------------------------------------------------------------- helpers
+
+    def _arm(self, job_id: int, delay: float, callback: Callable[[int], None], arg: int) -> None:
+        old = self._timers.pop(job_id, None)
+        if old:
+            old.cancel()
+        self._timers[job_id] = asyncio.get_running_loop().call_later(delay, callback, arg)
+
+    def _own_job(self, who: Identity, job_id: int, admin_ok: bool = False) -> JobRecord:
+        """The job, if ``who`` owns it (or is an admin, where allowed); 404 otherwise."""
+        job = self.jobs.get(job_id) or self.store.get(job_id)
+        if job is None:
+            raise BrokerError(404, f"no job {job_id}")
+        if job.uid == who.uid:
+            return job
+        if admin_ok and policy.is_admin(who.uid, who.groups, self.config):
+            return job
+        if admin_ok:
+            raise BrokerError(
+                403, f"job {job_id} belongs to {job.user}; only they or an admin may do that"
+            )
+        raise BrokerError(404, f"no job {job_id} of yours")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _exit_text(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def parse_request(data: Any) -> Request:
+    try:
+        return Request.from_json(data)
+    except OptionError as error:
+        raise BrokerError(400, str(error)) from None

@@ -1,0 +1,234 @@
+"""HTTP+JSON on a Unix socket, in front of :class:`~gpulane.broker.core.Broker`.
+
+Identity comes from the socket's peer credentials, never from the request.
+Bodies are bounded and parsed into a fixed schema; anything else is answered
+with a one-line JSON error, and the broker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import stat
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
+from tornado.netutil import bind_unix_socket
+
+from gpulane import __version__
+from gpulane.broker.core import Broker, BrokerError, parse_request
+from gpulane.identity import Identity, peer_identity
+
+log = logging.getLogger("gpulane.broker")
+
+MAX_BODY_BYTES = 256 * 1024
+
+
+@tornado.web.stream_request_body
+class _Handler(tornado.web.RequestHandler):
+    broker: Broker
+    identity: Identity
+
+    def initialize(self, broker: Broker) -> None:
+        self.broker = broker
+        self._body = bytearray()
+
+    def prepare(self) -> None:
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        self.identity = peer_identity(stream.socket)
+        length = self.request.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            raise BrokerError(413, f"request body over {MAX_BODY_BYTES} bytes; refused")
+        self.request.connection.set_max_body_size(MAX_BODY_BYTES)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body.extend(chunk)
+
+    def json_body(self) -> Any:
+        if not self._body:
+            return {}
+        try:
+            return json.loads(self._body)
+        except (ValueError, UnicodeDecodeError):
+            raise BrokerError(400, "the request body is not valid JSON") from None
+
+    def reply(self, data: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, BrokerError):
+            message = str(error)
+        elif isinstance(error, tornado.web.HTTPError):
+            message = error.log_message or self._reason
+        else:
+            message = self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": message}))
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, BrokerError):
+            status_code = error.status
+        super().send_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, BrokerError):
+            log.info(
+                "refused %s %s for %s: %s",
+                self.request.method,
+                self.request.path,
+                getattr(self, "identity", None) and self.identity.user,
+                value,
+            )
+        else:
+            super().log_exception(typ, value, tb)
+
+
+def _int_field(data: Any, key: str) -> int:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BrokerError(400, f"'{key}' must be an integer")
+    return value
+
+
+class HealthHandler(_Handler):
+    def get(self) -> None:
+        self.reply({"ok": True, "version": __version__, "user": self.identity.user})
+
+
+class StatusHandler(_Handler):
+    def get(self) -> None:
+        self.reply(self.broker.status(self.identity))
+
+
+class JobsHandler(_Handler):
+    def post(self) -> None:
+        request = parse_request(self.json_body())
+        self.set_status(201)
+        self.reply(self.broker.submit(self.identity, request))
+
+
+class JobHandler(_Handler):
+    def get(self, job_id: str) -> None:
+        self.reply(self.broker.lookup(self.identity, int(job_id)))
+
+    def delete(self, job_id: str) -> None:
+        self.reply(self.broker.cancel(self.identity, int(job_id)))
+
+
+class JobActionHandler(_Handler):
+    def post(self, job_id: str, action: str) -> None:
+        who, job = self.identity, int(job_id)
+        if action == "heartbeat":
+            self.reply(self.broker.heartbeat(who, job))
+        elif action == "started":
+            self.reply(self.broker.started(who, job, _int_field(self.json_body(), "pid")))
+        elif action == "finish":
+            self.reply(self.broker.finish(who, job, _int_field(self.json_body(), "exit_status")))
+        elif action == "cancel":
+            self.reply(self.broker.cancel(who, job))
+        else:
+            raise BrokerError(404, f"no action {action!r}")
+
+
+class EventsHandler(_Handler):
+    """A stream of JSON lines: the job's view and the GPU holders, at every change."""
+
+    async def get(self, job_id: str) -> None:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        unsubscribe = self.broker.watch(self.identity, int(job_id), queue.put_nowait)
+        self.set_header("Content-Type", "application/x-ndjson")
+        self.set_header("Cache-Control", "no-store")
+        try:
+            while True:
+                event = await queue.get()
+                self.write(json.dumps(event) + "\n")
+                await self.flush()
+                if event["job"]["state"] not in ("queued", "running"):
+                    break
+        except StreamClosedError:
+            pass
+        finally:
+            unsubscribe()
+        if not self._finished:
+            self.finish()
+
+    def on_connection_close(self) -> None:
+        # The watcher is dropped by the finally above once the pending write fails.
+        pass
+
+
+def make_app(broker: Broker) -> tornado.web.Application:
+    args = {"broker": broker}
+    return tornado.web.Application(
+        [
+            (r"/v1/health", HealthHandler, args),
+            (r"/v1/status", StatusHandler, args),
+            (r"/v1/jobs", JobsHandler, args),
+            (r"/v1/jobs/(\d{1,18})", JobHandler, args),
+            (r"/v1/jobs/(\d{1,18})/events", EventsHandler, args),
+            (r"/v1/jobs/(\d{1,18})/(heartbeat|started|finish|cancel)", JobActionHandler, args),
+        ],
+        default_handler_class=_NotFound,
+        default_handler_args=args,
+    )
+
+
+class _NotFound(_Handler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise BrokerError(404, f"no such endpoint: {self.request.method} {self.request.path}")
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Make the socket's folder, refusing one that another user could have planted."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, os.geteuid()):
+        raise SystemExit(f"gpulane broker: {folder} is not a folder owned by us or root; refusing")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise SystemExit(f"gpulane broker: {folder} is writable by others; use a private folder")
+
+
+async def serve(broker: Broker, socket_path: Path) -> None:
+    """Run until SIGTERM or SIGINT."""
+    _raise_fd_limit()
+    prepare_socket_dir(socket_path)
+    # Everyone on the machine may connect: the kernel tells us who they are.
+    sock = bind_unix_socket(str(socket_path), mode=0o666)
+    server = HTTPServer(
+        make_app(broker),
+        max_body_size=4 * MAX_BODY_BYTES,  # handlers refuse past MAX_BODY_BYTES with a clear 413
+        body_timeout=10,
+        idle_connection_timeout=3600,
+    )
+    server.add_socket(sock)
+    broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gpulane broker listening on %s", socket_path)
+    await stop.wait()
+    server.stop()
+    broker.stop()
+    with contextlib.suppress(FileNotFoundError):
+        socket_path.unlink()
+
+
+def _raise_fd_limit() -> None:
+    # One descriptor per connected client and per watched client process.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

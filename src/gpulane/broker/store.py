@@ -1,0 +1,159 @@
+"""The broker's durable state in SQLite (WAL): every change is committed before it is announced.
+
+``kill -9`` of the broker loses nothing: on start it reloads queued and running
+jobs and the users' decayed usage from here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gpulane.jobs import JobState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    name TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    slices INTEGER NOT NULL,
+    time_limit INTEGER NOT NULL,
+    mem INTEGER,
+    command TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    exit_status INTEGER,
+    client_pid INTEGER,
+    client_start TEXT,
+    cmd_pid INTEGER,
+    cmd_start TEXT,
+    assigned_gpus TEXT,
+    assigned_slices INTEGER,
+    ending_state TEXT,
+    ending_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS usage (
+    user TEXT PRIMARY KEY,
+    value REAL NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class JobRecord:
+    """One job as the broker keeps it (mutable: the broker updates it and saves it here)."""
+
+    uid: int
+    user: str
+    name: str
+    gpus: int
+    slices: int
+    time_limit: int
+    mem: int | None
+    command: list[str]
+    submitted_at: float
+    state: JobState = JobState.QUEUED
+    message: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_status: int | None = None
+    client_pid: int | None = None
+    client_start: str | None = None
+    cmd_pid: int | None = None
+    cmd_start: str | None = None
+    assigned_gpus: list[int] = field(default_factory=list)
+    assigned_slices: int | None = None
+    ending_state: JobState | None = None  # set while a revoked job is being stopped
+    ending_at: float | None = None
+    id: int = 0
+
+
+_COLUMNS = [f.name for f in fields(JobRecord) if f.name != "id"]
+
+
+def _to_row(record: JobRecord) -> list[Any]:
+    row: list[Any] = []
+    for name in _COLUMNS:
+        value = getattr(record, name)
+        if name in ("command", "assigned_gpus"):
+            value = json.dumps(value)
+        elif isinstance(value, JobState):
+            value = value.value
+        row.append(value)
+    return row
+
+
+def _from_row(row: sqlite3.Row) -> JobRecord:
+    data = dict(row)
+    data["command"] = json.loads(data["command"])
+    data["assigned_gpus"] = json.loads(data["assigned_gpus"] or "[]")
+    data["state"] = JobState(data["state"])
+    data["ending_state"] = JobState(data["ending_state"]) if data["ending_state"] else None
+    return JobRecord(**data)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable against a process crash (kill -9); only a power cut may lose
+        # the last transactions, which the clients' reconnects then resubmit or report.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        path.chmod(0o600)
+
+    def insert(self, record: JobRecord) -> int:
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        cursor = self._db.execute(
+            f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", _to_row(record)
+        )
+        record.id = int(cursor.lastrowid or 0)
+        return record.id
+
+    def save(self, record: JobRecord) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in _COLUMNS)
+        self._db.execute(
+            f"UPDATE jobs SET {assignments} WHERE id = ?", [*_to_row(record), record.id]
+        )
+
+    def active(self) -> list[JobRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY id"
+        ).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def get(self, job_id: int) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _from_row(row) if row else None
+
+    def finished_since(self, since: float) -> list[JobRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE ended_at >= ? ORDER BY ended_at", (since,)
+        ).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def usage(self) -> dict[str, tuple[float, float]]:
+        rows = self._db.execute("SELECT user, value, at FROM usage").fetchall()
+        return {row["user"]: (row["value"], row["at"]) for row in rows}
+
+    def save_usage(self, user: str, value: float, at: float) -> None:
+        self._db.execute(
+            "INSERT INTO usage (user, value, at) VALUES (?, ?, ?) "
+            "ON CONFLICT(user) DO UPDATE SET value = excluded.value, at = excluded.at",
+            (user, value, at),
+        )
+
+    def close(self) -> None:
+        self._db.close()

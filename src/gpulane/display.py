@@ -1,0 +1,116 @@
+"""Text renderings of queue state, shared by the CLI and (as text/plain) the notebook card."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gpulane.jobs import format_bytes, format_duration
+from gpulane.scheduler.base import JobUpdate, JobView
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``alice, running 12:03, 17:57 left``."""
+    return (
+        f"{holder['user']}, running {format_duration(holder.get('elapsed'))}, "
+        f"{format_duration(holder.get('remaining'))} left"
+    )
+
+
+def describe_eta(eta: float | None, now: float) -> str:
+    if eta is None:
+        return "start time unknown"
+    if eta <= now + 0.5:
+        return "starting now"
+    clock = time.strftime("%H:%M", time.localtime(eta))
+    return f"starts by {clock} (in at most {format_duration(eta - now)})"
+
+
+def describe_holders(holders: list[dict[str, Any]], gpus: list[int] | None = None) -> str:
+    relevant = [h for h in holders if gpus is None or set(h.get("gpus") or ()) & set(gpus)]
+    if not relevant:
+        return "no one holds a GPU"
+    parts = []
+    for h in relevant:
+        where = ",".join(str(g) for g in h.get("gpus") or [])
+        parts.append(f"GPU {where}: {describe_holder(h)}")
+    return "; ".join(parts)
+
+
+def wait_line(update: JobUpdate) -> str:
+    """One line for a job's current state, as a waiting client shows it."""
+    job = update.job
+    head = f"job {job['id']} ({job.get('name', 'job')})"
+    state = update.state
+    if state == "queued":
+        position = job.get("position")
+        where = f"position {position} in the queue" if position else "queued"
+        parts = [f"{head} waits: {where}", describe_eta(job.get("eta"), update.now)]
+        parts.append(describe_holders(update.holders))
+        if job.get("reason_text"):
+            parts.append(str(job["reason_text"]))
+        return " · ".join(parts)
+    if state == "running":
+        gpus = ",".join(str(g) for g in job.get("assigned_gpus") or [])
+        share = f"{job['slices']} slice(s) of GPU {gpus}" if job.get("slices") else f"GPU {gpus}"
+        if job.get("ending"):
+            return f"{head} is being stopped: {job.get('message', '')}"
+        return f"{head} runs on {share}, time limit {format_duration(job.get('time_limit'))}"
+    return f"{head} {final_words(job)}"
+
+
+def final_words(job: JobView) -> str:
+    state = job["state"]
+    message = job.get("message") or ""
+    if state == "completed":
+        return f"completed in {format_duration(job.get('elapsed'))}"
+    return f"{state}" + (f": {message}" if message else "")
+
+
+def status_table(snapshot: dict[str, Any]) -> str:
+    """``gpulane status``: the GPUs and their holders, then the queue in order."""
+    now = snapshot.get("now", time.time())
+    lines = [
+        f"back end: {snapshot.get('backend')} ({snapshot.get('backend_reason', '')})",
+        "",
+        f"{'GPU':<4} {'name':<22} {'memory':<22} {'util':>5}  holders",
+    ]
+    for gpu in snapshot.get("gpus", []):
+        if gpu.get("memory_used") is not None:
+            memory = f"{format_bytes(gpu['memory_used'])} / {format_bytes(gpu['memory_total'])}"
+        else:
+            memory = format_bytes(gpu.get("memory_total")) + (
+                " (sim)" if gpu.get("simulated") else ""
+            )
+        util = f"{gpu['utilization']}%" if gpu.get("utilization") is not None else "-"
+        holders = gpu.get("holders") or []
+        slices = gpu.get("slices", 1)
+        used = sum(h.get("slices") or slices for h in holders)
+        free = f"[{used}/{slices} slices] " if slices > 1 else ""
+        who = "; ".join(
+            f"job {h['job']} {describe_holder(h)}"
+            + (f" ({h['slices']} slice(s))" if slices > 1 else "")
+            for h in holders
+        )
+        lines.append(
+            f"{gpu['index']:<4} {gpu['name'][:22]:<22} {memory:<22} {util:>5}  {free}{who or 'free'}"
+        )
+    queue = snapshot.get("queue", [])
+    lines.append("")
+    if not queue:
+        lines.append("queue: empty")
+        return "\n".join(lines)
+    lines.append(f"{'pos':<4} {'job':<7} {'user':<12} {'asks':<12} {'limit':<9} {'ETA':<8} why")
+    for job in queue:
+        asks = f"{job['slices']} slice(s)" if job.get("slices") else f"{job['gpus']} GPU(s)"
+        eta = job.get("eta")
+        eta_text = (
+            "now"
+            if eta is not None and eta <= now + 0.5
+            else (time.strftime("%H:%M:%S", time.localtime(eta)) if eta is not None else "unknown")
+        )
+        lines.append(
+            f"{job.get('position', '?')!s:<4} {job['id']!s:<7} {job['user'][:12]:<12} {asks:<12} "
+            f"{format_duration(job.get('time_limit')):<9} {eta_text:<8} {job.get('reason_text', '')}"
+        )
+    return "\n".join(lines)

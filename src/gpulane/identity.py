@@ -1,0 +1,67 @@
+"""Who is asking: identity from something a client cannot forge.
+
+The broker's only source today is the Unix socket's peer credentials
+(SO_PEERCRED): the kernel fills them in, so a client cannot claim another uid.
+A JupyterHub API token, checked against the hub, is the planned second source;
+it plugs in as another function returning an :class:`Identity`.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+_GROUP_CACHE_SECONDS = 30.0
+_group_cache: dict[int, tuple[float, str, frozenset[str]]] = {}
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    user: str
+    groups: frozenset[str]
+    pid: int | None  # the client's process, where the broker can see it
+    source: str = "peercred"
+
+
+def user_and_groups(uid: int) -> tuple[str, frozenset[str]]:
+    """The login name and group names of ``uid``, cached briefly (group changes show within 30 s)."""
+    cached = _group_cache.get(uid)
+    now = time.monotonic()
+    if cached and now - cached[0] < _GROUP_CACHE_SECONDS:
+        return cached[1], cached[2]
+    try:
+        entry = pwd.getpwuid(uid)
+        name = entry.pw_name
+        gids = set(_group_ids(name, entry.pw_gid))
+    except KeyError:
+        name, gids = f"uid{uid}", set()
+    groups = set()
+    for gid in gids:
+        try:
+            groups.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            groups.add(str(gid))
+    result = frozenset(groups)
+    _group_cache[uid] = (now, name, result)
+    return name, result
+
+
+def _group_ids(name: str, gid: int) -> list[int]:
+    try:
+        return os.getgrouplist(name, gid)
+    except OSError:
+        return [gid]
+
+
+def peer_identity(sock: socket.socket) -> Identity:
+    """Identity of the process at the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    user, groups = user_and_groups(uid)
+    return Identity(uid=uid, user=user, groups=groups, pid=pid or None)

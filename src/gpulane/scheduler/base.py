@@ -1,0 +1,97 @@
+"""The one interface every back end implements. The CLI, the magic and the hub use only this.
+
+Views are plain JSON-shaped dicts, the same on every back end, so that a job
+printed by ``gpulane status`` and one shown in a notebook card read alike:
+
+job view: id, user, name, state (queued|running|completed|failed|cancelled|timeout),
+    gpus, slices, time_limit, submitted_at, started_at, ended_at, elapsed, remaining,
+    exit_status, message, assigned_gpus, gpu_memory_limit, ending; while queued also
+    position, eta (epoch seconds or None), reason, reason_text; ``command`` for the owner only.
+holder: job, user, name, gpus, slices, elapsed, remaining.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from gpulane.jobs import Request
+
+JobView = dict[str, Any]
+FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
+
+
+class SchedulerError(Exception):
+    """A refusal or failure, worded for the user in one line."""
+
+
+class SchedulerUnavailable(SchedulerError):
+    """The back end cannot be reached at all."""
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One change of a job, with who holds the GPUs at that moment."""
+
+    job: JobView
+    holders: list[dict[str, Any]]
+    now: float
+
+    @property
+    def state(self) -> str:
+        return str(self.job["state"])
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: the command's exit status and the job's final view."""
+
+    exit_status: int
+    job: JobView
+
+
+UpdateCallback = Callable[[JobUpdate], None]
+
+
+class Scheduler(ABC):
+    """Submit, watch, cancel, snapshot, and run a command on granted GPUs."""
+
+    backend: str = "?"
+
+    @abstractmethod
+    def submit(self, request: Request) -> JobView: ...
+
+    @abstractmethod
+    def updates(self, job_id: int) -> Iterator[JobUpdate]:
+        """Every change of the job until it finishes; survives a restart of the back end."""
+
+    @abstractmethod
+    def cancel(self, job_id: int) -> JobView: ...
+
+    @abstractmethod
+    def job(self, job_id: int) -> JobView: ...
+
+    @abstractmethod
+    def snapshot(self) -> dict[str, Any]:
+        """GPUs, holders and the queue in order, as ``gpulane status --json`` prints it."""
+
+    @abstractmethod
+    def run(
+        self,
+        request: Request,
+        on_update: UpdateCallback | None = None,
+        stdout: IO[bytes] | int | None = None,
+        stderr: IO[bytes] | int | None = None,
+    ) -> Outcome:
+        """Queue ``request``, run its command on the granted GPUs, free them when it ends.
+
+        ``KeyboardInterrupt`` while queued withdraws the job; while running it stops
+        the command (SIGINT, then SIGTERM, then SIGKILL) and frees the GPUs, then
+        propagates.
+        """

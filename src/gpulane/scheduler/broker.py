@@ -1,0 +1,274 @@
+"""The embedded broker's client: the Scheduler interface over its Unix socket.
+
+On this back end the client runs the command itself, as the user, once the
+broker grants GPUs; it holds the lease with heartbeats and reports the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+from gpulane import settings
+from gpulane.jobs import Request
+from gpulane.scheduler.base import (
+    JobUpdate,
+    JobView,
+    Outcome,
+    Scheduler,
+    SchedulerError,
+    SchedulerUnavailable,
+    UpdateCallback,
+)
+from gpulane.scheduler.http_unix import UnixJSONClient
+
+RECONNECT_WINDOW = 60.0  # how long a client keeps trying while the broker restarts
+STOP_GRACE = 5.0  # SIGINT, then SIGTERM after half of this, then SIGKILL
+
+
+class BrokerScheduler(Scheduler):
+    backend = "broker"
+
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, heartbeat: float = 2.0
+    ) -> None:
+        self.socket = settings.socket_path(socket)
+        self.client = UnixJSONClient(self.socket)
+        self.heartbeat_interval = heartbeat
+
+    # ------------------------------------------------------------------ the interface
+
+    def submit(self, request: Request) -> JobView:
+        result: JobView = self.client.request("POST", "/v1/jobs", request.to_json())
+        return result
+
+    def cancel(self, job_id: int) -> JobView:
+        result: JobView = self.client.request("DELETE", f"/v1/jobs/{job_id}")
+        return result
+
+    def job(self, job_id: int) -> JobView:
+        result: JobView = self.client.request("GET", f"/v1/jobs/{job_id}")
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.request("GET", "/v1/status")
+        return result
+
+    def updates(self, job_id: int) -> Iterator[JobUpdate]:
+        delay = 0.05
+        down_since: float | None = None
+        while True:
+            try:
+                for event in self.client.stream(f"/v1/jobs/{job_id}/events"):
+                    down_since, delay = None, 0.05
+                    update = JobUpdate(
+                        event["job"], event.get("holders", []), event.get("now", 0.0)
+                    )
+                    yield update
+                    if update.finished:
+                        return
+            except SchedulerUnavailable:
+                # The broker restarts: keep trying for a while, it reattaches our job.
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > RECONNECT_WINDOW:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def run(
+        self,
+        request: Request,
+        on_update: UpdateCallback | None = None,
+        stdout: IO[bytes] | int | None = None,
+        stderr: IO[bytes] | int | None = None,
+    ) -> Outcome:
+        job = self.submit(request)
+        return _Lease(self, job, on_update, stdout, stderr).run(request.command)
+
+    # ------------------------------------------------------------------ lease calls
+
+    def heartbeat(self, job_id: int) -> JobView:
+        result: JobView = self.client.request("POST", f"/v1/jobs/{job_id}/heartbeat")
+        return result
+
+    def report_started(self, job_id: int, pid: int) -> JobView:
+        return self._retrying("POST", f"/v1/jobs/{job_id}/started", {"pid": pid})
+
+    def report_finish(self, job_id: int, exit_status: int) -> JobView:
+        return self._retrying("POST", f"/v1/jobs/{job_id}/finish", {"exit_status": exit_status})
+
+    def _retrying(self, method: str, path: str, body: Any) -> JobView:
+        """Calls that must reach the broker even while it restarts."""
+        deadline = time.monotonic() + RECONNECT_WINDOW
+        while True:
+            try:
+                result: JobView = self.client.request(method, path, body)
+                return result
+            except SchedulerUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+class _Lease:
+    """One job's life on the client side: wait, run the command, report its end."""
+
+    def __init__(
+        self,
+        scheduler: BrokerScheduler,
+        job: JobView,
+        on_update: UpdateCallback | None,
+        stdout: IO[bytes] | int | None,
+        stderr: IO[bytes] | int | None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.job = job
+        self.job_id = int(job["id"])
+        self.on_update = on_update
+        self.stdout, self.stderr = stdout, stderr
+        # One inbox for everything the main thread waits on: updates, the command's exit.
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.done = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def run(self, command: tuple[str, ...]) -> Outcome:
+        threading.Thread(target=self._pump_updates, daemon=True, name="gpulane-updates").start()
+        threading.Thread(target=self._send_heartbeats, daemon=True, name="gpulane-lease").start()
+        try:
+            return self._main_loop(command)
+        except KeyboardInterrupt:
+            self._withdraw_or_stop()
+            raise
+        finally:
+            self.done.set()
+
+    def _main_loop(self, command: tuple[str, ...]) -> Outcome:
+        revoked = False
+        while True:
+            kind, item = self.inbox.get()
+            if kind == "error":
+                raise item
+            if kind == "exited":
+                final = self.scheduler.report_finish(self.job_id, item)
+                return Outcome(_shell_status(item), final)
+            update: JobUpdate = item
+            self.job = update.job
+            if self.on_update:
+                self.on_update(update)
+            if update.finished:
+                if self.proc is not None and self.proc.poll() is None:
+                    _stop_group(self.proc, signal.SIGKILL)
+                status = self.proc.wait() if self.proc is not None else 1
+                return Outcome(_shell_status(status) if self.proc else 1, update.job)
+            if update.state == "running" and self.proc is None and not update.job.get("ending"):
+                self._start(command, update.job)
+            if update.job.get("ending") and not revoked:
+                revoked = True
+                if self.proc is not None:
+                    threading.Thread(target=self._stop_command, args=(False,), daemon=True).start()
+
+    def _start(self, command: tuple[str, ...], job: JobView) -> None:
+        env = dict(os.environ)
+        env.update(job_environment(job))
+        try:
+            self.proc = subprocess.Popen(
+                list(command),
+                env=env,
+                stdout=self.stdout,
+                stderr=self.stderr,
+                stdin=subprocess.DEVNULL,
+                process_group=0,  # its own group, so the whole tree can be stopped
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as error:
+            self.scheduler.report_finish(self.job_id, 127)
+            raise SchedulerError(f"cannot start {command[0]!r}: {error.strerror}") from None
+        # If this fails the broker cannot kill the command for us; our own stop still works.
+        with contextlib.suppress(SchedulerError):
+            self.scheduler.report_started(self.job_id, self.proc.pid)
+        proc = self.proc
+        threading.Thread(
+            target=lambda: self.inbox.put(("exited", proc.wait())), daemon=True, name="gpulane-wait"
+        ).start()
+
+    def _stop_command(self, interrupt: bool) -> None:
+        """SIGINT (for a user's interrupt) or SIGTERM, then harder after a grace period."""
+        proc = self.proc
+        if proc is None:
+            return
+        steps = [signal.SIGINT, signal.SIGTERM] if interrupt else [signal.SIGTERM]
+        for sig in steps:
+            _stop_group(proc, sig)
+            try:
+                proc.wait(timeout=STOP_GRACE / len(steps))
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        _stop_group(proc, signal.SIGKILL)
+
+    def _withdraw_or_stop(self) -> None:
+        if self.proc is None:
+            with contextlib.suppress(SchedulerError):
+                self.scheduler.cancel(self.job_id)
+            return
+        self._stop_command(interrupt=True)
+        status = self.proc.wait()
+        with contextlib.suppress(SchedulerError):
+            self.scheduler.report_finish(self.job_id, status)
+
+    def _pump_updates(self) -> None:
+        try:
+            for update in self.scheduler.updates(self.job_id):
+                if self.done.is_set():
+                    return
+                self.inbox.put(("update", update))
+        except SchedulerError as error:
+            self.inbox.put(("error", error))
+
+    def _send_heartbeats(self) -> None:
+        while not self.done.wait(self.scheduler.heartbeat_interval):
+            with contextlib.suppress(SchedulerError):
+                self.scheduler.heartbeat(self.job_id)
+
+
+def job_environment(job: JobView) -> dict[str, str]:
+    """What the command is told about its grant."""
+    env = {
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in job.get("assigned_gpus") or []),
+        # NVML numbers GPUs in PCI bus order; make CUDA agree so index N is the same card.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "GPULANE_JOB_ID": str(job["id"]),
+    }
+    if job.get("gpu_memory_limit"):
+        env["GPULANE_GPU_MEMORY_LIMIT"] = str(job["gpu_memory_limit"])
+    if job.get("slices"):
+        env["GPULANE_SLICES"] = str(job["slices"])
+    return env
+
+
+def _stop_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _shell_status(status: int) -> int:
+    """Popen's negative signal numbers as a shell reports them (128 + N)."""
+    return 128 - status if status < 0 else status
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the client is killed (even with SIGKILL), its command dies with it: no orphan
+    # keeps using a GPU the broker has handed to someone else.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
