@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from gpulane.demo import run_demo
 
-            return run_demo(seconds=float(args.seconds))
+            return run_demo(seconds=float(parse_duration(args.seconds + "s", "--seconds")))
     except OptionError as error:
         _fail(str(error), EXIT_USAGE)
     except SchedulerError as error:

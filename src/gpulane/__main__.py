@@ -1,0 +1,5 @@
+import sys
+
+from gpulane.cli import main
+
+sys.exit(main())
