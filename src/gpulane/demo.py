@@ -83,11 +83,23 @@ def run_demo(seconds: float = 3.0) -> int:
     )  # fmt: skip
     try:
         _wait_for_socket(sock, broker)
-        ada1 = _start("ada", users[0], sock, ["run", "--name", "ada-train", "--time", "2m", "--", *_training("ada", seconds)])
+        ada1 = _start(
+            "ada",
+            users[0],
+            sock,
+            ["run", "--name", "ada-train", "--time", "2m", "--", *_training("ada", seconds)],
+        )
         time.sleep(0.8)
-        ada2 = _start("ada", users[0], sock, ["run", "--name", "ada-eval", "--", *_training("ada-eval", seconds)])
+        ada2 = _start(
+            "ada",
+            users[0],
+            sock,
+            ["run", "--name", "ada-eval", "--", *_training("ada-eval", seconds)],
+        )
         time.sleep(0.4)
-        ben = _start("ben", users[1], sock, ["run", "--name", "ben-train", "--", *_training("ben", seconds)])
+        ben = _start(
+            "ben", users[1], sock, ["run", "--name", "ben-train", "--", *_training("ben", seconds)]
+        )
         time.sleep(0.6)
         print("\n$ gpulane status", flush=True)
         status = subprocess.run(_client(None, sock, ["status"]), env=dict(os.environ, GPULANE_SOCKET=str(sock)),

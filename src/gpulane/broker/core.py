@@ -334,6 +334,9 @@ class Broker:
             "assigned_gpus": job.assigned_gpus,
             "assigned_slices": job.assigned_slices,
             "gpu_memory_limit": self._memory_limit(job),
+            "gpu_memory_fraction": (
+                job.slices / self.config.slices_per_gpu if self._memory_limit(job) else None
+            ),
             "ending": job.ending_state.value if job.ending_state else None,
         }
         if job.started_at is not None:

@@ -12,6 +12,7 @@ holder: job, user, name, gpus, slices, elapsed, remaining.
 
 from __future__ import annotations
 
+import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ class Outcome:
 
 
 UpdateCallback = Callable[[JobUpdate], None]
+# Starts the job's process once GPUs are granted, given the grant's environment
+# (CUDA_VISIBLE_DEVICES, GPULANE_JOB_ID, ...). Back ends that start processes on
+# this machine use it (the magic hands the grant to a pre-started worker); back
+# ends that start them elsewhere run ``request.command`` themselves.
+Launcher = Callable[[dict[str, str]], "subprocess.Popen[bytes]"]
 
 
 class Scheduler(ABC):
@@ -88,6 +94,7 @@ class Scheduler(ABC):
         on_update: UpdateCallback | None = None,
         stdout: IO[bytes] | int | None = None,
         stderr: IO[bytes] | int | None = None,
+        launcher: Launcher | None = None,
     ) -> Outcome:
         """Queue ``request``, run its command on the granted GPUs, free them when it ends.
 

@@ -7,7 +7,6 @@ broker grants GPUs; it holds the lease with heartbeats and reports the end.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
 import signal
@@ -22,6 +21,7 @@ from gpulane.jobs import Request
 from gpulane.scheduler.base import (
     JobUpdate,
     JobView,
+    Launcher,
     Outcome,
     Scheduler,
     SchedulerError,
@@ -29,6 +29,7 @@ from gpulane.scheduler.base import (
     UpdateCallback,
 )
 from gpulane.scheduler.http_unix import UnixJSONClient
+from gpulane.spawn import spawn_command
 
 RECONNECT_WINDOW = 60.0  # how long a client keeps trying while the broker restarts
 STOP_GRACE = 5.0  # SIGINT, then SIGTERM after half of this, then SIGKILL
@@ -89,9 +90,10 @@ class BrokerScheduler(Scheduler):
         on_update: UpdateCallback | None = None,
         stdout: IO[bytes] | int | None = None,
         stderr: IO[bytes] | int | None = None,
+        launcher: Launcher | None = None,
     ) -> Outcome:
         job = self.submit(request)
-        return _Lease(self, job, on_update, stdout, stderr).run(request.command)
+        return _Lease(self, job, on_update, stdout, stderr, launcher).run(request.command)
 
     # ------------------------------------------------------------------ lease calls
 
@@ -128,8 +130,10 @@ class _Lease:
         on_update: UpdateCallback | None,
         stdout: IO[bytes] | int | None,
         stderr: IO[bytes] | int | None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.launcher = launcher
         self.job = job
         self.job_id = int(job["id"])
         self.on_update = on_update
@@ -176,18 +180,14 @@ class _Lease:
                     threading.Thread(target=self._stop_command, args=(False,), daemon=True).start()
 
     def _start(self, command: tuple[str, ...], job: JobView) -> None:
-        env = dict(os.environ)
-        env.update(job_environment(job))
+        grant_env = job_environment(job)
         try:
-            self.proc = subprocess.Popen(
-                list(command),
-                env=env,
-                stdout=self.stdout,
-                stderr=self.stderr,
-                stdin=subprocess.DEVNULL,
-                process_group=0,  # its own group, so the whole tree can be stopped
-                preexec_fn=_die_with_parent,
-            )
+            if self.launcher is not None:
+                self.proc = self.launcher(grant_env)
+            else:
+                self.proc = spawn_command(
+                    list(command), {**os.environ, **grant_env}, self.stdout, self.stderr
+                )
         except OSError as error:
             self.scheduler.report_finish(self.job_id, 127)
             raise SchedulerError(f"cannot start {command[0]!r}: {error.strerror}") from None
@@ -249,6 +249,7 @@ def job_environment(job: JobView) -> dict[str, str]:
     }
     if job.get("gpu_memory_limit"):
         env["GPULANE_GPU_MEMORY_LIMIT"] = str(job["gpu_memory_limit"])
+        env["GPULANE_GPU_MEMORY_FRACTION"] = str(job["gpu_memory_fraction"])
     if job.get("slices"):
         env["GPULANE_SLICES"] = str(job["slices"])
     return env
@@ -262,13 +263,3 @@ def _stop_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 def _shell_status(status: int) -> int:
     """Popen's negative signal numbers as a shell reports them (128 + N)."""
     return 128 - status if status < 0 else status
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # If the client is killed (even with SIGKILL), its command dies with it: no orphan
-    # keeps using a GPU the broker has handed to someone else.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -1,0 +1,523 @@
+"""Which names a cell reads and binds, and how their values travel to the GPU worker and back.
+
+Each variable is pickled on its own with cloudpickle (so one unpicklable value is
+skipped with a reason instead of failing the whole cell), using pickle protocol 5:
+large out-of-band buffers (numpy arrays, CPU tensors) are written once to a private
+spill folder and come back as copy-on-write memory maps, so a big array crosses
+without being copied into the message or again on load.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import io
+import mmap
+import os
+import pickle
+import re
+import secrets
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle  # type: ignore[import-untyped]
+
+from gpulane.jobs import format_bytes
+
+# --------------------------------------------------------------------------- names
+
+_IPYTHON_NAMES = frozenset(
+    {"In", "Out", "get_ipython", "exit", "quit", "_", "__", "___"}
+    | {"_i", "_ii", "_iii", "_oh", "_dh", "_ih"}
+)
+_IPYTHON_NUMBERED = re.compile(r"_i?\d+")
+# IPython expands $name and {expression} in ! commands and in most magic lines.
+_DOLLAR_NAME = re.compile(r"(?<!\$)\$([A-Za-z_]\w*)")
+_BRACED = re.compile(r"\{([^{}]+)\}")
+# Magics that run their code in the user namespace, so what they assign is bound there.
+# Magics whose argument is Python code: only their names are read (not `%%writefile data.py`'s).
+_CODE_LINE_MAGICS = frozenset({"time", "timeit", "prun", "debug", "pinfo", "pinfo2", "psource"})
+_CODE_CELL_MAGICS = frozenset({"time", "timeit", "prun", "debug", "capture"})
+_BINDING_LINE_MAGICS = frozenset({"time"})
+_BINDING_CELL_MAGICS = frozenset({"time", "capture"})
+
+
+def _parse(code: str) -> ast.Module:
+    # Lazy import: the GPU worker only unpacks and packs, it never needs the transformer.
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    manager = TransformerManager()  # type: ignore[no-untyped-call]
+    return ast.parse(manager.transform_cell(code))
+
+
+def _is_ipython_internal(name: str) -> bool:
+    return name in _IPYTHON_NAMES or _IPYTHON_NUMBERED.fullmatch(name) is not None
+
+
+def names_used(code: str) -> set[str]:
+    """Names the cell may read (a safe over-estimate); a SyntaxError propagates to the caller.
+
+    Builtins stay in: a notebook variable named ``sum`` or ``input`` shadows the builtin
+    and must travel; the caller ships only names its namespace really holds.
+    """
+    names = _names_read(_parse(code))
+    return {n for n in names if not _is_ipython_internal(n)}
+
+
+def _names_read(tree: ast.AST) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load | ast.Del):
+            names.add(node.id)
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)  # `x += 1` reads x first
+        elif isinstance(node, ast.Call):
+            names |= _names_in_magic_call(node)
+    return names
+
+
+def _magic_call(node: ast.Call) -> tuple[str, list[str]] | None:
+    """('run_line_magic', ['time', 'x = f(y)']) for ``get_ipython().run_line_magic(...)`` calls."""
+    func = node.func
+    if not (
+        isinstance(func, ast.Attribute)
+        and isinstance(func.value, ast.Call)
+        and isinstance(func.value.func, ast.Name)
+        and func.value.func.id == "get_ipython"
+    ):
+        return None
+    args = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return func.attr, args
+
+
+def _names_in_magic_call(node: ast.Call) -> set[str]:
+    # `%time y = f(x)` and `!ls {path}` hide names inside strings; the transformer leaves them there.
+    call = _magic_call(node)
+    if call is None:
+        return set()
+    method, args = call
+    names: set[str] = set()
+    for text in args[
+        :2
+    ]:  # IPython expands $x and {x} in ! commands and magic lines, not cell bodies
+        names |= _expansion_names(text)
+    if method == "run_line_magic" and len(args) == 2 and args[0] in _CODE_LINE_MAGICS:
+        names |= _python_suffix_names(args[1])
+    elif method == "run_cell_magic" and len(args) == 3 and args[0] in _CODE_CELL_MAGICS:
+        names |= _python_suffix_names(args[1]) if args[0] == "timeit" else set()  # setup code
+        with contextlib.suppress(SyntaxError):
+            names |= _names_read(_parse(args[2]))
+    return names
+
+
+def _expansion_names(text: str) -> set[str]:
+    names = set(_DOLLAR_NAME.findall(text))
+    for expression in _BRACED.findall(text):
+        with contextlib.suppress(SyntaxError):
+            names |= _names_read(ast.parse(expression, mode="eval"))
+    return names
+
+
+def _python_suffix_names(line: str) -> set[str]:
+    # A magic line is often options then code (`%timeit -n 10 f(x)`): read the longest suffix that parses.
+    words = line.split()
+    for start in range(min(len(words), 16)):  # options are few; do not parse a huge line n times
+        with contextlib.suppress(SyntaxError):
+            return _names_read(ast.parse(" ".join(words[start:])))
+    return set()
+
+
+def names_assigned(code: str) -> list[str]:
+    """Public names the cell binds at module level, in the order they are first bound."""
+    bound: dict[str, None] = {}  # an ordered set
+    _bind_statements(_parse(code).body, bound)
+    return [name for name in bound if not name.startswith("_")]
+
+
+def _bind_statements(statements: list[ast.stmt], bound: dict[str, None]) -> None:
+    for statement in statements:
+        _bind_statement(statement, bound)
+
+
+def _bind_statement(node: ast.stmt, bound: dict[str, None]) -> None:
+    add = bound.setdefault
+    match node:
+        case ast.FunctionDef() | ast.AsyncFunctionDef() | ast.ClassDef():
+            _bind_walrus(node.decorator_list, bound)
+            add(node.name)
+            for name in _global_names(node):
+                add(name)  # `global g` inside a def binds g at module level when it runs
+        case ast.Assign(targets=targets, value=value):
+            _bind_walrus([value], bound)
+            for target in targets:
+                _bind_target(target, bound)
+        case ast.AnnAssign(target=target, value=value) if value is not None:
+            _bind_walrus([value], bound)  # `x: int` alone binds nothing
+            _bind_target(target, bound)
+        case ast.AugAssign(target=target, value=value):
+            _bind_walrus([value], bound)
+            _bind_target(target, bound)
+        case ast.For(target=target, iter=iterable) | ast.AsyncFor(target=target, iter=iterable):
+            _bind_walrus([iterable], bound)
+            _bind_target(target, bound)
+            _bind_statements(node.body + node.orelse, bound)
+        case ast.While(test=test) | ast.If(test=test):
+            _bind_walrus([test], bound)
+            _bind_statements(node.body + node.orelse, bound)
+        case ast.With(items=items) | ast.AsyncWith(items=items):
+            for item in items:
+                _bind_walrus([item.context_expr], bound)
+                if item.optional_vars is not None:
+                    _bind_target(item.optional_vars, bound)
+            _bind_statements(node.body, bound)
+        case ast.Try() | ast.TryStar():
+            _bind_statements(node.body, bound)
+            for handler in node.handlers:
+                if handler.name:
+                    add(handler.name)
+                _bind_statements(handler.body, bound)
+            _bind_statements(node.orelse + node.finalbody, bound)
+        case ast.Match(subject=subject, cases=cases):
+            _bind_walrus([subject], bound)
+            for case in cases:
+                _bind_pattern(case.pattern, bound)
+                if case.guard is not None:
+                    _bind_walrus([case.guard], bound)
+                _bind_statements(case.body, bound)
+        case ast.Import(names=aliases):
+            for alias in aliases:
+                add(alias.asname or alias.name.partition(".")[0])
+        case ast.ImportFrom(names=aliases):
+            for alias in aliases:
+                if alias.name != "*":  # a star import binds names we cannot know
+                    add(alias.asname or alias.name)
+        case ast.Expr(value=ast.Call() as call) if _magic_call(call) is not None:
+            _bind_magic(call, bound)
+        case _:
+            _bind_walrus([node], bound)
+
+
+def _bind_target(target: ast.expr, bound: dict[str, None]) -> None:
+    # Only bare names bind; `a.b = 1` and `a[0] = 1` change an object, not the namespace.
+    match target:
+        case ast.Name(id=name):
+            bound.setdefault(name)
+        case ast.Tuple(elts=elements) | ast.List(elts=elements):
+            for element in elements:
+                _bind_target(element, bound)
+        case ast.Starred(value=value):
+            _bind_target(value, bound)
+        case _:
+            _bind_walrus([target], bound)
+
+
+def _bind_pattern(pattern: ast.AST, bound: dict[str, None]) -> None:
+    # Sub-patterns first: `case {"k": v, **rest}` and `case P(x=a) as p` bind left to right.
+    for child in ast.iter_child_nodes(pattern):
+        _bind_pattern(child, bound)
+    match pattern:
+        case ast.MatchAs(name=str(name)) | ast.MatchStar(name=str(name)):
+            bound.setdefault(name)
+        case ast.MatchMapping(rest=str(name)):
+            bound.setdefault(name)
+
+
+def _bind_walrus(nodes: list[Any], bound: dict[str, None]) -> None:
+    # `:=` binds in the enclosing function scope, even inside a comprehension, but not in a def/lambda.
+    for node in nodes:
+        for child in _walk_same_scope(node):
+            if isinstance(child, ast.NamedExpr):
+                _bind_target(child.target, bound)
+
+
+def _walk_same_scope(node: ast.AST) -> Iterator[ast.AST]:
+    """Nodes in source order, not entering the body of a def, lambda or class (its own scope)."""
+    yield node
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda | ast.ClassDef):
+        return
+    for child in ast.iter_child_nodes(node):
+        yield from _walk_same_scope(child)
+
+
+def _global_names(node: ast.AST) -> list[str]:
+    return [name for n in ast.walk(node) if isinstance(n, ast.Global) for name in n.names]
+
+
+def _bind_magic(call: ast.Call, bound: dict[str, None]) -> None:
+    # `%time x = f()` and `%%time` / `%%capture out` cells run their code in the user namespace.
+    method, args = _magic_call(call) or ("", [])
+    code = ""
+    if method == "run_line_magic" and len(args) == 2 and args[0] in _BINDING_LINE_MAGICS:
+        code = args[1]
+    elif method == "run_cell_magic" and len(args) == 3 and args[0] in _BINDING_CELL_MAGICS:
+        if args[0] == "capture" and args[1].split():
+            bound.setdefault(args[1].split()[-1])
+        code = args[2]
+    with contextlib.suppress(SyntaxError):
+        _bind_statements(_parse(code).body, bound)
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+class TransferTooLarge(Exception):
+    """The variables to move add up to more than the allowed transfer size."""
+
+    def __init__(self, total: int, limit: int, sizes: Mapping[str, int]) -> None:
+        super().__init__(total, limit, dict(sizes))
+        self.total = total
+        self.limit = limit
+        self.sizes = dict(sizes)
+
+    def __str__(self) -> str:
+        biggest = sorted(self.sizes.items(), key=lambda item: item[1], reverse=True)[:3]
+        named = ", ".join(f"{name} ({format_bytes(size)})" for name, size in biggest)
+        return (
+            f"{format_bytes(self.total)} of variables is over the {format_bytes(self.limit)} "
+            f"transfer limit (biggest: {named}); raise it with --max-transfer SIZE "
+            f"or GPULANE_MAX_TRANSFER, or move fewer or smaller variables"
+        )
+
+
+@dataclass
+class BufferRef:
+    size: int
+    inline: bytes | None = None  # small buffers travel inside the message
+    path: str | None = None  # large ones: a file, mode 0600, inside a private (0700) folder
+
+
+@dataclass
+class Packed:
+    blobs: dict[str, bytes]  # name -> cloudpickle bytes, protocol 5, out-of-band buffers removed
+    buffers: dict[str, list[BufferRef]]  # name -> its out-of-band buffers, in order
+    skipped: dict[str, str]  # name -> one-line reason it could not be pickled
+    total_bytes: int  # blobs + buffers
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, plus plain CPU tensors as numpy arrays so their data goes out of band."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
+            reduced = _reduce_tensor(obj, torch)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+# torch pickles a tensor's whole storage in band (a 10-element view of a 1 GB tensor costs 1 GB);
+# dtypes numpy lacks travel as a same-width integer view.
+_TENSOR_VIEW_AS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8"}
+
+
+def _reduce_tensor(tensor: Any, torch: Any) -> tuple[Any, ...] | None:
+    if (
+        tensor.device.type != "cpu"
+        or tensor.layout != torch.strided
+        or tensor.is_quantized
+        or tensor.is_conj()
+        or tensor.is_neg()
+    ):
+        return None  # unusual tensors keep torch's own pickling
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    data = tensor.detach()
+    if dtype in _TENSOR_VIEW_AS:
+        data = data.view(getattr(torch, _TENSOR_VIEW_AS[dtype]))
+    try:
+        array = data.numpy()
+    except (TypeError, RuntimeError):
+        return None
+    parameter = isinstance(tensor, torch.nn.Parameter)
+    return _tensor_from_array, (array, dtype, tensor.requires_grad, parameter)
+
+
+def _tensor_from_array(array: Any, dtype: str, requires_grad: bool, parameter: bool) -> Any:
+    import torch
+
+    tensor = torch.from_numpy(array)  # shares memory with the (mapped) buffer: no copy
+    if str(tensor.dtype).removeprefix("torch.") != dtype:
+        tensor = tensor.view(getattr(torch, dtype))
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad)
+
+
+def _dumps(value: Any) -> tuple[bytes, list[memoryview]]:
+    views: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            views.append(buffer.raw())  # a flat view of the memory itself, not a copy
+        except BufferError:
+            return True  # not contiguous: let pickle copy it in band
+        return False
+
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(value)
+    return stream.getvalue(), views
+
+
+def pack(
+    values: Mapping[str, Any], spill_dir: Path, max_bytes: int, inline_limit: int = 1 << 20
+) -> Packed:
+    """Pickle each value on its own; big buffers go to files in spill_dir, small ones inline."""
+    blobs: dict[str, bytes] = {}
+    views: dict[str, list[memoryview]] = {}
+    skipped: dict[str, str] = {}
+    for name, value in values.items():
+        try:
+            blobs[name], views[name] = _dumps(value)
+        except Exception as error:  # any value may refuse pickling in its own way
+            skipped[name] = _one_line(error)
+    sizes = {name: len(blobs[name]) + sum(v.nbytes for v in views[name]) for name in blobs}
+    total = sum(sizes.values())
+    if total > max_bytes:
+        raise TransferTooLarge(total, max_bytes, sizes)  # checked before any file exists
+    packed = Packed(blobs=blobs, buffers={}, skipped=skipped, total_bytes=total)
+    try:
+        for name, name_views in views.items():
+            refs = packed.buffers[name] = []
+            for view in name_views:
+                refs.append(_store_buffer(view, spill_dir, inline_limit))
+    except BaseException:
+        cleanup(packed)  # a full disk or an interrupt must not leave half a transfer behind
+        raise
+    return packed
+
+
+def _store_buffer(view: memoryview, spill_dir: Path, inline_limit: int) -> BufferRef:
+    if view.nbytes < inline_limit or view.nbytes == 0:
+        return BufferRef(size=view.nbytes, inline=view.tobytes())
+    path = spill_dir / f"{secrets.token_hex(12)}.buf"
+    # O_EXCL: never follow a planted symlink or reuse someone's file; 0600: only we can read it.
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, view)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return BufferRef(size=view.nbytes, path=str(path))
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    # os.write may write less than asked (Linux caps one call near 2 GiB); slicing a memoryview is free.
+    written = 0
+    while written < view.nbytes:
+        written += os.write(fd, view[written:])
+
+
+def unpack(packed: Packed) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values that could be rebuilt, and a one-line reason for each one that could not."""
+    values: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    for name, blob in packed.blobs.items():
+        refs = packed.buffers.get(name, [])
+        try:
+            buffers = [_load_buffer(ref) for ref in refs]
+            values[name] = pickle.loads(blob, buffers=buffers)
+        except Exception as error:  # a missing module or class on this side fails one name only
+            failures[name] = _one_line(error)
+        finally:
+            _remove_files(refs)
+    return values, failures
+
+
+def _load_buffer(ref: BufferRef) -> bytearray | memoryview:
+    if ref.path is None:
+        return bytearray(ref.inline or b"")  # writable, so numpy arrays come back writable
+    fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != ref.size:
+            raise OSError(f"spill file {ref.path} has {actual} bytes, expected {ref.size}")
+        # ACCESS_COPY: writable copy-on-write pages, read lazily; nothing is copied up front.
+        mapped = mmap.mmap(fd, ref.size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    os.unlink(ref.path)  # the mapping outlives the name; the memory is freed with the last view
+    return memoryview(mapped)
+
+
+def _remove_files(refs: list[BufferRef]) -> None:
+    for ref in refs:
+        if ref.path is not None:
+            Path(ref.path).unlink(missing_ok=True)
+
+
+def cleanup(packed: Packed) -> None:
+    """Remove the spill files of a Packed that will never be unpacked."""
+    for refs in packed.buffers.values():
+        _remove_files(refs)
+
+
+def default_spill_dir() -> Path:
+    """A fresh private (0700) folder, in memory (/dev/shm) when that is available."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        with contextlib.suppress(OSError):
+            return Path(tempfile.mkdtemp(prefix="gpulane-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="gpulane-"))
+
+
+# --------------------------------------------------------------------------- results
+
+
+def to_cpu(value: Any) -> Any:
+    """Move torch tensors and modules to the CPU, also inside dicts, lists and tuples."""
+    torch = sys.modules.get("torch")  # never import torch: a cell that did not use it has none
+    if torch is None:
+        return value
+    return _to_cpu(value, torch, set())
+
+
+def _to_cpu(value: Any, torch: Any, active: set[int]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, torch.nn.Module):
+        return value.cpu()
+    if not isinstance(value, dict | list | tuple) or id(value) in active:
+        return value  # a container seen on the way down is a cycle: leave it as it is
+    active.add(id(value))
+    try:
+        return _rebuild(value, torch, active)
+    finally:
+        active.discard(id(value))
+
+
+def _rebuild(
+    value: dict[Any, Any] | list[Any] | tuple[Any, ...], torch: Any, active: set[int]
+) -> Any:
+    if isinstance(value, dict):
+        items = {k: _to_cpu(v, torch, active) for k, v in value.items()}
+        if all(items[k] is v for k, v in value.items()):
+            return value  # nothing moved: keep the very same object
+        if type(value) is dict:
+            return items
+        copied = copy.copy(value)  # keeps a subclass's type and extra state (defaultdict's factory)
+        copied.update(items)
+        return copied
+    elements = [_to_cpu(v, torch, active) for v in value]
+    if all(new is old for new, old in zip(elements, value, strict=True)):
+        return value
+    if isinstance(value, list):
+        if type(value) is list:
+            return elements
+        copied_list = copy.copy(value)
+        copied_list[:] = elements
+        return copied_list
+    if hasattr(value, "_fields"):
+        return type(value)._make(elements)  # type: ignore[attr-defined]  # a namedtuple
+    return tuple(elements) if type(value) is tuple else type(value)(elements)

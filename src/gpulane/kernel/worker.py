@@ -1,0 +1,173 @@
+"""The kernel's side of a GPU worker: start it early, hand it a cell at grant time, relay its output."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from gpulane.spawn import spawn_command
+
+RUNNER_COMMAND = (sys.executable, "-m", "gpulane.runner")
+
+
+class Sink(Protocol):
+    """Where a cell's output goes: the running cell, or a background job's own outputs."""
+
+    def stream(self, name: str, text: str) -> None: ...
+    def message(self, message: dict[str, Any]) -> None: ...
+
+
+class WarmWorker:
+    """A runner process started before it is needed, waiting on its channel.
+
+    It is spawned from the kernel's main thread: the worker dies with the kernel
+    (PR_SET_PDEATHSIG fires when the spawning thread ends).
+    """
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env.update(
+            GPULANE_RUNNER_FD=str(child.fileno()),
+            CUDA_VISIBLE_DEVICES="",  # no GPU until the grant says which
+            PYTHONUNBUFFERED="1",
+        )
+        self.proc = spawn_command(
+            RUNNER_COMMAND, env, subprocess.PIPE, subprocess.PIPE, pass_fds=[child.fileno()]
+        )
+        child.close()
+        self.channel = Connection(parent.detach())
+        self.sink: Sink | None = None
+        self.done = threading.Event()
+        self.result: dict[str, Any] | None = None
+        self._threads: list[threading.Thread] = []
+        self._send_lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def attach(self, sink: Sink) -> None:
+        """Direct output to ``sink``; the relays start on first use (inside a running cell)."""
+        self.sink = sink
+        if not self._threads:
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            self._threads = [
+                threading.Thread(
+                    target=self._relay, args=("stdout", self.proc.stdout), daemon=True
+                ),
+                threading.Thread(
+                    target=self._relay, args=("stderr", self.proc.stderr), daemon=True
+                ),
+                threading.Thread(target=self._read_channel, daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
+
+    def run(self, grant_env: dict[str, str], message: dict[str, Any]) -> None:
+        """Send one cell; ``done`` is set when the worker reports its end."""
+        self.done.clear()
+        self.result = None
+        with self._send_lock:
+            self.channel.send({"op": "run", "env": grant_env, **message})
+
+    def launcher(
+        self, message: dict[str, Any]
+    ) -> Callable[[dict[str, str]], subprocess.Popen[bytes]]:
+        """A scheduler Launcher: at grant time, send the cell and hand back the worker process."""
+
+        def launch(grant_env: dict[str, str]) -> subprocess.Popen[bytes]:
+            self.run(grant_env, message)
+            return self.proc
+
+        return launch
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait_output(self, timeout: float = 5.0) -> None:
+        """After the worker exits: let the relays deliver the last of its output."""
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError), self._send_lock:
+            self.channel.send({"op": "stop"})
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.channel.close()
+        if not self._threads:  # relays own the pipes once started
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+    def _relay(self, name: str, pipe: Any) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        fd = pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            text = decoder.decode(chunk, final=not chunk)
+            if text and self.sink is not None:
+                self.sink.stream(name, text)
+            if not chunk:
+                pipe.close()
+                return
+
+    def _read_channel(self) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except (EOFError, OSError):
+                self.done.set()
+                return
+            if message.get("op") == "done":
+                self.result = message
+                self.done.set()
+            elif message.get("op") != "ready" and self.sink is not None:
+                self.sink.message(message)
+
+
+class WorkerPool:
+    """Keeps one warm worker ready, so a cell on a free GPU starts at once."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.spare: WarmWorker | None = None
+
+    def take(self) -> WarmWorker:
+        worker, self.spare = self.spare, None
+        if worker is None or not worker.alive:
+            if worker is not None:
+                worker.close()
+            worker = WarmWorker()
+        return worker
+
+    def refill(self) -> None:
+        if self.enabled and (self.spare is None or not self.spare.alive):
+            self.spare = WarmWorker()
+
+    def shutdown(self) -> None:
+        if self.spare is not None:
+            self.spare.stop()
+            self.spare = None

@@ -1,0 +1,39 @@
+"""Starting a job's process so that it can be stopped as a whole and dies with its client."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the client is killed (even with SIGKILL), its command dies with it: no orphan
+    # keeps using a GPU the broker has handed to someone else. (The signal fires when
+    # the spawning *thread* ends, so spawn from a long-lived thread.)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn_command(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdout: IO[bytes] | int | None = None,
+    stderr: IO[bytes] | int | None = None,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group (so the whole tree can be signalled)."""
+    return subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+        preexec_fn=_die_with_parent,
+        pass_fds=tuple(pass_fds),
+    )
