@@ -10,6 +10,9 @@ source scripts/lib.sh
 ensure_system_python
 venv=$(choose_venv "$repo")
 make_venv "$venv" ".[test]"
+# PyTorch paths of %%gpu run on the CPU here: this machine kind has the CPU build of
+# torch 2.13.0 on disk, which `pip install torch==2.13.0` takes (no download).
+"$venv/bin/python" -c "import torch" 2>/dev/null || "$venv/bin/python" -m pip install -q torch==2.13.0
 
 echo "== lint and types"
 "$venv/bin/ruff" check src tests benchmarks tools
