@@ -367,14 +367,18 @@ def test_status_cancel_and_transfer_limit_from_the_notebook(broker, kernels):
     assert big.status == "ok"
     refused = alice.execute("%%gpu --max-transfer 1M\nprint(big.sum())")
     err = refused.stream("stderr").strip()
-    assert "over the 1.0 MiB transfer limit (biggest: big (7.6 MiB" in err and "--max-transfer" in err
+    assert (
+        "over the 1.0 MiB transfer limit (biggest: big (7.6 MiB" in err and "--max-transfer" in err
+    )
     assert len(err.splitlines()) == 1 and queued(broker) == [] and running(broker) == []
 
     started = alice.execute("%%gpu --bg --name longjob\nimport time\ntime.sleep(60)")
     assert started.status == "ok"
     wait_for(lambda: [j["name"] for j in running(broker)] == ["longjob"], what="the bg job to run")
     table = bob.execute("%gpu status").stream()
-    assert "longjob" not in table and f"job " in table and ALICE in table  # owner visible, not its code
+    assert (
+        "longjob" not in table and "job " in table and ALICE in table
+    )  # owner visible, not its code
     job_id = running(broker)[0]["id"]
     refused_cancel = bob.execute(f"%gpu cancel {job_id}").stream("stderr")
     assert f"belongs to {ALICE}" in refused_cancel
