@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import importlib
 import os
 import pwd
 import shutil
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +34,14 @@ def need(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true but {reason}")
     pytest.skip(reason)
+
+
+def need_module(name: str) -> Any:
+    """Import a module the test needs (skip locally without it; fail under CI)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        need(False, f"{name} is not installed (scripts/test.sh installs it)")
 
 
 def _ensure_group(name: str) -> None:

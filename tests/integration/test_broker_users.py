@@ -62,7 +62,19 @@ def test_run_passes_grant_streams_output_and_exit_status(make_broker):
 def test_fifo_within_a_user_and_live_queue_position(make_broker, shared_dir):
     broker = make_broker("--simulate-gpus", "1")
     order = shared_dir / "order"
-    holder = broker.spawn(ALICE, "run", "--name", "hold", "--time", "1m", "--", "sleep", "1.5")
+    go = shared_dir / "go"
+    holder = broker.spawn(
+        ALICE,
+        "run",
+        "--name",
+        "hold",
+        "--time",
+        "1m",
+        "--",
+        "sh",
+        "-c",
+        f"until [ -e {go} ]; do sleep 0.05; done",
+    )
     wait_for(lambda: running_names(broker) == ["hold"], what="alice to hold the GPU")
     waiters = []
     for name in ("first", "second", "third"):
@@ -73,6 +85,7 @@ def test_fifo_within_a_user_and_live_queue_position(make_broker, shared_dir):
         )
         wait_for(lambda n=name: n in queued_names(broker), what=f"{name} queued")
     assert queued_names(broker) == ["first", "second", "third"]
+    go.touch()
     assert finish(holder)[0] == 0
     results = [finish(p) for p in waiters]
     assert [r[0] for r in results] == [0, 0, 0]

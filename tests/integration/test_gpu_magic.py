@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import need_module, wait_for
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 
@@ -255,7 +255,7 @@ def test_rich_output_dataframe_and_figure(broker, kernels):
 
 
 def test_torch_tensors_and_modules_come_back_on_the_cpu_with_memory_caps(make_broker, kernels):
-    pytest.importorskip("torch")
+    need_module("torch")
     broker = make_broker("--simulate-gpus", "1", "--gpu-memory", "16G", "--slices", "2")
     k = kernels(ALICE, broker)
     cell = k.execute(
@@ -328,7 +328,7 @@ for i in range(100):
 
 
 def test_seed_000_testing_procedures_as_written(broker, kernels):
-    pytest.importorskip("torch")
+    need_module("torch")
     alice, bob = kernels(ALICE, broker), kernels(BOB, broker)
     one = alice.execute(SEED_TEST_1)
     assert one.error()["ename"] == "FileNotFoundError" and "nvidia-smi" in one.error()["evalue"]

@@ -7,6 +7,7 @@ import mmap
 import os
 import pickle
 import stat
+import subprocess
 import sys
 import threading
 import types
@@ -28,6 +29,7 @@ from gpulane.kernel.namespace import (
     to_cpu,
     unpack,
 )
+from tests.conftest import need_module
 
 SMALL = 64  # inline_limit for tests: anything this big or bigger is spilled to a file
 MiB = 1 << 20
@@ -378,14 +380,19 @@ class Pair(NamedTuple):
 
 
 def test_to_cpu_leaves_everything_alone_without_torch() -> None:
-    if "torch" in sys.modules:
-        pytest.skip("torch is already imported in this process")
-    value = {"a": [1, 2], "b": (3,)}
-    assert to_cpu(value) is value
+    # In a fresh interpreter: another test may already have imported torch here.
+    code = (
+        "import sys\n"
+        "from gpulane.kernel.namespace import to_cpu\n"
+        "value = {'a': [1, 2], 'b': (3,)}\n"
+        "assert to_cpu(value) is value\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_to_cpu_tensors_modules_and_containers() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     weight = torch.ones(3, requires_grad=True)
     derived = weight * 2
     net = torch.nn.Linear(2, 2)
@@ -414,7 +421,7 @@ def test_to_cpu_tensors_modules_and_containers() -> None:
 
 
 def test_to_cpu_survives_cycles() -> None:
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     loop: list[Any] = [torch.zeros(1)]
     loop.append(loop)
     moved = to_cpu(loop)
@@ -422,7 +429,7 @@ def test_to_cpu_survives_cycles() -> None:
 
 
 def test_tensors_cross_out_of_band_and_map_back(spill: Path) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     big = torch.arange(1000, dtype=torch.float32)
     half = torch.ones(100, dtype=torch.bfloat16)
     view = big[:10]  # torch alone would pickle the whole 1000-element storage
@@ -447,7 +454,7 @@ def test_tensors_cross_out_of_band_and_map_back(spill: Path) -> None:
 
 
 def test_module_round_trip(spill: Path) -> None:
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     net[0].weight.data.fill_(0.5)
     restored = round_trip({"net": net}, spill, inline_limit=SMALL)["net"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -69,6 +69,11 @@ class Scheduler(ABC):
     """Submit, watch, cancel, snapshot, and run a command on granted GPUs."""
 
     backend: str = "?"
+    reason: str = ""  # why this back end was chosen, for `gpulane status`
+    # True where run() starts the command on this machine through a Launcher (the
+    # magic then hands the grant to a pre-started worker); False where the back end
+    # starts it elsewhere and the worker connects back.
+    local_launch: bool = True
 
     @abstractmethod
     def submit(self, request: Request) -> JobView: ...
@@ -95,8 +100,12 @@ class Scheduler(ABC):
         stdout: IO[bytes] | int | None = None,
         stderr: IO[bytes] | int | None = None,
         launcher: Launcher | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Queue ``request``, run its command on the granted GPUs, free them when it ends.
+
+        ``env`` adds variables to the command's environment (never secrets: on some
+        back ends they are visible to the scheduler).
 
         ``KeyboardInterrupt`` while queued withdraws the job; while running it stops
         the command (SIGINT, then SIGTERM, then SIGKILL) and frees the GPUs, then

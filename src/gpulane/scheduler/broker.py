@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from gpulane import settings
@@ -91,9 +91,11 @@ class BrokerScheduler(Scheduler):
         stdout: IO[bytes] | int | None = None,
         stderr: IO[bytes] | int | None = None,
         launcher: Launcher | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Outcome:
         job = self.submit(request)
-        return _Lease(self, job, on_update, stdout, stderr, launcher).run(request.command)
+        lease = _Lease(self, job, on_update, stdout, stderr, launcher, dict(env or {}))
+        return lease.run(request.command)
 
     # ------------------------------------------------------------------ lease calls
 
@@ -131,9 +133,11 @@ class _Lease:
         stdout: IO[bytes] | int | None,
         stderr: IO[bytes] | int | None,
         launcher: Launcher | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.launcher = launcher
+        self.extra_env = extra_env or {}
         self.job = job
         self.job_id = int(job["id"])
         self.on_update = on_update
@@ -186,7 +190,10 @@ class _Lease:
                 self.proc = self.launcher(grant_env)
             else:
                 self.proc = spawn_command(
-                    list(command), {**os.environ, **grant_env}, self.stdout, self.stderr
+                    list(command),
+                    {**os.environ, **self.extra_env, **grant_env},
+                    self.stdout,
+                    self.stderr,
                 )
         except OSError as error:
             self.scheduler.report_finish(self.job_id, 127)

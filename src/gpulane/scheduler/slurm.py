@@ -1,0 +1,453 @@
+"""The Slurm back end: Slurm queues, shares fairly, accounts and confines GPUs; gpulane watches.
+
+Everything goes through Slurm's own commands, as the user, with argv lists:
+``sbatch`` to submit (the command travels as the batch script's arguments, never
+as a shell string), one ``squeue`` per refresh for every job of the partition
+(position, start estimate, holders and reasons all come from it), ``scancel``,
+and ``sacct`` or ``scontrol`` for the final state.
+
+Each job has a private folder (0700) on a path the compute node sees, default
+``~/.gpulane/jobs``: its batch script and its output files, which the client
+tails while the job runs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from gpulane.jobs import Request, format_duration
+from gpulane.scheduler import slurm_parse as sp
+from gpulane.scheduler.base import (
+    JobUpdate,
+    JobView,
+    Launcher,
+    Outcome,
+    Scheduler,
+    SchedulerError,
+    SchedulerUnavailable,
+    UpdateCallback,
+)
+
+JOB_NAME_PREFIX = "gpulane:"
+BATCH_SCRIPT = '#!/bin/sh\n# written by gpulane: run the job\'s argv as given\nexec "$@"\n'
+OUTAGE_WINDOW = 180.0  # keep waiting this long while slurmctld restarts
+
+
+def _default_job_dir() -> Path:
+    return Path.home() / ".gpulane" / "jobs"
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    job_dir: Path = field(default_factory=_default_job_dir)
+    poll_min: float = 0.2  # first refresh interval; doubles while nothing changes
+    poll_max: float = 2.0
+
+
+class SlurmScheduler(Scheduler):
+    backend = "slurm"
+    local_launch = False
+
+    def __init__(
+        self, settings: SlurmSettings | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.settings = settings or SlurmSettings()
+        self.env = dict(env if env is not None else os.environ)
+        self._accounting: bool | None = None
+
+    # ------------------------------------------------------------------ commands
+
+    def _slurm(self, argv: list[str], timeout: float = 30) -> str:
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            raise SchedulerUnavailable(f"{argv[0]} not found: is Slurm installed here?") from None
+        except subprocess.TimeoutExpired:
+            raise SchedulerUnavailable(f"{argv[0]} did not answer within {timeout:.0f} s") from None
+        if done.returncode != 0:
+            message = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            if "contact slurm controller" in message or "Socket timed out" in message:
+                raise SchedulerUnavailable(f"Slurm's controller does not answer: {message}")
+            raise SchedulerError(message.removeprefix(f"{Path(argv[0]).name}: ").strip())
+        return done.stdout
+
+    def _rows(self) -> list[sp.SqueueRow]:
+        argv = ["squeue", "-h", "-t", "PD,R,CG,CF,S", "-o", sp.SQUEUE_FORMAT, "--sort=-p,i"]
+        if self.settings.partition:
+            argv += ["-p", self.settings.partition]
+        return sp.parse_squeue(self._slurm(argv))
+
+    # ------------------------------------------------------------------ the interface
+
+    def submit(self, request: Request, env: Mapping[str, str] | None = None) -> JobView:
+        job_dir = self._new_job_dir()
+        job_id = self._sbatch(request, job_dir, env or {})
+        return {"id": job_id, "state": "queued", "name": request.name, "job_dir": str(job_dir)}
+
+    def _new_job_dir(self) -> Path:
+        base = self.settings.job_dir
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix="job-", dir=base))  # 0700: only the user reads it
+
+    def _sbatch(self, request: Request, job_dir: Path, env: Mapping[str, str]) -> int:
+        script = job_dir / "job.sh"
+        script.write_text(BATCH_SCRIPT)
+        script.chmod(0o700)
+        gres = f"--gres=shard:{request.slices}" if request.slices else f"--gres=gpu:{request.gpus}"
+        argv = [
+            "sbatch", "--parsable", f"--job-name={JOB_NAME_PREFIX}{request.name}", gres,
+            f"--output={job_dir}/stdout", f"--error={job_dir}/stderr", f"--chdir={os.getcwd()}",
+        ]  # fmt: skip
+        if request.time_limit:
+            argv.append(f"--time={math.ceil(request.time_limit / 60)}")
+        if request.mem:
+            argv.append(f"--mem={math.ceil(request.mem / 1024**2)}M")
+        for option, value in (
+            ("partition", self.settings.partition),
+            ("account", self.settings.account),
+            ("qos", self.settings.qos),
+        ):
+            if value:
+                argv.append(f"--{option}={value}")
+        # Extra variables are names of files and addresses, never secrets; commas would
+        # split --export, so they are refused here rather than mangled.
+        exports = [f"{k}={v}" for k, v in env.items() if "," not in v]
+        argv.append("--export=" + ",".join(["ALL", *exports]))
+        argv += [str(script), *request.command]
+        out = self._slurm(argv).strip()
+        try:
+            return int(out.split(";")[0])
+        except ValueError:
+            raise SchedulerError(f"sbatch answered {out!r} instead of a job number") from None
+
+    def job(self, job_id: int) -> JobView:
+        rows = self._rows()
+        row = next((r for r in rows if r.job_id == job_id), None)
+        return self._view(row, rows, time.time()) if row else self._final(job_id)
+
+    def cancel(self, job_id: int) -> JobView:
+        try:
+            self._slurm(["scancel", str(job_id)])
+        except SchedulerError as error:
+            if "denied" in str(error).lower():
+                raise SchedulerError(
+                    f"job {job_id} belongs to another user; only they or an admin may cancel it"
+                ) from None
+            raise
+        return self.job(job_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        rows = self._rows()
+        holders = [
+            self._holder(r) for r in rows if r.state in ("RUNNING", "COMPLETING") and r.gpu_request
+        ]
+        nodes: dict[str, list[dict[str, Any]]] = {}
+        for holder in holders:
+            nodes.setdefault(holder["node"], []).append(holder)
+        pending = [r for r in rows if r.state == "PENDING"]
+        return {
+            "backend": "slurm",
+            "backend_reason": self.reason,
+            "now": now,
+            "user": _me(),
+            "gpus": [
+                {
+                    "index": node,
+                    "name": f"Slurm node {node}",
+                    "memory_total": None,
+                    "memory_used": None,
+                    "utilization": None,
+                    "simulated": False,
+                    "slices": 1,
+                    "holders": hs,
+                }
+                for node, hs in sorted(nodes.items())
+            ],
+            "running": [
+                self._view(r, rows, now) for r in rows if r.state in ("RUNNING", "COMPLETING")
+            ],
+            "queue": [self._view(r, rows, now) for r in pending],
+        }
+
+    reason = "configured"
+
+    def updates(self, job_id: int) -> Iterator[JobUpdate]:
+        delay = self.settings.poll_min
+        last: Any = None
+        down_since: float | None = None
+        while True:
+            try:
+                rows = self._rows()
+                down_since = None
+            except SchedulerUnavailable:
+                # slurmctld restarts: keep the last view and try again, for a while.
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > OUTAGE_WINDOW:
+                    raise
+                time.sleep(min(delay, 1.0))
+                continue
+            now = time.time()
+            row = next((r for r in rows if r.job_id == job_id), None)
+            if row is None or sp.gpulane_state(row.state) not in ("queued", "running"):
+                yield JobUpdate(self._final(job_id), [], now)
+                return
+            view = self._view(row, rows, now)
+            holders = [
+                self._holder(r)
+                for r in rows
+                if r.state == "RUNNING" and r.gpu_request and r.partition == row.partition
+            ]
+            signature = (view["state"], view.get("position"), view.get("eta"), view.get("reason"),
+                         [(h["job"], h["user"]) for h in holders])  # fmt: skip
+            if signature != last:
+                last, delay = signature, self.settings.poll_min
+                yield JobUpdate(view, holders, now)
+            else:
+                delay = min(delay * 2, self.settings.poll_max)  # back off while nothing changes
+            time.sleep(delay)
+
+    def run(
+        self,
+        request: Request,
+        on_update: UpdateCallback | None = None,
+        stdout: IO[bytes] | int | None = None,
+        stderr: IO[bytes] | int | None = None,
+        launcher: Launcher | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Slurm starts the command; this client relays its output files and waits for the end."""
+        job = self.submit(request, env)
+        job_id, job_dir = int(job["id"]), Path(job["job_dir"])
+        tails = [
+            _Tail(job_dir / "stdout", stdout if stdout is not None else sys.stdout),
+            _Tail(job_dir / "stderr", stderr if stderr is not None else sys.stderr),
+        ]
+        final: JobView | None = None
+        try:
+            for update in self.updates(job_id):
+                if update.state == "running":
+                    for tail in tails:
+                        tail.start()
+                if on_update:
+                    on_update(update)
+                if update.finished:
+                    final = update.job
+        except KeyboardInterrupt:
+            self._interrupt(job_id)
+            for tail in tails:
+                tail.stop()
+            raise
+        for tail in tails:
+            tail.start()
+            tail.stop()
+        assert final is not None
+        shutil.rmtree(job_dir, ignore_errors=True)
+        return Outcome(
+            int(final.get("exit_status") or 0) if final["state"] != "timeout" else 124, final
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _interrupt(self, job_id: int) -> None:
+        """Ctrl-C: SIGINT to the job's processes first (they may save work), then cancel."""
+        with contextlib.suppress(SchedulerError):
+            self._slurm(["scancel", "--signal=INT", "--full", str(job_id)])
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if self.job(job_id)["state"] not in ("queued", "running"):
+                    return
+                time.sleep(0.2)
+        with contextlib.suppress(SchedulerError):
+            self._slurm(["scancel", str(job_id)])
+
+    def _holder(self, row: sp.SqueueRow) -> dict[str, Any]:
+        kind, count = row.gpu_request or ("gpu", 0)
+        return {
+            "job": row.job_id,
+            "user": row.user,
+            "name": row.name.removeprefix(JOB_NAME_PREFIX),
+            "gpus": [],
+            "node": row.nodes,
+            "slices": count if kind == "shard" else None,
+            "elapsed": row.elapsed,
+            "remaining": row.remaining,
+        }
+
+    def _view(self, row: sp.SqueueRow, rows: list[sp.SqueueRow], now: float) -> JobView:
+        state = sp.gpulane_state(row.state)
+        kind, count = row.gpu_request or ("gpu", 0)
+        view: JobView = {
+            "id": row.job_id,
+            "user": row.user,
+            "name": row.name.removeprefix(JOB_NAME_PREFIX),
+            "state": state,
+            "gpus": count if kind == "gpu" else 1,
+            "slices": count if kind == "shard" else 0,
+            "time_limit": row.time_limit,
+            "elapsed": row.elapsed,
+            "remaining": row.remaining,
+            "assigned_gpus": [],
+            "node": row.nodes,
+            "message": "",
+            "ending": "stopping" if row.state == "COMPLETING" else None,
+        }
+        if state == "queued":
+            competing = [
+                r
+                for r in rows
+                if r.state == "PENDING" and r.partition == row.partition and r.gpu_request
+            ]
+            position = next((i for i, r in enumerate(competing, 1) if r.job_id == row.job_id), None)
+            view.update(
+                position=position,
+                eta=row.start if row.start and row.start >= now - 1 else None,
+                reason=row.reason,
+                reason_text=sp.reason_text(row.reason),
+            )
+        return view
+
+    def _final(self, job_id: int) -> JobView:
+        """The end of a job that left the queue: sacct where accounting runs, else scontrol."""
+        record: dict[str, str] = {}
+        if self._has_accounting():
+            with contextlib.suppress(SchedulerError):
+                found = sp.parse_sacct(
+                    self._slurm(
+                        ["sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "State,ExitCode"]
+                    )
+                )
+                if found:
+                    record = {"JobState": found[0], "ExitCode": found[1]}
+        if not record:
+            with contextlib.suppress(SchedulerError):
+                record = sp.parse_key_values(
+                    self._slurm(["scontrol", "show", "job", "-o", str(job_id)])
+                )
+        slurm_state = record.get("JobState", "")
+        exit_code = record.get("ExitCode", "0:0")
+        limit = sp.parse_duration(record.get("TimeLimit", ""))
+        if not slurm_state:
+            return {
+                "id": job_id,
+                "state": "failed",
+                "message": "Slurm no longer knows this job",
+                "exit_status": 1,
+            }
+        return {
+            "id": job_id,
+            "user": record.get("UserId", "").split("(")[0],
+            "name": record.get("JobName", "").removeprefix(JOB_NAME_PREFIX),
+            "state": sp.gpulane_state(slurm_state),
+            "slurm_state": slurm_state,
+            "exit_status": sp.exit_status(exit_code),
+            "message": sp.final_message(slurm_state, exit_code, format_duration(limit)),
+            "elapsed": sp.parse_duration(record.get("RunTime", "")),
+            "time_limit": limit,
+            "assigned_gpus": [],
+        }
+
+    def _has_accounting(self) -> bool:
+        if self._accounting is None:
+            try:
+                config = self._slurm(["scontrol", "show", "config"])
+            except SchedulerError:
+                return False
+            self._accounting = (
+                "accounting_storage/none" not in config and "AccountingStorageType" in config
+            )
+        return self._accounting
+
+
+class _Tail:
+    """Relays a job's output file as it grows (the compute node writes, we read)."""
+
+    def __init__(self, path: Path, target: Any) -> None:
+        self.path, self.target = path, target
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="gpulane-tail")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            self._drain()
+            if stopping:
+                return
+            self._stop.wait(0.05)
+
+    def _drain(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        self._offset += len(data)
+        if isinstance(self.target, int):
+            os.write(self.target, data)
+            return
+        if hasattr(self.target, "encoding"):  # a text stream (a terminal, a notebook cell)
+            self.target.write(self._decoder.decode(data))
+        else:
+            self.target.write(data)
+        self.target.flush()
+
+
+def _me() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def slurm_reachable(env: Mapping[str, str] | None = None) -> bool:
+    """True where Slurm's commands exist and its controller answers."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    try:
+        done = subprocess.run(
+            ["scontrol", "ping"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=dict(env or os.environ),
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "UP" in done.stdout
