@@ -282,7 +282,7 @@ class CellResult:
 class UserKernel:
     """A real IPython kernel (ipykernel) running as a Unix user, driven through jupyter_client."""
 
-    def __init__(self, user: str, broker: BrokerProcess, folder: Path) -> None:
+    def __init__(self, user: str, broker: BrokerProcess | None, folder: Path, extra_env: dict[str, str] | None = None) -> None:
         from jupyter_client import KernelManager
         from jupyter_client.kernelspec import KernelSpec
 
@@ -307,8 +307,9 @@ class UserKernel:
             language="python",
         )
         self.km.connection_file = str(home / "kernel.json")
-        env = _user_env(user, broker.socket)
+        env = _user_env(user, broker.socket if broker else None)
         env.update(HOME=str(home), JUPYTER_RUNTIME_DIR=str(home), IPYTHONDIR=str(home / ".ipython"))
+        env.update(extra_env or {})
         self.km.start_kernel(env=env)
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -376,14 +377,14 @@ class UserKernel:
 
 
 @pytest.fixture
-def kernels(unix_users: tuple[str, ...]) -> Iterator[Callable[[str, BrokerProcess], UserKernel]]:
+def kernels(unix_users: tuple[str, ...]) -> Iterator[Callable[..., UserKernel]]:
     """Start kernels as test users against a broker; each gets ``%load_ext gpulane`` already run."""
     folder = Path(tempfile.mkdtemp(prefix="gpulane-kernels-"))
     folder.chmod(0o755)
     started: list[UserKernel] = []
 
-    def factory(user: str, broker: BrokerProcess) -> UserKernel:
-        kernel = UserKernel(user, broker, folder)
+    def factory(user: str, broker: BrokerProcess | None, env: dict[str, str] | None = None) -> UserKernel:
+        kernel = UserKernel(user, broker, folder, env)
         started.append(kernel)
         loaded = kernel.execute("%load_ext gpulane")
         assert loaded.status == "ok", loaded.messages
@@ -392,4 +393,64 @@ def kernels(unix_users: tuple[str, ...]) -> Iterator[Callable[[str, BrokerProces
     yield factory
     for kernel in started:
         kernel.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- Slurm
+
+SLURM_PORT = 6847  # apart from the default, so a developer's own cluster is left alone
+
+
+@dataclass
+class SlurmCluster:
+    """A real one-node Slurm (tools/slurmlocal.py) with one simulated GPU."""
+
+    folder: Path
+    env: dict[str, str]
+    homes: Path
+
+    def user_env(self, user: str) -> dict[str, str]:
+        env = _user_env(user, None)
+        env.update(self.env, GPULANE_BACKEND="slurm", HOME=str(self.homes / user))
+        return env
+
+    def gpulane(self, user: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            _as_user(user, [sys.executable, "-m", "gpulane", *args]),
+            env=self.user_env(user),
+            cwd=self.homes / user,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+
+    def call(self, user: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = self.gpulane(user, *args)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def squeue(self) -> list[list[str]]:
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i|%u|%T|%j"], env={**os.environ, **self.env}, capture_output=True, text=True
+        ).stdout
+        return [line.split("|") for line in out.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(unix_users: tuple[str, ...]) -> Iterator[SlurmCluster]:
+    need(os.geteuid() == 0, "the Slurm tests start slurmctld and slurmd, which needs root")
+    from tools.slurmlocal import start_cluster, stop_cluster
+
+    folder = Path(tempfile.mkdtemp(prefix="gpulane-slurm-"))
+    folder.chmod(0o755)
+    env = start_cluster(folder, gpus=1, users=list(unix_users), port=SLURM_PORT)
+    homes = folder / "homes"
+    homes.mkdir(mode=0o755)
+    for user in unix_users:
+        entry = pwd.getpwnam(user)
+        (homes / user).mkdir(mode=0o700)
+        os.chown(homes / user, entry.pw_uid, entry.pw_gid)
+    yield SlurmCluster(folder, env, homes)
+    stop_cluster(folder)
     shutil.rmtree(folder, ignore_errors=True)

@@ -18,9 +18,16 @@ are written, so ``print`` and subprocesses (``nvidia-smi``) stream alike.
 
 from __future__ import annotations
 
+import codecs
+import fcntl
 import os
+import queue
 import signal
+import struct
 import sys
+import termios
+import threading
+import time
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
@@ -46,22 +53,66 @@ class Worker:
 
     def __init__(self, channel: Connection) -> None:
         self.channel = channel
+        self._send_lock = threading.Lock()
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.shell = _make_shell(self)
         self.env_applied = False
+        self._relayed: list[int] = []  # read ends of fds 1 and 2, when streaming over the channel
+        self._relaying = 0
 
     def send(self, message: dict[str, Any]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        self.channel.send(message)
+        self._drain()
+        with self._send_lock:
+            self.channel.send(message)
 
-    def serve(self) -> int:
-        self.send({"op": "ready", "pid": os.getpid(), "protocol": PROTOCOL})
-        status = 0
+    def _read_channel(self) -> None:
+        """Messages from the kernel, read beside the running cell so an interrupt gets through."""
         while True:
             try:
                 message = self.channel.recv()
             except (EOFError, OSError):
-                return status
+                # The kernel is gone: no one is left to run cells for. End now, freeing the GPU.
+                os._exit(0)
+            if message.get("op") == "interrupt":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                self.inbox.put(message)
+
+    def stream_over_channel(self) -> None:
+        """Send fd 1 and 2 over the channel (a worker on another machine has no pipes to us)."""
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._relayed.append(read_end)
+            threading.Thread(target=self._relay, args=(read_end, name), daemon=True).start()
+
+    def _relay(self, fd: int, name: str) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(fd, 65536):
+            self._relaying += 1
+            with self._send_lock:
+                self.channel.send({"op": "stream", "name": name, "text": decoder.decode(chunk)})
+            self._relaying -= 1
+
+    def _drain(self, timeout: float = 1.0) -> None:
+        """Let output already written reach the kernel before the message that follows it."""
+        deadline = time.monotonic() + timeout
+        while self._relayed and time.monotonic() < deadline:
+            pending = sum(_unread(fd) for fd in self._relayed)
+            if not pending and not self._relaying:
+                return
+            time.sleep(0.005)
+
+    def serve(self) -> int:
+        threading.Thread(target=self._read_channel, daemon=True, name="gpulane-channel").start()
+        self.send({"op": "ready", "pid": os.getpid(), "protocol": PROTOCOL})
+        status = 0
+        while True:
+            try:
+                message = self.inbox.get()
             except KeyboardInterrupt:
                 continue  # an interrupt between cells has nothing to stop
             if message.get("op") == "stop":
@@ -106,6 +157,10 @@ class Worker:
             return True
         self.send({"op": "done", "ok": True, "outputs": packed})
         return True
+
+
+def _unread(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
 
 
 def _make_shell(worker: Worker) -> Any:
@@ -167,6 +222,8 @@ def main() -> int:
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     channel = connect_channel()
     worker = Worker(channel)
+    if os.environ.pop("GPULANE_RUNNER_STREAMS", "") == "channel":
+        worker.stream_over_channel()
     return worker.serve()
 
 

@@ -32,7 +32,7 @@ from gpulane.kernel.namespace import (
 )
 from gpulane.kernel.options import CellOptions, help_text, parse_cell_options
 from gpulane.kernel.sinks import BackgroundSink, ForegroundSink
-from gpulane.kernel.worker import RUNNER_COMMAND, WarmWorker, WorkerPool
+from gpulane.kernel.worker import RUNNER_COMMAND, RemoteWorker, WarmWorker, WorkerPool
 from gpulane.scheduler import Scheduler, SchedulerError, connect
 from gpulane.scheduler.base import JobUpdate, JobView, Outcome
 
@@ -137,20 +137,29 @@ class GpuMagics(Magics):
             "once": once,
         }
 
+    def _worker(self, message: dict[str, Any]) -> tuple[WarmWorker, dict[str, Any]]:
+        """A worker for one job, and the arguments that tell the scheduler how to start it.
+
+        Where the back end starts jobs on this machine, a pre-started worker gets the
+        grant at once; elsewhere a worker started by the cluster connects back.
+        """
+        if self.scheduler.local_launch:
+            worker = self.pool.take()
+            return worker, {"launcher": worker.launcher(message)}
+        remote = RemoteWorker(message)
+        return remote, {"env": remote.job_env}
+
     def _run_foreground(self, cell: str, options: CellOptions, inputs: Packed) -> None:
         request = replace(options.request, command=RUNNER_COMMAND)
-        worker = self.pool.take()
+        worker, how = self._worker(self._message(cell, options, inputs))
         sink = ForegroundSink()
         worker.attach(sink)
         card = Card(message_card(f"{request.name}: submitting", [request.describe()], "queued"))
         try:
-            outcome = self.scheduler.run(
-                request,
-                on_update=card.on_update,
-                launcher=worker.launcher(self._message(cell, options, inputs)),
-            )
+            outcome = self.scheduler.run(request, on_update=card.on_update, **how)
         except KeyboardInterrupt:
             worker.wait_output(2)
+            worker.close()
             card.show(
                 message_card(
                     f"{request.name}: interrupted",
@@ -168,6 +177,7 @@ class GpuMagics(Magics):
         finally:
             self.pool.refill()
         worker.wait_output()
+        worker.close()
         cleanup(inputs)
         self._finish(outcome.job, worker.result, sink, card)
 
@@ -201,13 +211,12 @@ class GpuMagics(Magics):
 
     def _run_background(self, cell: str, options: CellOptions, inputs: Packed) -> None:
         request = replace(options.request, command=RUNNER_COMMAND)
-        worker = self.pool.take()
+        worker, how = self._worker(self._message(cell, options, inputs))
         card = Card(
             message_card(f"{request.name}: submitting (background)", [request.describe()], "queued")
         )
         sink = BackgroundSink()
         worker.attach(sink)
-        message = self._message(cell, options, inputs)
         holder: dict[str, BackgroundJob] = {}
 
         def on_update(update: JobUpdate) -> None:
@@ -217,10 +226,9 @@ class GpuMagics(Magics):
         def lifecycle() -> None:
             job = holder["job"]
             try:
-                job.outcome = self.scheduler.run(
-                    request, on_update=on_update, launcher=worker.launcher(message)
-                )
+                job.outcome = self.scheduler.run(request, on_update=on_update, **how)
                 worker.wait_output()
+                worker.close()
                 result = worker.result
                 if result and result.get("ok") and result.get("outputs") is not None:
                     job.values, failures = unpack(result["outputs"])
@@ -402,13 +410,14 @@ class GpuSession:
 
     def start(self) -> None:
         request = replace(self.options.request, command=RUNNER_COMMAND)
-        worker = self.worker = self.magics.pool.take()
+        empty = pack({}, self.magics.spill_dir, self.options.max_transfer)
+        first = self.magics._message("", self.options, empty, once=False)
+        worker, how = self.magics._worker(first)
+        self.worker = worker
         worker.attach(ForegroundSink())
         self.card = card = Card(
             message_card("GPU session: submitting", [request.describe()], "queued")
         )
-        empty = pack({}, self.magics.spill_dir, self.options.max_transfer)
-        first = self.magics._message("", self.options, empty, once=False)
 
         def on_update(update: JobUpdate) -> None:
             self.job_id = int(update.job["id"])
@@ -420,9 +429,7 @@ class GpuSession:
 
         def lifecycle() -> None:
             try:
-                outcome = self.magics.scheduler.run(
-                    request, on_update=on_update, launcher=worker.launcher(first)
-                )
+                outcome = self.magics.scheduler.run(request, on_update=on_update, **how)
                 self.ended_reason = self.ended_reason or outcome.job.get("message") or "ended"
                 card.show(render_final(outcome.job, f"GPU session released: {self.ended_reason}"))
             except SchedulerError as error:

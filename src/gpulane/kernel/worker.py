@@ -5,13 +5,17 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
 from typing import Any, Protocol
 
 from gpulane.spawn import spawn_command
@@ -141,11 +145,96 @@ class WarmWorker:
             except (EOFError, OSError):
                 self.done.set()
                 return
-            if message.get("op") == "done":
+            op = message.get("op")
+            if op == "done":
                 self.result = message
                 self.done.set()
-            elif message.get("op") != "ready" and self.sink is not None:
+            elif op == "stream" and self.sink is not None:
+                self.sink.stream(str(message.get("name")), str(message.get("text")))
+            elif op != "ready" and self.sink is not None:
                 self.sink.message(message)
+
+
+class RemoteWorker(WarmWorker):
+    """A worker that a cluster starts elsewhere and that connects back to this kernel.
+
+    The kernel listens on a TCP port; the worker proves itself with a random key
+    read from a private file (0600 in a 0700 folder under the user's home, which
+    the compute node sees). Output comes over the channel, not through pipes.
+    """
+
+    def __init__(self, message: dict[str, Any], host: str | None = None) -> None:
+        self.sink = None
+        self.done = threading.Event()
+        self.result = None
+        self._threads = []
+        self._send_lock = threading.Lock()
+        self._message = message
+        self._connected = threading.Event()
+        key = secrets.token_bytes(32)
+        bind = (
+            host
+            or os.environ.get("GPULANE_CALLBACK_HOST")
+            or socket.gethostbyname(socket.gethostname())
+        )
+        self.listener = Listener((bind, 0), authkey=key)
+        folder = Path(os.environ.get("GPULANE_KEY_DIR") or Path.home() / ".gpulane" / "keys")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix="worker-")  # created 0600
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(key)
+        self.keyfile = Path(name)
+        address = self.listener.address
+        self.job_env = {
+            "GPULANE_RUNNER_ADDRESS": f"{address[0]}:{address[1]}",
+            "GPULANE_RUNNER_KEYFILE": str(self.keyfile),
+            "GPULANE_RUNNER_STREAMS": "channel",
+            "PYTHONUNBUFFERED": "1",
+        }
+        threading.Thread(target=self._accept, daemon=True, name="gpulane-accept").start()
+
+    @property
+    def alive(self) -> bool:
+        return not self.done.is_set()
+
+    def attach(self, sink: Sink) -> None:
+        self.sink = sink  # the channel reader starts once the worker connects
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.channel = self.listener.accept()
+                break
+            except AuthenticationError:
+                continue  # not our worker: keep listening for the one with the key
+            except (OSError, EOFError):
+                self.keyfile.unlink(missing_ok=True)
+                return  # closed before the job started
+        self.keyfile.unlink(missing_ok=True)
+        reader = threading.Thread(target=self._read_channel, daemon=True, name="gpulane-remote")
+        self._threads = [reader]
+        reader.start()
+        self._connected.set()
+        self.run({}, self._message)  # the grant's environment is Slurm's own
+
+    def interrupt(self) -> None:
+        if self._connected.is_set():
+            with contextlib.suppress(OSError, ValueError), self._send_lock:
+                self.channel.send({"op": "interrupt"})
+
+    def stop(self) -> None:
+        if self._connected.is_set():
+            with contextlib.suppress(OSError, ValueError), self._send_lock:
+                self.channel.send({"op": "stop"})
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.keyfile.unlink(missing_ok=True)
+        if self._connected.is_set():
+            with contextlib.suppress(OSError):
+                self.channel.close()
 
 
 class WorkerPool:

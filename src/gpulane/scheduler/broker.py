@@ -61,6 +61,8 @@ class BrokerScheduler(Scheduler):
 
     def snapshot(self) -> dict[str, Any]:
         result: dict[str, Any] = self.client.request("GET", "/v1/status")
+        if self.reason:
+            result["backend_reason"] = self.reason
         return result
 
     def updates(self, job_id: int) -> Iterator[JobUpdate]:

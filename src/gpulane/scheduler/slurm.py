@@ -193,8 +193,6 @@ class SlurmScheduler(Scheduler):
             "queue": [self._view(r, rows, now) for r in pending],
         }
 
-    reason = "configured"
-
     def updates(self, job_id: int) -> Iterator[JobUpdate]:
         delay = self.settings.poll_min
         last: Any = None

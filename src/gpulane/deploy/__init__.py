@@ -1,0 +1,225 @@
+"""Admin commands for a Slurm back end: ``gpulane slurm config`` and ``gpulane doctor``.
+
+``cli.py`` registers them with :func:`add_commands` and hands parsed arguments of these
+commands to :func:`run_command`. Importing this package is cheap: the work is imported
+only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("slurm", "doctor")
+PYTHON_PREFIXES_ENV = "GPULANE_DOCTOR_PYTHON_PREFIXES"
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative(text)
+    if not 1 <= value <= 65534:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65534, got {value}")
+    return value
+
+
+def _name(text: str) -> str:
+    if not text or any(c.isspace() or c in "=#,()" for c in text):
+        raise argparse.ArgumentTypeError(f"not a usable Slurm name: {text!r}")
+    return text
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``slurm config`` and ``doctor`` on cli.py's subparsers."""
+    slurm = subparsers.add_parser("slurm", help="set up Slurm on this machine")
+    slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, parser_class=type(slurm))
+    config = slurm_sub.add_parser(
+        "config",
+        help="write slurm.conf, gres.conf and cgroup.conf for this machine",
+        description="Write slurm.conf, gres.conf and cgroup.conf for this one machine "
+        "(controller and GPU node). Without --out they are printed.",
+    )
+    config.add_argument("--out", metavar="DIR", help="write the files into DIR (e.g. /etc/slurm)")
+    config.add_argument(
+        "--shards-per-gpu",
+        metavar="K",
+        type=_non_negative,
+        default=0,
+        help="also offer each GPU as K time-sliced shards (default 0: whole GPUs only)",
+    )
+    config.add_argument("--cluster-name", metavar="NAME", type=_name, default="gpulane")
+    config.add_argument("--partition", metavar="NAME", type=_name, default="gpu")
+    config.add_argument(
+        "--gpu-devices",
+        metavar="/dev/nvidia0,...",
+        help="GPU device files, one per GPU (default: from NVML, else /dev/nvidia[0-9]*)",
+    )
+    config.add_argument(
+        "--wsl", action="store_true", help="WSL2 layout (detected from /proc/version anyway)"
+    )
+    config.add_argument(
+        "--port", type=_port, default=6817, help="slurmctld port; slurmd uses PORT+1 (default 6817)"
+    )
+    config.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="state, spool and pid files under DIR (default: /var/lib/slurm/..., /run/*.pid)",
+    )
+    config.add_argument(
+        "--log-dir", metavar="DIR", help="daemon logs in DIR (default /var/log/slurm)"
+    )
+    config.add_argument(
+        "--slurm-user",
+        metavar="USER",
+        type=_name,
+        default="slurm",
+        help="user slurmctld runs as (default slurm, as Debian's packages create)",
+    )
+    config.add_argument(
+        "--munge-socket",
+        metavar="PATH",
+        help="munged's socket, where not the default /run/munge/munge.socket.2",
+    )
+
+    doctor = subparsers.add_parser(
+        "doctor",
+        help="check munge, Slurm, GPUs and CUDA libraries; print a fix for each problem",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.add_argument(
+        "--python-prefix",
+        metavar="DIR",
+        action="append",
+        help="a Python environment (or site-packages) whose pip nvidia-* libraries to check; "
+        f"repeatable (default: ${PYTHON_PREFIXES_ENV}, colon-separated, else this Python's)",
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a command registered by :func:`add_commands`; returns the exit status."""
+    if args.command == "slurm":
+        return _slurm_config(args)
+    if args.command == "doctor":
+        return _doctor(args)
+    raise ValueError(f"not a deploy command: {args.command}")
+
+
+def _fail(message: str) -> int:
+    print(f"gpulane: {message}", file=sys.stderr)
+    return 1
+
+
+def _slurm_config(args: argparse.Namespace) -> int:
+    from gpulane.deploy.slurm_config import (
+        ConfigError,
+        ConfigOptions,
+        gather_facts,
+        render_config,
+    )
+
+    devices = [d.strip() for d in (args.gpu_devices or "").split(",") if d.strip()]
+    argv = ["gpulane", "slurm", "config"]
+    for flag in ("shards_per_gpu", "cluster_name", "partition", "port", "state_dir", "log_dir"):
+        value = getattr(args, flag)
+        default = {"shards_per_gpu": 0, "cluster_name": "gpulane", "partition": "gpu", "port": 6817}
+        if value is not None and value != default.get(flag):
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("gpu_devices", "munge_socket"):
+        if getattr(args, flag):
+            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    if args.slurm_user != "slurm":
+        argv += ["--slurm-user", args.slurm_user]
+    if args.wsl:
+        argv.append("--wsl")
+    options = ConfigOptions(
+        cluster_name=args.cluster_name,
+        partition=args.partition,
+        shards_per_gpu=args.shards_per_gpu,
+        port=args.port,
+        state_dir=_absolute(args.state_dir),
+        log_dir=_absolute(args.log_dir),
+        slurm_user=args.slurm_user,
+        munge_socket=_absolute(args.munge_socket),
+        wsl=args.wsl,
+        extra_comments=(f"Generated with: {shlex.join(argv)} (--out DIR)",),
+    )
+    try:
+        facts = gather_facts([_absolute(d) or d for d in devices] or None, wsl=args.wsl)
+        files = render_config(facts, options)
+    except ConfigError as error:
+        return _fail(str(error))
+    if not args.out:
+        for name, text in files.items():
+            sys.stdout.write(f"# ===== {name} =====\n{text}\n")
+        return 0
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            path = out / name
+            path.write_text(text)
+            path.chmod(0o644)  # job users' srun/sbatch read slurm.conf
+        _make_dirs(options)
+    except OSError as error:
+        return _fail(f"cannot write to {out}: {error}")
+    print(
+        f"wrote {', '.join(str(out / n) for n in files)} "
+        f"({len(facts.gpu_files)} GPU(s) from {facts.gpu_source}, {facts.cpus} CPUs)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+def _make_dirs(options: Any) -> None:
+    """Create the --state-dir/--log-dir folders, owned by the slurm user when run as root."""
+    import pwd
+
+    dirs = []
+    if options.state_dir:
+        dirs += [Path(options.state_dir) / "slurmctld", Path(options.state_dir) / "slurmd"]
+    if options.log_dir:
+        dirs.append(Path(options.log_dir))
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0 and d.name != "slurmd":  # slurmd itself runs as root
+            try:
+                user = pwd.getpwnam(options.slurm_user)
+            except KeyError:
+                continue
+            os.chown(d, user.pw_uid, user.pw_gid)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from gpulane.deploy import doctor
+
+    prefixes = args.python_prefix
+    if not prefixes and os.environ.get(PYTHON_PREFIXES_ENV):
+        prefixes = [p for p in os.environ[PYTHON_PREFIXES_ENV].split(":") if p]
+    context = doctor.Context.from_environment(
+        python_prefixes=[Path(p) for p in prefixes] if prefixes else None
+    )
+    findings = doctor.run_checks(context)
+    failed = any(f.status == "fail" for f in findings)
+    if args.json:
+        print(json.dumps({"ok": not failed, "findings": [f.as_dict() for f in findings]}, indent=2))
+    else:
+        print(doctor.report(findings))
+    return 1 if failed else 0
