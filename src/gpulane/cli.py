@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -187,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
     from gpulane.broker import policy
     from gpulane.broker.core import Broker, BrokerSettings
     from gpulane.broker.gpus import Inventory

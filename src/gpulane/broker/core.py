@@ -76,6 +76,7 @@ class Broker:
         self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
+        self._explain_cost = 0.0  # seconds the last queue replay took
         self._sent: dict[tuple[int, int], dict[str, Any]] = {}
         self._watcher_identity: dict[int, Identity] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -399,13 +400,18 @@ class Broker:
         return policy.explain(self._policy_state(), now, self.config)
 
     def _schedule(self) -> None:
-        state = self._policy_state()
         now = self.clock()
-        grants = []
-        if state.queued and any(
-            policy.free_slices(state.gpu_count, state.running, self.config.slices_per_gpu)
-        ):
-            grants = policy.decide(state, now, self.config)
+        grants: list[policy.Grant] = []
+        # Cheap test first: with every slice taken, a submission or a cancel changes nothing.
+        used = sum(
+            len(j.assigned_gpus) * (j.assigned_slices or 0)
+            for j in self.jobs.values()
+            if j.state is JobState.RUNNING
+        )
+        if used < self.inventory.count * self.config.slices_per_gpu:
+            state = self._policy_state()
+            if state.queued:
+                grants = policy.decide(state, now, self.config)
         for grant in grants:
             job = self.jobs[grant.job_id]
             job.state = JobState.RUNNING
@@ -424,13 +430,19 @@ class Broker:
             self._notify(job_id)
         if self._publish_handle is None and self.watchers:
             loop = asyncio.get_running_loop()
-            wait = max(0.0, self._last_publish + self.settings.publish_interval - loop.time())
+            # Replaying a long queue costs time: never spend more than a fifth of it there.
+            interval = max(self.settings.publish_interval, 5 * self._explain_cost)
+            wait = max(0.0, self._last_publish + interval - loop.time())
             self._publish_handle = loop.call_later(wait, self._publish_all)
 
     def _publish_all(self) -> None:
+        loop = asyncio.get_running_loop()
         self._publish_handle = None
-        self._last_publish = asyncio.get_running_loop().time()
-        waiting = self._explain(self.clock()) if self.watchers else {}
+        self._last_publish = loop.time()
+        waiting: dict[int, policy.Waiting] = {}
+        if any(self.jobs.get(i) and self.jobs[i].state is JobState.QUEUED for i in self.watchers):
+            waiting = self._explain(self.clock())
+            self._explain_cost = loop.time() - self._last_publish
         for job_id in list(self.watchers):
             self._notify(job_id, waiting)
 
