@@ -26,7 +26,8 @@ class Identity:
     user: str
     groups: frozenset[str]
     pid: int | None  # the client's process, where the broker can see it
-    source: str = "peercred"
+    source: str = "peercred"  # or "hub": a JupyterHub token checked against the hub
+    admin: bool | None = None  # None: decided by uid 0 and the admin groups
 
 
 def user_and_groups(uid: int) -> tuple[str, frozenset[str]]:

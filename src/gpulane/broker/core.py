@@ -132,7 +132,7 @@ class Broker:
 
     def submit(self, who: Identity, request: Request) -> dict[str, Any]:
         cfg = self.config
-        admin = policy.is_admin(who.uid, who.groups, cfg)
+        admin = self._is_admin(who)
         if not policy.may_use_gpus(who.groups, cfg, admin):
             groups = ", ".join(sorted(cfg.gpu_groups))
             raise BrokerError(
@@ -152,7 +152,7 @@ class Broker:
         if never:
             raise BrokerError(400, f"this request can never run here: it {never}")
         queued = sum(
-            1 for j in self.jobs.values() if j.uid == who.uid and j.state is JobState.QUEUED
+            1 for j in self.jobs.values() if j.user == who.user and j.state is JobState.QUEUED
         )
         if queued >= self.settings.max_queued_per_user:
             raise BrokerError(
@@ -283,7 +283,7 @@ class Broker:
             "backend_reason": "embedded broker on this machine",
             "now": now,
             "user": who.user,
-            "is_admin": policy.is_admin(who.uid, who.groups, self.config),
+            "is_admin": self._is_admin(who),
             "slices_per_gpu": self.config.slices_per_gpu,
             "gpus": gpus,
             "running": [
@@ -347,7 +347,7 @@ class Broker:
         if waiting is not None:
             data.update(position=waiting.position, eta=waiting.eta, reason=waiting.reason)
             data["reason_text"] = self._reason_text(waiting.reason)
-        if who.uid == job.uid:  # only the owner sees what the job runs
+        if who.user == job.user:  # only the owner sees what the job runs
             data["command"] = job.command
         return data
 
@@ -596,14 +596,19 @@ class Broker:
             old.cancel()
         self._timers[job_id] = asyncio.get_running_loop().call_later(delay, callback, arg)
 
+    def _is_admin(self, who: Identity) -> bool:
+        if who.admin is not None:  # the hub said so (its admin flag or custom:gpulane:admin)
+            return who.admin or bool(self.config.admin_groups & who.groups)
+        return policy.is_admin(who.uid, who.groups, self.config)
+
     def _own_job(self, who: Identity, job_id: int, admin_ok: bool = False) -> JobRecord:
         """The job, if ``who`` owns it (or is an admin, where allowed); 404 otherwise."""
         job = self.jobs.get(job_id) or self.store.get(job_id)
         if job is None:
             raise BrokerError(404, f"no job {job_id}")
-        if job.uid == who.uid:
+        if job.user == who.user:  # the name: hub users may share one Unix uid
             return job
-        if admin_ok and policy.is_admin(who.uid, who.groups, self.config):
+        if admin_ok and self._is_admin(who):
             return job
         if admin_ok:
             raise BrokerError(

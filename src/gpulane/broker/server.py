@@ -25,6 +25,7 @@ from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
 from gpulane.broker.core import Broker, BrokerError, parse_request
+from gpulane.broker.hub_auth import HubTokenError, HubTokens
 from gpulane.identity import Identity, peer_identity
 
 log = logging.getLogger("gpulane.broker")
@@ -37,13 +38,24 @@ class _Handler(tornado.web.RequestHandler):
     broker: Broker
     identity: Identity
 
-    def initialize(self, broker: Broker) -> None:
+    def initialize(self, broker: Broker, hub_tokens: HubTokens | None = None) -> None:
         self.broker = broker
+        self.hub_tokens = hub_tokens
         self._body = bytearray()
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         stream = self.request.connection.stream  # type: ignore[union-attr]
         self.identity = peer_identity(stream.socket)
+        header = self.request.headers.get("Authorization", "")
+        # Outside a hub the kernel's peer credentials alone decide; a token changes nothing.
+        if header and self.hub_tokens is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() not in ("token", "bearer") or not token.strip():
+                raise BrokerError(400, "Authorization must be 'token <JupyterHub API token>'")
+            try:
+                self.identity = await self.hub_tokens.identity(token.strip(), self.identity)
+            except HubTokenError as error:
+                raise BrokerError(401, str(error)) from None
         length = self.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             raise BrokerError(413, f"request body over {MAX_BODY_BYTES} bytes; refused")
@@ -168,8 +180,8 @@ class EventsHandler(_Handler):
         pass
 
 
-def make_app(broker: Broker) -> tornado.web.Application:
-    args = {"broker": broker}
+def make_app(broker: Broker, hub_tokens: HubTokens | None = None) -> tornado.web.Application:
+    args = {"broker": broker, "hub_tokens": hub_tokens}
     return tornado.web.Application(
         [
             (r"/v1/health", HealthHandler, args),
@@ -185,8 +197,8 @@ def make_app(broker: Broker) -> tornado.web.Application:
 
 
 class _NotFound(_Handler):
-    def prepare(self) -> None:
-        super().prepare()
+    async def prepare(self) -> None:
+        await super().prepare()
         raise BrokerError(404, f"no such endpoint: {self.request.method} {self.request.path}")
 
 
@@ -207,8 +219,11 @@ async def serve(broker: Broker, socket_path: Path) -> None:
     prepare_socket_dir(socket_path)
     # Everyone on the machine may connect: the kernel tells us who they are.
     sock = bind_unix_socket(str(socket_path), mode=0o666)
+    hub_tokens = HubTokens.from_environment()
+    if hub_tokens is not None:
+        log.info("accepting JupyterHub tokens, checked at %s", hub_tokens.auth.api_url)
     server = HTTPServer(
-        make_app(broker),
+        make_app(broker, hub_tokens),
         max_body_size=4 * MAX_BODY_BYTES,  # handlers refuse past MAX_BODY_BYTES with a clear 413
         body_timeout=10,
         idle_connection_timeout=3600,

@@ -130,19 +130,6 @@ def _slurm_config(args: argparse.Namespace) -> int:
     )
 
     devices = [d.strip() for d in (args.gpu_devices or "").split(",") if d.strip()]
-    argv = ["gpulane", "slurm", "config"]
-    for flag in ("shards_per_gpu", "cluster_name", "partition", "port", "state_dir", "log_dir"):
-        value = getattr(args, flag)
-        default = {"shards_per_gpu": 0, "cluster_name": "gpulane", "partition": "gpu", "port": 6817}
-        if value is not None and value != default.get(flag):
-            argv += [f"--{flag.replace('_', '-')}", str(value)]
-    for flag in ("gpu_devices", "munge_socket"):
-        if getattr(args, flag):
-            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-    if args.slurm_user != "slurm":
-        argv += ["--slurm-user", args.slurm_user]
-    if args.wsl:
-        argv.append("--wsl")
     options = ConfigOptions(
         cluster_name=args.cluster_name,
         partition=args.partition,
@@ -153,7 +140,7 @@ def _slurm_config(args: argparse.Namespace) -> int:
         slurm_user=args.slurm_user,
         munge_socket=_absolute(args.munge_socket),
         wsl=args.wsl,
-        extra_comments=(f"Generated with: {shlex.join(argv)} (--out DIR)",),
+        extra_comments=(f"Generated with: {_command_line(args)}",),
     )
     try:
         facts = gather_facts([_absolute(d) or d for d in devices] or None, wsl=args.wsl)
@@ -180,6 +167,39 @@ def _slurm_config(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that regenerates these files (doctor's fixes quote it), with --out."""
+    argv = ["gpulane", "slurm", "config", "--out", _absolute(args.out) or "/etc/slurm"]
+    defaults: dict[str, object] = {
+        "shards_per_gpu": 0,
+        "cluster_name": "gpulane",
+        "partition": "gpu",
+        "port": 6817,
+        "slurm_user": "slurm",
+    }
+    for key in (
+        "shards_per_gpu",
+        "cluster_name",
+        "partition",
+        "port",
+        "gpu_devices",
+        "state_dir",
+        "log_dir",
+        "slurm_user",
+        "munge_socket",
+    ):
+        value = getattr(args, key)
+        if value is not None and value != defaults.get(key):
+            if key in ("state_dir", "log_dir", "munge_socket"):
+                value = _absolute(value)
+            elif key == "gpu_devices":
+                value = ",".join(os.path.abspath(d.strip()) for d in value.split(",") if d.strip())
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    if args.wsl:
+        argv.append("--wsl")
+    return shlex.join(argv)
 
 
 def _absolute(path: str | None) -> str | None:

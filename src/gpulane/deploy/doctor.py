@@ -24,6 +24,7 @@ from pathlib import Path
 DEFAULT_SLURM_CONF = Path("/etc/slurm/slurm.conf")
 DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
 TIMEOUT_S = 10.0
+GENERATED_WITH = "# Generated with: "  # the comment `gpulane slurm config` leaves in slurm.conf
 CUDA_LIBS = ("libcudnn.so", "libnccl.so", "libcublas.so", "libcudart.so")
 LD_CONF_FILE = "/etc/ld.so.conf.d/gpulane-pip-nvidia.conf"
 WSL_LIB = "/usr/lib/wsl/lib"
@@ -65,12 +66,16 @@ class SlurmConf:
     path: Path
     settings: dict[str, str]
     nodes: list[dict[str, str]]
+    generated_with: str = ""  # the `gpulane slurm config` command line that wrote it
 
     @classmethod
     def parse(cls, path: Path, text: str) -> SlurmConf:
         settings: dict[str, str] = {}
         nodes: list[dict[str, str]] = []
+        generated_with = ""
         for raw in text.splitlines():
+            if raw.startswith(GENERATED_WITH) and not generated_with:
+                generated_with = raw.removeprefix(GENERATED_WITH).strip()
             line = raw.split("#", 1)[0].strip()
             if "=" not in line:
                 continue
@@ -81,7 +86,7 @@ class SlurmConf:
             elif not line.lower().startswith("partitionname="):
                 key, value = _kv(line)
                 settings.setdefault(key, value)
-        return cls(path, settings, nodes)
+        return cls(path, settings, nodes, generated_with)
 
     def get(self, key: str, default: str = "") -> str:
         return self.settings.get(key.lower(), default)
@@ -178,7 +183,23 @@ class Context:
         return service
 
     def regenerate_command(self) -> str:
+        """``gpulane slurm config`` with the options slurm.conf was generated with."""
+        if self.conf and self.conf.generated_with.startswith("gpulane slurm config "):
+            return self.conf.generated_with
         return f"gpulane slurm config --out {shlex.quote(str(self.conf_dir))}"
+
+    def restart_slurm_command(self) -> str:
+        """Restart both daemons: slurmctld takes new node Gres= only from a restart."""
+        if self.systemd:
+            return "systemctl restart slurmctld slurmd && sleep 3"
+        return "scontrol shutdown && sleep 3 && slurmctld && slurmd && sleep 2"
+
+    def munge_broken(self) -> bool:
+        return self._cache.get("munge_ok") is False
+
+    def log_file(self, daemon: str) -> Path:
+        key = "SlurmctldLogFile" if daemon == "slurmctld" else "SlurmdLogFile"
+        return Path((self.conf.get(key) if self.conf else "") or f"/var/log/slurm/{daemon}.log")
 
 
 @dataclass(frozen=True)
@@ -251,6 +272,7 @@ def munge_roundtrip(socket_path: str, timeout: float) -> tuple[bool, str]:
 
 def check_munge(ctx: Context) -> Finding:
     worked, detail = munge_roundtrip(ctx.munge_socket, ctx.timeout)
+    ctx._cache["munge_ok"] = worked
     if worked:
         return Finding("munge", "ok", f"munge -n | unmunge round-trips a credential ({detail})")
     if "not installed" in detail:
@@ -346,7 +368,25 @@ def check_daemon(ctx: Context, name: str) -> Finding:
             "(another cluster's, or started with another slurm.conf?)",
             ctx.start_command(name),
         )
-    return Finding(name, "fail", f"{name} is not running ({pid_file})", ctx.start_command(name))
+    fatal = last_fatal(ctx.log_file(name))
+    said = f"{name} is not running ({pid_file})" + (
+        f"; its log ends with: {fatal}" if fatal else ""
+    )
+    return Finding(name, "fail", said, ctx.start_command(name))
+
+
+def last_fatal(log: Path, tail_bytes: int = 65536) -> str:
+    """The last ``fatal:`` line of a daemon's log (without its timestamp), or ""."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-50:]):
+        if "fatal:" in line:
+            return line[line.index("fatal:") :].strip()
+    return ""
 
 
 def check_slurmctld(ctx: Context) -> Finding:
@@ -363,13 +403,20 @@ def check_ping(ctx: Context) -> Finding:
         return Finding(
             "scontrol ping", "fail", "Slurm is not installed", "apt-get install slurm-wlm"
         )
-    text = " ".join(result.out.split())
+    text = result.out.strip().splitlines()[0] if result.out.strip() else result.detail
     if result.rc == 0 and "is UP" in text:
         return Finding("scontrol ping", "ok", text)
+    if ctx.munge_broken():
+        return Finding(
+            "scontrol ping",
+            "fail",
+            f"{text} (munge does not work, so no Slurm RPC authenticates)",
+            ctx.start_command("munged"),
+        )
     return Finding(
         "scontrol ping",
         "fail",
-        f"slurmctld does not answer: {text or result.detail}",
+        f"slurmctld does not answer: {text}",
         ctx.start_command("slurmctld"),
     )
 
@@ -402,30 +449,26 @@ def node_finding(ctx: Context, fields: dict[str, str]) -> Finding:
                 "node", "warn", said + " (not registered yet?)", ctx.start_command("slurmd")
             )
         return Finding("node", "ok", said)
-    config_problem = ("INVALID_REG" in words or "INVAL" in words) or re.search(
-        r"gres/|count reported lower|Low RealMemory|Low socket|Low CPUs", reason, re.IGNORECASE
-    )
-    if config_problem:
+    if words & {"INVALID_REG", "INVAL", "INVALID"}:
         return Finding(
             "node",
             "fail",
-            said + " (INVALID_REG: the hardware slurmd found differs from the config)",
-            f"{ctx.regenerate_command()} && scontrol reconfigure && {resume}",
+            said + " (INVALID_REG: what slurmd found differs from slurm.conf)",
+            f"{ctx.regenerate_command()} && {ctx.restart_slurm_command()} && {resume}",
         )
     if "NOT_RESPONDING" in words or "not responding" in reason.lower():
         return Finding("node", "fail", said, f"{ctx.start_command('slurmd')} && {resume}")
+    if re.search(r"gres/|count reported lower|Low RealMemory|Low socket|Low CPUs", reason):
+        # The mismatch was found at an earlier registration; the node registers fine now.
+        said += " (left from an earlier registration that did not match slurm.conf)"
     return Finding("node", "fail", said, resume)
 
 
 def check_node(ctx: Context) -> Finding:
     result = run(["scontrol", "show", "node", "-o"], ctx)
     if result.rc != 0:
-        return Finding(
-            "node",
-            "fail",
-            f"scontrol show node -o: {result.detail}",
-            ctx.start_command("slurmctld"),
-        )
+        fix = ctx.start_command("munged" if ctx.munge_broken() else "slurmctld")
+        return Finding("node", "fail", f"scontrol show node -o: {result.detail}", fix)
     nodes = [parse_scontrol_oneliner(line) for line in result.out.splitlines() if line.strip()]
     if not nodes:
         return Finding("node", "fail", "slurmctld knows no nodes", ctx.regenerate_command())
@@ -445,10 +488,20 @@ def gpu_count(gres: str) -> int:
     return total
 
 
-def gres_conf_gpu_files(text: str, hostname: str) -> tuple[list[str], int]:
-    """(files, count) of the gpu lines for this host; lines without File= add Count."""
-    files: list[str] = []
-    count = 0
+@dataclass(frozen=True)
+class GresLine:
+    """One ``Name=gpu`` line of gres.conf for this host."""
+
+    files: tuple[str, ...]
+    count: int | None  # Count= where given
+
+    @property
+    def gpus(self) -> int:
+        return len(self.files) if self.files else (self.count or 1)
+
+
+def gres_conf_gpu_lines(text: str, hostname: str) -> list[GresLine]:
+    found = []
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
         fields = dict(_kv(token) for token in line.split() if "=" in token)
@@ -456,12 +509,10 @@ def gres_conf_gpu_files(text: str, hostname: str) -> tuple[list[str], int]:
             continue
         if "nodename" in fields and hostname not in expand_hostlist(fields["nodename"]):
             continue
-        if "file" in fields:
-            for item in fields["file"].split(","):
-                files.extend(expand_hostlist(item))
-        else:
-            count += int(fields.get("count", "1"))
-    return files, count + len(files)
+        files = [f for item in fields.get("file", "").split(",") for f in expand_hostlist(item)]
+        count = int(fields["count"]) if fields.get("count", "").isdigit() else None
+        found.append(GresLine(tuple(files), count))
+    return found
 
 
 def _is_char_device(path: str) -> bool:
@@ -472,34 +523,63 @@ def _is_char_device(path: str) -> bool:
 
 
 def check_gres(ctx: Context) -> Finding:
+    """slurm.conf's Gres=gpu:N against gres.conf's lines and the device files they name."""
     if ctx.conf is None:
         return Finding("gres", "fail", "no slurm.conf to read Gres= from", ctx.regenerate_command())
     node = ctx.conf.node(ctx.hostname) or {}
     configured = gpu_count(node.get("gres", ""))
     gres_path = ctx.conf_dir / "gres.conf"
     try:
-        files, listed = gres_conf_gpu_files(gres_path.read_text(), ctx.hostname)
+        lines = gres_conf_gpu_lines(gres_path.read_text(), ctx.hostname)
     except OSError:
-        files, listed = [], 0
-    fix = f"{ctx.regenerate_command()} && scontrol reconfigure"
+        lines = []
+    fix = f"{ctx.regenerate_command()} && {ctx.restart_slurm_command()}"
+    resume = f"scontrol update nodename={node.get('nodename', ctx.hostname)} state=resume"
     if configured == 0:
         return Finding("gres", "fail", f"slurm.conf gives node {ctx.hostname} no Gres=gpu:N", fix)
-    missing = [f for f in files if not _is_char_device(f)]
-    found = listed - len(missing)
+    for line in lines:
+        if line.files and line.count is not None and line.count != len(line.files):
+            return Finding(
+                "gres",
+                "fail",
+                f"{gres_path}: Count={line.count} but File= names {len(line.files)}: slurmd "
+                "exits (fatal: Invalid GRES record for gpu, count does not match File value)",
+                fix,
+            )
+    files = [f for line in lines for f in line.files]
+    missing = [f for f in files if not os.path.exists(f)]
     if missing:
         return Finding(
             "gres",
             "fail",
-            f"slurm.conf configures gpu:{configured}, gres.conf lists {listed} but "
-            f"{', '.join(missing)} is not a character device: slurmd finds {found} "
-            "(gres/gpu count reported lower than configured)",
+            f"gres.conf lists {', '.join(missing)}, which does not exist: slurmd waits ~20 s "
+            "for it, then exits (fatal: can't stat gres.conf file)",
             fix,
         )
-    if listed != configured:
+    listed = sum(line.gpus for line in lines)
+    if listed < configured:
         return Finding(
             "gres",
             "fail",
-            f"slurm.conf configures gpu:{configured} but {gres_path} lists {listed}",
+            f"slurm.conf configures gpu:{configured} but {gres_path} lists {listed}: the node "
+            f"registers INVALID_REG (gres/gpu count reported lower than configured)",
+            f"{fix} && {resume}",
+        )
+    if listed > configured:
+        return Finding(
+            "gres",
+            "warn",
+            f"{gres_path} lists {listed} GPUs but slurm.conf configures gpu:{configured}: "
+            "only those are scheduled",
+            fix,
+        )
+    odd = [f for f in files if not _is_char_device(f)]
+    if odd:
+        return Finding(
+            "gres",
+            "warn",
+            f"{', '.join(odd)} in gres.conf is not a character device, so not a GPU "
+            "(slurmd logs an error but counts it)",
             fix,
         )
     nvml = _nvml_count(ctx)
@@ -507,10 +587,12 @@ def check_gres(ctx: Context) -> Finding:
         return Finding(
             "gres",
             "warn",
-            f"gpu:{configured} configured and found in gres.conf, but NVML sees {nvml} GPU(s)",
+            f"gpu:{configured} configured and in gres.conf, but NVML sees {nvml} GPU(s)",
             fix,
         )
-    return Finding("gres", "ok", f"gpu:{configured} configured, {found} device file(s) found")
+    return Finding(
+        "gres", "ok", f"gpu:{configured} configured, {listed} in gres.conf, device files present"
+    )
 
 
 # --------------------------------------------------------------------------- GPUs

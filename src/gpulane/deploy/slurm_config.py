@@ -419,8 +419,8 @@ def gather_facts(gpu_devices: list[str] | None = None, wsl: bool = False) -> Mac
         bad = [f for f in files if not is_char_device(f)]
         if bad and not wsl:
             raise ConfigError(
-                f"--gpu-devices: {', '.join(bad)} is not a character device "
-                "(slurmd would mark the node INVALID_REG)"
+                f"--gpu-devices: {', '.join(bad)}: not a character device "
+                "(a GPU's device file, like /dev/nvidia0, is one)"
             )
     else:
         files, names = nvml_gpus(wsl)

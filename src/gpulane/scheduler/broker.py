@@ -42,7 +42,7 @@ class BrokerScheduler(Scheduler):
         self, socket: str | os.PathLike[str] | None = None, heartbeat: float = 2.0
     ) -> None:
         self.socket = settings.socket_path(socket)
-        self.client = UnixJSONClient(self.socket)
+        self.client = UnixJSONClient(self.socket, token=os.environ.get("JUPYTERHUB_API_TOKEN"))
         self.heartbeat_interval = heartbeat
 
     # ------------------------------------------------------------------ the interface

@@ -32,10 +32,12 @@ class _UnixConnection(http.client.HTTPConnection):
 class UnixJSONClient:
     """One keep-alive connection per thread; every error becomes a one-line SchedulerError."""
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, timeout: float = 30.0, token: str | None = None) -> None:
         self.path = path
         self.timeout = timeout
         self._local = threading.local()
+        # Inside a JupyterHub server: its API token names the hub user to the broker.
+        self._auth = {"Authorization": f"token {token}"} if token else {}
 
     def _unavailable(self, error: OSError) -> SchedulerUnavailable:
         return SchedulerUnavailable(
@@ -46,6 +48,7 @@ class UnixJSONClient:
     def request(self, method: str, path: str, body: Any = None) -> Any:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers.update(self._auth)
         for attempt in (1, 2):  # a kept-alive connection the server closed: retry once, fresh
             conn = getattr(self._local, "conn", None)
             fresh = conn is None
@@ -72,7 +75,7 @@ class UnixJSONClient:
         conn = _UnixConnection(self.path, None)
         try:
             try:
-                conn.request("GET", path)
+                conn.request("GET", path, headers=self._auth)
                 response = conn.getresponse()
             except OSError as error:
                 raise self._unavailable(error) from None
