@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_system_python
 venv=$(choose_venv "$PWD")
-make_venv "$venv" "."
+make_venv "$venv" ".[hub]"
+command -v configurable-http-proxy >/dev/null || ensure_proxy
 exec "$venv/bin/gpulane" demo "$@"

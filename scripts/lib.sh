@@ -39,3 +39,16 @@ make_venv() {
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$spec"
     chmod -R a+rX "$venv"
 }
+
+# JupyterHub's proxy is a Node.js program (configurable-http-proxy, from npm).
+ensure_proxy() {
+    if ! command -v npm >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+        else
+            echo "needs Node.js and npm for JupyterHub's proxy: sudo apt-get install nodejs npm" >&2
+            exit 1
+        fi
+    fi
+    npm install -g --silent configurable-http-proxy >/dev/null
+}

@@ -282,7 +282,13 @@ class CellResult:
 class UserKernel:
     """A real IPython kernel (ipykernel) running as a Unix user, driven through jupyter_client."""
 
-    def __init__(self, user: str, broker: BrokerProcess | None, folder: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        user: str,
+        broker: BrokerProcess | None,
+        folder: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         from jupyter_client import KernelManager
         from jupyter_client.kernelspec import KernelSpec
 
@@ -383,7 +389,9 @@ def kernels(unix_users: tuple[str, ...]) -> Iterator[Callable[..., UserKernel]]:
     folder.chmod(0o755)
     started: list[UserKernel] = []
 
-    def factory(user: str, broker: BrokerProcess | None, env: dict[str, str] | None = None) -> UserKernel:
+    def factory(
+        user: str, broker: BrokerProcess | None, env: dict[str, str] | None = None
+    ) -> UserKernel:
         kernel = UserKernel(user, broker, folder, env)
         started.append(kernel)
         loaded = kernel.execute("%load_ext gpulane")
@@ -432,7 +440,10 @@ class SlurmCluster:
 
     def squeue(self) -> list[list[str]]:
         out = subprocess.run(
-            ["squeue", "-h", "-o", "%i|%u|%T|%j"], env={**os.environ, **self.env}, capture_output=True, text=True
+            ["squeue", "-h", "-o", "%i|%u|%T|%j"],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
         ).stdout
         return [line.split("|") for line in out.splitlines()]
 

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGTERM to SIGKILL grace for revoked jobs (default 10s)",
     )
     broker.add_argument(
+        "--dashboard-port",
+        metavar="PORT",
+        help="serve the JupyterHub dashboard on this loopback port (as a hub service)",
+    )
+    broker.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
@@ -146,9 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--socket", help="the broker's socket")
 
     demo = sub.add_parser(
-        "demo", help="a short live demo: a broker with a simulated GPU, two users queueing"
+        "demo",
+        help="hub: a shared-GPU JupyterHub on http://127.0.0.1:8000 (default); "
+        "queue: two users queueing with gpulane run",
     )
-    demo.add_argument("--seconds", default="3", help="how long each demo job runs (default 3)")
+    demo.add_argument("what", nargs="?", choices=["hub", "queue"], default="hub")
+    demo.add_argument("--port", default="8000", help="the hub's port (default 8000)")
+    demo.add_argument("--state-dir", help="where the demo keeps its state (printed at start)")
+    demo.add_argument(
+        "--seconds", default="3", help="queue demo: how long each job runs (default 3)"
+    )
+    hub = sub.add_parser("hub", help="JupyterHub helpers")
+    hub.add_argument(
+        "action",
+        choices=["install-kernel-extension"],
+        help="load %%%%gpu in every kernel of this Python environment",
+    )
     return parser
 
 
@@ -174,14 +192,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cancel":
             return cmd_cancel(args)
         if args.command == "demo":
-            from gpulane.demo import run_demo
+            return cmd_demo(args)
+        if args.command == "hub":
+            from gpulane.hub.config import install_kernel_extension
 
-            return run_demo(seconds=float(parse_duration(args.seconds + "s", "--seconds")))
+            print(f"%%gpu is loaded in every kernel through {install_kernel_extension()}")
+            return 0
     except OptionError as error:
         _fail(str(error), EXIT_USAGE)
     except SchedulerError as error:
         _fail(str(error))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.what == "queue":
+        from gpulane.demo import run_demo
+
+        return run_demo(seconds=float(parse_duration(args.seconds + "s", "--seconds")))
+    try:
+        from gpulane.hub.demo import run_demo_hub
+    except ImportError as error:
+        _fail(f"the hub demo needs JupyterHub: pip install 'gpulane[hub]' ({error})")
+    port = parse_count(args.port, "--port", 65535)
+    return run_demo_hub(Path(args.state_dir) if args.state_dir else None, port)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -233,7 +267,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else settings.default_state_dir()
     store = Store(state_dir / "broker.sqlite3")
     broker = Broker(broker_settings, inventory, store)
-    asyncio.run(serve(broker, settings.socket_path(args.socket)))
+    dashboard = (
+        parse_count(args.dashboard_port, "--dashboard-port", 65535) if args.dashboard_port else None
+    )
+    asyncio.run(serve(broker, settings.socket_path(args.socket), dashboard))
     return 0
 
 

@@ -22,7 +22,9 @@ def names_in_queue(cluster) -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def timed_out_job(slurm_cluster):
     """Slurm's time limits have minute granularity: start the one-minute job first, check it last."""
-    proc = slurm_cluster.gpulane(ALICE, "run", "--time", "1", "--name", "overtime", "--", "sleep", "600")
+    proc = slurm_cluster.gpulane(
+        ALICE, "run", "--time", "1", "--name", "overtime", "--", "sleep", "600"
+    )
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -56,13 +58,15 @@ def test_run_streams_output_and_returns_the_exit_status(slurm_cluster, timed_out
 
 
 def test_time_limit_ends_the_job_with_a_clear_message(slurm_cluster, timed_out_job):
-    out, err = timed_out_job.communicate(timeout=150)
+    _out, err = timed_out_job.communicate(timeout=150)
     assert timed_out_job.returncode == 124, err
     assert "GPU time limit 01:00 reached; ask for more with --time" in err
 
 
 def test_interrupt_cancels_and_others_cannot_cancel_or_read(slurm_cluster):
-    proc = slurm_cluster.gpulane(ALICE, "run", "--name", "mine", "--", "sh", "-c", "echo up; sleep 300")
+    proc = slurm_cluster.gpulane(
+        ALICE, "run", "--name", "mine", "--", "sh", "-c", "echo up; sleep 300"
+    )
     wait_for(lambda: ("gpl-alice", "RUNNING", "gpulane:mine") in names_in_queue(slurm_cluster), 30,
              what="alice's job to run")  # fmt: skip
     job_id = next(i for i, u, s, n in slurm_cluster.squeue() if n == "gpulane:mine")
@@ -77,7 +81,7 @@ def test_interrupt_cancels_and_others_cannot_cancel_or_read(slurm_cluster):
     )  # fmt: skip
     assert peek.returncode != 0 and "Permission denied" in peek.stderr
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _out, _err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     wait_for(lambda: not any(n == "gpulane:mine" for _, _, _, n in slurm_cluster.squeue()), 30,
              what="the job to leave the queue")  # fmt: skip
@@ -96,7 +100,9 @@ def test_a_gpu_cell_runs_on_slurm_with_the_notebooks_variables(slurm_cluster, ke
     )
     assert cell.status == "ok", cell.messages
     assert "on slurm job" in cell.stream() and cell.stream().splitlines()[0].endswith("gpus 0")
-    first = next(t for t, kind, c in cell.messages if kind == "stream" and "on slurm job" in c["text"])
+    first = next(
+        t for t, kind, c in cell.messages if kind == "stream" and "on slurm job" in c["text"]
+    )
     assert cell.messages[-1][0] - first > 1.0  # the line arrived while the cell still ran
     assert any("runs on" in text for text in cell.texts())
     assert k.execute("print(answer)").stream().strip() == "42"
@@ -107,7 +113,9 @@ def test_a_gpu_cell_runs_on_slurm_with_the_notebooks_variables(slurm_cluster, ke
 def test_the_cell_waits_through_a_slurmctld_restart(slurm_cluster):
     from tools.slurmlocal import paths, read_pid, slurm_env
 
-    proc = slurm_cluster.gpulane(BOB, "run", "--name", "survivor", "--", "sh", "-c", "sleep 4; echo survived")
+    proc = slurm_cluster.gpulane(
+        BOB, "run", "--name", "survivor", "--", "sh", "-c", "sleep 4; echo survived"
+    )
     wait_for(lambda: ("gpl-bob", "RUNNING", "gpulane:survivor") in names_in_queue(slurm_cluster), 30,
              what="the job to run")  # fmt: skip
     folder = Path(slurm_cluster.folder)

@@ -23,7 +23,9 @@ from typing import Any
 from gpulane import procs
 from gpulane.broker import policy
 from gpulane.broker.gpus import Inventory
+from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.store import JobRecord, Store
+from gpulane.broker.usage import busy_per_minute, gpu_seconds_by_user, local_midnight
 from gpulane.identity import Identity
 from gpulane.jobs import JobState, OptionError, Request, format_duration
 
@@ -65,12 +67,7 @@ class Broker:
         self.jobs: dict[int, JobRecord] = {}  # queued and running only
         self.usage: dict[str, policy.Usage] = {}
         self.watchers: dict[int, set[Watcher]] = {}
-        self.counters: dict[str, int] = {
-            "submitted": 0,
-            "granted": 0,
-            "cancelled": 0,
-            "timeouts": 0,
-        }
+        self.metrics = BrokerMetrics()
         self._heartbeat: dict[int, float] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
@@ -176,7 +173,7 @@ class Broker:
         self.store.insert(job)
         self.jobs[job.id] = job
         self._heartbeat[job.id] = now
-        self.counters["submitted"] += 1
+        self.metrics.submitted()
         if who.pid:
             self._watch_client(who.pid, job.id)
         log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
@@ -189,7 +186,7 @@ class Broker:
             self._finalize(job, JobState.CANCELLED, f"cancelled by {who.user}")
         elif job.state is JobState.RUNNING:
             self._revoke(job, JobState.CANCELLED, f"cancelled by {who.user}")
-        self.counters["cancelled"] += 1
+        self.metrics.cancelled()
         return self.view(job, who)
 
     def heartbeat(self, who: Identity, job_id: int) -> dict[str, Any]:
@@ -378,6 +375,32 @@ class Broker:
             return None
         return self.inventory.memory * job.slices // self.config.slices_per_gpu
 
+    # ----------------------------------------------------------------- reports
+
+    def usage_report(self, now: float | None = None) -> dict[str, Any]:
+        """GPU-seconds per user since local midnight, and GPU use per minute over the last hour."""
+        now = self.clock() if now is None else now
+        midnight = local_midnight(now)
+        records = {j.id: j for j in self.store.finished_since(min(now - 3600, midnight))}
+        records.update(self.jobs)  # the running ones, as they are now
+        jobs = list(records.values())
+        spg, count = self.config.slices_per_gpu, self.inventory.count
+        return {
+            "today": gpu_seconds_by_user(jobs, midnight, now, spg),
+            "last_hour": busy_per_minute(jobs, count, spg, now, minutes=60),
+            "gpu_count": count,
+        }
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text for a scrape (``metrics.CONTENT_TYPE``): gauges refreshed from state."""
+        running = [j for j in self.jobs.values() if j.state is JobState.RUNNING]
+        self.metrics.set_state(
+            queue_length=sum(1 for j in self.jobs.values() if j.state is JobState.QUEUED),
+            running_jobs=len(running),
+            slices_in_use=sum(len(j.assigned_gpus) * (j.assigned_slices or 0) for j in running),
+        )
+        return self.metrics.render()
+
     # ----------------------------------------------------------------- scheduling
 
     def _policy_state(self) -> policy.State:
@@ -419,7 +442,7 @@ class Broker:
             job.assigned_gpus = list(grant.assignment.gpus)
             job.assigned_slices = grant.assignment.slices
             self.store.save(job)
-            self.counters["granted"] += 1
+            self.metrics.granted(now - job.submitted_at)
             self._arm(job.id, job.time_limit, self._time_limit_reached, job.id)
             log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
         self._publish(urgent={g.job_id for g in grants})
@@ -493,7 +516,7 @@ class Broker:
         job = self.jobs.get(job_id)
         if job is None or job.state is not JobState.RUNNING:
             return
-        self.counters["timeouts"] += 1
+        self.metrics.timed_out()
         limit = format_duration(job.time_limit)
         self._revoke(
             job, JobState.TIMEOUT, f"GPU time limit {limit} reached; ask for more with --time"
@@ -519,11 +542,13 @@ class Broker:
                 policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0),
                 self.config.slices_per_gpu,
             )
+            gpu_seconds = share * max(0.0, now - job.started_at)
             used = self.usage.get(job.user, policy.Usage()).add(
-                share * max(0.0, now - job.started_at), now, self.config.half_life
+                gpu_seconds, now, self.config.half_life
             )
             self.usage[job.user] = used
             self.store.save_usage(job.user, used.value, used.at)
+            self.metrics.finished(job.user, gpu_seconds)
         job.state, job.message, job.ended_at = state, message, now
         job.exit_status = exit_status
         job.ending_state = None

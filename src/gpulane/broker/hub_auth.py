@@ -47,7 +47,9 @@ class HubTokens:
 
     async def identity(self, token: str, peer: Identity) -> Identity:
         try:
-            model: dict[str, Any] | None = await self.auth.user_for_token(token, use_cache=True)
+            model: dict[str, Any] | None = await self.auth.user_for_token(
+                token, use_cache=True, sync=False
+            )
         except Exception as error:  # the hub is down or answered oddly: refuse, say why
             log.warning("asking the hub about a token failed: %s", error)
             raise HubTokenError("the hub could not check this token; try again shortly") from None

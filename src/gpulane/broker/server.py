@@ -213,7 +213,7 @@ def prepare_socket_dir(path: Path) -> None:
         raise SystemExit(f"gpulane broker: {folder} is writable by others; use a private folder")
 
 
-async def serve(broker: Broker, socket_path: Path) -> None:
+async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     _raise_fd_limit()
     prepare_socket_dir(socket_path)
@@ -230,6 +230,12 @@ async def serve(broker: Broker, socket_path: Path) -> None:
     )
     server.add_socket(sock)
     broker.start()
+    if dashboard_port:
+        from gpulane.hub.dashboard import make_dashboard
+
+        # Loopback only: the hub's proxy forwards /services/gpulane/ here.
+        make_dashboard(broker).listen(dashboard_port, address="127.0.0.1")
+        log.info("dashboard on http://127.0.0.1:%d", dashboard_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -41,7 +41,7 @@ def gpu_seconds_by_user(
         span = _span(record, now)
         if span is None:
             continue
-        overlap = min(span[1], now) - max(span[0], since)
+        overlap = span[1] - max(span[0], since)
         share = gpu_share(record, slices_per_gpu)
         if overlap <= 0 or share <= 0:
             continue

@@ -397,7 +397,16 @@ def check_slurmd(ctx: Context) -> Finding:
     return check_daemon(ctx, "slurmd")
 
 
+def _no_conf(ctx: Context, name: str) -> Finding:
+    # Without a readable slurm.conf every Slurm command fails after its timeout; say so once.
+    return Finding(
+        name, "fail", f"skipped: no readable {ctx.slurm_conf_path}", ctx.regenerate_command()
+    )
+
+
 def check_ping(ctx: Context) -> Finding:
+    if ctx.conf is None:
+        return _no_conf(ctx, "scontrol ping")
     result = run(["scontrol", "ping"], ctx)
     if result.rc == 127:
         return Finding(
@@ -465,6 +474,8 @@ def node_finding(ctx: Context, fields: dict[str, str]) -> Finding:
 
 
 def check_node(ctx: Context) -> Finding:
+    if ctx.conf is None:
+        return _no_conf(ctx, "node")
     result = run(["scontrol", "show", "node", "-o"], ctx)
     if result.rc != 0:
         fix = ctx.start_command("munged" if ctx.munge_broken() else "slurmctld")
@@ -675,7 +686,7 @@ def check_nvml(ctx: Context) -> Finding:
 
 def default_python_prefixes() -> list[Path]:
     places = [*site.getsitepackages(), site.getusersitepackages(), sys.prefix]
-    return [Path(p) for p in dict.fromkeys(places)]
+    return [Path(p) for p in dict.fromkeys(places) if os.path.isdir(p)]
 
 
 def pip_nvidia_lib_dirs(prefixes: Iterable[Path]) -> list[Path]:
