@@ -465,3 +465,64 @@ def slurm_cluster(unix_users: tuple[str, ...]) -> Iterator[SlurmCluster]:
     yield SlurmCluster(folder, env, homes)
     stop_cluster(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- JupyterHub
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RunningHub:
+    """A real JupyterHub started from the project's own demo configuration."""
+
+    url: str
+    state: Path
+    passwords: dict[str, str]
+    proc: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        return (self.state / "jupyterhub.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def hub(unix_users: tuple[str, ...]) -> Iterator[RunningHub]:
+    need(os.geteuid() == 0, "the hub tests spawn servers as real Unix users, which needs root")
+    need(shutil.which("configurable-http-proxy") is not None, "configurable-http-proxy is not installed")
+    from gpulane.hub.demo import prepare
+
+    state = Path(tempfile.mkdtemp(prefix="gpulane-hub-"))
+    port = free_port()
+    config, passwords = prepare(
+        state, port=port, dashboard_port=free_port(), hub_port=free_port(), proxy_api_port=free_port()
+    )
+    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
+    with open(state / "jupyterhub.log", "wb") as log:
+        proc = subprocess.Popen([hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    running = RunningHub(url, state, passwords, proc)
+    import requests
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ready = requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
+            if ready and (state / "run" / "broker.sock").exists():
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the hub did not start: {running.log_text()[-3000:]}")
+        time.sleep(0.3)
+    yield running
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    subprocess.run(["pkill", "-f", f"{state}/"], check=False)  # servers and the broker of this hub
+    shutil.rmtree(state, ignore_errors=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from gpulane import __version__, settings
+from gpulane import __version__, deploy, settings
 from gpulane.display import final_words, status_table, wait_line
 from gpulane.jobs import (
     NAME_RE,
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["install-kernel-extension"],
         help="load %%%%gpu in every kernel of this Python environment",
     )
+    deploy.add_commands(sub)
     return parser
 
 
@@ -193,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_cancel(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command in deploy.COMMANDS:
+            return deploy.run_command(args)
         if args.command == "hub":
             from gpulane.hub.config import install_kernel_extension
 

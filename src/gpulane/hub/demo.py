@@ -29,6 +29,8 @@ from gpulane.hub.demo_auth import DemoAuthenticator
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {port}
 c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
 c.JupyterHub.db_url = "sqlite:///{state}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "{state}/jupyterhub_cookie_secret"
 c.ConfigurableHTTPProxy.pid_file = "{state}/proxy.pid"
@@ -97,7 +99,11 @@ def _passwords(state: Path, users: tuple[str, ...]) -> dict[str, str]:
 
 
 def prepare(
-    state: Path, port: int = 8000, dashboard_port: int = 9873
+    state: Path,
+    port: int = 8000,
+    dashboard_port: int = 9873,
+    hub_port: int = 8081,
+    proxy_api_port: int = 8001,
 ) -> tuple[Path, dict[str, str]]:
     """Write the config and passwords; returns the config path and the passwords."""
     state.mkdir(parents=True, exist_ok=True)
@@ -130,6 +136,8 @@ def prepare(
             notebook_dir=notebook_dir,
             simulate=simulate,
             dashboard_port=dashboard_port,
+            hub_port=hub_port,
+            proxy_api_port=proxy_api_port,
         )
     )
     install_kernel_extension()
