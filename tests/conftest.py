@@ -492,17 +492,26 @@ class RunningHub:
 @pytest.fixture(scope="session")
 def hub(unix_users: tuple[str, ...]) -> Iterator[RunningHub]:
     need(os.geteuid() == 0, "the hub tests spawn servers as real Unix users, which needs root")
-    need(shutil.which("configurable-http-proxy") is not None, "configurable-http-proxy is not installed")
+    need(
+        shutil.which("configurable-http-proxy") is not None,
+        "configurable-http-proxy is not installed",
+    )
     from gpulane.hub.demo import prepare
 
     state = Path(tempfile.mkdtemp(prefix="gpulane-hub-"))
     port = free_port()
     config, passwords = prepare(
-        state, port=port, dashboard_port=free_port(), hub_port=free_port(), proxy_api_port=free_port()
+        state,
+        port=port,
+        dashboard_port=free_port(),
+        hub_port=free_port(),
+        proxy_api_port=free_port(),
     )
     hub_bin = str(Path(sys.executable).parent / "jupyterhub")
     with open(state / "jupyterhub.log", "wb") as log:
-        proc = subprocess.Popen([hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     running = RunningHub(url, state, passwords, proc)
     import requests

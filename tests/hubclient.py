@@ -40,6 +40,9 @@ class HubUser:
         self.session = requests.Session()
         self.token = ""
 
+    def close(self) -> None:
+        self.session.close()
+
     def _xsrf(self) -> dict[str, str]:
         return {"X-XSRFToken": self.session.cookies.get("_xsrf", path="/hub/") or ""}
 
@@ -132,6 +135,7 @@ class HubUser:
             else:
                 result.messages.append((time.monotonic() - started, kind, msg["content"]))
         conn.close()
+        await asyncio.sleep(0.2)  # let the closing handshake finish before the loop ends
         return result
 
 

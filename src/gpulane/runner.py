@@ -42,7 +42,9 @@ def connect_channel() -> Connection:
     if fd is not None:
         return Connection(int(fd))
     address = os.environ.pop("GPULANE_RUNNER_ADDRESS")
-    key = Path(os.environ.pop("GPULANE_RUNNER_KEYFILE")).read_bytes().strip()
+    key = Path(
+        os.environ.pop("GPULANE_RUNNER_KEYFILE")
+    ).read_bytes()  # raw bytes: never strip a key
     host, _, port = address.rpartition(":")
     target: Any = (host, int(port)) if host and port.isdigit() else address
     return Client(target, authkey=key)

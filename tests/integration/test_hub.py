@@ -26,11 +26,18 @@ def users(hub):
         user.start_server()
         user.kernel = user.new_kernel()
         logged[name] = user
-    return logged
+    yield logged
+    for user in logged.values():
+        user.close()
 
 
-def broker_client(hub, token: str | None) -> UnixJSONClient:
-    return UnixJSONClient(hub.state / "run" / "broker.sock", token=token)
+def broker(hub, token: str | None, method: str, path: str):
+    """One request to the hub's broker over its socket, as the holder of ``token``."""
+    client = UnixJSONClient(hub.state / "run" / "broker.sock", token=token)
+    try:
+        return client.request(method, path)
+    finally:
+        client.close()
 
 
 def test_two_users_queue_share_variables_and_both_finish(hub, users):
@@ -40,12 +47,15 @@ def test_two_users_queue_share_variables_and_both_finish(hub, users):
     results = {}
 
     def ada_cell() -> None:
-        results[ADA] = ada.run(ada.kernel, "%%gpu\nimport time\nprint('ada on the GPU', flush=True)\ntime.sleep(3)\nout = base + 1")
+        results[ADA] = ada.run(
+            ada.kernel,
+            "%%gpu\nimport time\nprint('ada on the GPU', flush=True)\ntime.sleep(3)\nout = base + 1",
+        )
 
     first = threading.Thread(target=ada_cell)
     first.start()
     deadline = time.monotonic() + 60
-    while not broker_client(hub, ada.token).request("GET", "/v1/status")["running"]:
+    while not broker(hub, ada.token, "GET", "/v1/status")["running"]:
         assert time.monotonic() < deadline, "ada's cell never got the GPU"
         time.sleep(0.1)
     results[BEN] = ben.run(ben.kernel, "%%gpu\nprint('ben on the GPU')\nout = base + 2")
@@ -60,13 +70,15 @@ def test_two_users_queue_share_variables_and_both_finish(hub, users):
 
 def test_the_broker_knows_hub_users_by_their_tokens(hub, users):
     # The test runs as root; the token, checked against the hub, names the user.
-    assert broker_client(hub, users[BEN].token).request("GET", "/v1/health")["user"] == BEN
+    assert broker(hub, users[BEN].token, "GET", "/v1/health")["user"] == BEN
     with pytest.raises(SchedulerError, match="not valid"):
-        broker_client(hub, "forged-token-0123456789").request("GET", "/v1/health")
+        broker(hub, "forged-token-0123456789", "GET", "/v1/health")
 
 
 def test_dashboard_refuses_strangers_and_forged_tokens(hub):
-    anonymous = requests.get(f"{hub.url}/services/gpulane/api/state", allow_redirects=False, timeout=30)
+    anonymous = requests.get(
+        f"{hub.url}/services/gpulane/api/state", allow_redirects=False, timeout=30
+    )
     assert anonymous.status_code in (302, 403)
     if anonymous.status_code == 302:
         assert "/hub/api/oauth2/authorize" in anonymous.headers["Location"]
@@ -81,18 +93,22 @@ def test_dashboard_refuses_strangers_and_forged_tokens(hub):
 
 def test_cancel_rights_on_the_dashboard_and_the_metrics(hub, users):
     ada, ben = users[ADA], users[BEN]
-    holder = threading.Thread(target=lambda: ada.run(ada.kernel, "%%gpu --bg --name adas\nimport time\ntime.sleep(60)"))
+    holder = threading.Thread(
+        target=lambda: ada.run(ada.kernel, "%%gpu --bg --name adas\nimport time\ntime.sleep(60)")
+    )
     holder.start()
     holder.join(60)
     deadline = time.monotonic() + 60
     running: list = []
     while not running:
-        running = broker_client(hub, ada.token).request("GET", "/v1/status")["running"]
+        running = broker(hub, ada.token, "GET", "/v1/status")["running"]
         assert time.monotonic() < deadline
         time.sleep(0.1)
     job = running[0]["id"]
     state = requests.get(
-        f"{hub.url}/services/gpulane/api/state", headers={"Authorization": f"token {ben.token}"}, timeout=30
+        f"{hub.url}/services/gpulane/api/state",
+        headers={"Authorization": f"token {ben.token}"},
+        timeout=30,
     ).json()
     seen = state["running"][0]
     assert seen["user"] == ADA and "command" not in seen  # no one sees another's code
@@ -102,13 +118,19 @@ def test_cancel_rights_on_the_dashboard_and_the_metrics(hub, users):
         timeout=30,
     )
     assert refused.status_code == 404
-    assert broker_client(hub, ada.token).request("GET", "/v1/status")["running"]
+    assert broker(hub, ada.token, "GET", "/v1/status")["running"]
     with pytest.raises(SchedulerError, match="only they or an admin"):
-        broker_client(hub, ben.token).request("DELETE", f"/v1/jobs/{job}")
-    metrics = requests.get(f"{hub.url}/services/gpulane/metrics", headers={"Authorization": f"token {ben.token}"}, timeout=30)
+        broker(hub, ben.token, "DELETE", f"/v1/jobs/{job}")
+    metrics = requests.get(
+        f"{hub.url}/services/gpulane/metrics",
+        headers={"Authorization": f"token {ben.token}"},
+        timeout=30,
+    )
     assert metrics.status_code == 404
     admin_metrics = requests.get(
-        f"{hub.url}/services/gpulane/metrics", headers={"Authorization": f"token {ada.token}"}, timeout=30
+        f"{hub.url}/services/gpulane/metrics",
+        headers={"Authorization": f"token {ada.token}"},
+        timeout=30,
     )
     assert admin_metrics.status_code == 200 and "gpulane_grants_total" in admin_metrics.text
     cancelled = requests.post(
@@ -118,6 +140,6 @@ def test_cancel_rights_on_the_dashboard_and_the_metrics(hub, users):
     )
     assert cancelled.status_code == 200
     deadline = time.monotonic() + 30
-    while broker_client(hub, ada.token).request("GET", "/v1/status")["running"]:
+    while broker(hub, ada.token, "GET", "/v1/status")["running"]:
         assert time.monotonic() < deadline, "the cancelled job kept the GPU"
         time.sleep(0.2)
