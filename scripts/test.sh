@@ -8,6 +8,11 @@ repo=$PWD
 source scripts/lib.sh
 
 ensure_system_python
+command -v configurable-http-proxy >/dev/null || ensure_proxy  # JupyterHub's proxy, for the hub tests
+if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
+    # The browser tests drive Debian's Chromium with Playwright (its own browser download is not used).
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 venv=$(choose_venv "$repo")
 make_venv "$venv" ".[test]"
 # PyTorch paths of %%gpu run on the CPU here: this machine kind has the CPU build of

@@ -51,7 +51,7 @@ def render(update: JobUpdate) -> CardView:
         if not holders:
             lines.append("no one holds a GPU")
         if job.get("reason_text"):
-            lines.append(f"waiting: {job['reason_text']}")
+            lines.append(f"why: {job['reason_text']}")
         return CardView(f"{head} waits for a GPU", lines, state)
     if state == "running":
         if job.get("ending"):

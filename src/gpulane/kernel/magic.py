@@ -190,6 +190,8 @@ class GpuMagics(Magics):
         if result and result.get("ok") and result.get("outputs") is not None:
             names = self._receive(result["outputs"])
             note = f"returned: {', '.join(names)}" if names else ""
+        if sink.error is not None:
+            note = f"the cell raised {sink.error['ename']}; the GPU was freed"
         card.show(render_final(job, note))
         if sink.error is not None:
             raise RemoteCellError(sink.error["ename"], sink.error["evalue"], _with_hint(sink.error))
