@@ -7,6 +7,7 @@ each ``key=value`` word becomes ``--key value`` before parsing.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -102,11 +103,12 @@ def parse_cell_options(line: str, default_name: str = "gpu-cell") -> CellOptions
         mem=args.mem,
         name=args.name or default_name,
     )
-    max_transfer = (
-        parse_memory(args.max_transfer, "--max-transfer")
-        if args.max_transfer
-        else DEFAULT_MAX_TRANSFER
-    )
+    if args.max_transfer:
+        max_transfer = parse_memory(args.max_transfer, "--max-transfer")
+    elif os.environ.get("GPULANE_MAX_TRANSFER"):
+        max_transfer = parse_memory(os.environ["GPULANE_MAX_TRANSFER"], "GPULANE_MAX_TRANSFER")
+    else:
+        max_transfer = DEFAULT_MAX_TRANSFER
     return CellOptions(request, args.bg, returns, args.session, max_transfer)
 
 
