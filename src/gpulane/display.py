@@ -33,7 +33,9 @@ def describe_holders(holders: list[dict[str, Any]], gpus: list[int] | None = Non
     parts = []
     for h in relevant:
         where = ",".join(str(g) for g in h.get("gpus") or [])
-        parts.append(f"GPU {where}: {describe_holder(h)}")
+        # Slurm reports the node, not the card: "node gpu01: alice, running ...".
+        label = f"GPU {where}" if where else f"node {h.get('node') or '?'}"
+        parts.append(f"{label}: {describe_holder(h)}")
     return "; ".join(parts)
 
 

@@ -10,7 +10,7 @@ import html
 import time
 from typing import Any
 
-from gpulane.display import describe_eta, describe_holder, final_words
+from gpulane.display import describe_eta, describe_holders, final_words
 from gpulane.jobs import format_duration
 from gpulane.scheduler.base import JobUpdate, JobView
 
@@ -45,9 +45,7 @@ def render(update: JobUpdate) -> CardView:
             f"position {job.get('position', '?')} in the queue · {describe_eta(job.get('eta'), now)}",
         ]
         holders = update.holders or []
-        lines += [
-            f"GPU {','.join(map(str, h.get('gpus') or []))}: {describe_holder(h)}" for h in holders
-        ]
+        lines += [describe_holders([h]) for h in holders]
         if not holders:
             lines.append("no one holds a GPU")
         if job.get("reason_text"):

@@ -39,10 +39,15 @@ class BrokerScheduler(Scheduler):
     backend = "broker"
 
     def __init__(
-        self, socket: str | os.PathLike[str] | None = None, heartbeat: float = 2.0
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        heartbeat: float = 2.0,
+        token: str | None = None,
     ) -> None:
         self.socket = settings.socket_path(socket)
-        self.client = UnixJSONClient(self.socket, token=os.environ.get("JUPYTERHUB_API_TOKEN"))
+        # Inside a JupyterHub server its token names the hub user; the hub passes one explicitly.
+        token = token or os.environ.get("JUPYTERHUB_API_TOKEN")
+        self.client = UnixJSONClient(self.socket, token=token)
         self.heartbeat_interval = heartbeat
 
     # ------------------------------------------------------------------ the interface
