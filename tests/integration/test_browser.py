@@ -1,0 +1,251 @@
+"""In a real browser (Chromium, through Playwright) against a real JupyterHub.
+
+Ben logs in through the hub's login page, runs a ``%%gpu`` cell in JupyterLab, then
+runs another while Ada holds the only GPU and sees the queue card, then opens the
+dashboard under /services/gpulane/ (OAuth) and sees Ada on the GPU and himself in
+the queue. Screenshots go to test-artifacts/ in the repository root.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpulane.scheduler.http_unix import UnixJSONClient
+from tests.conftest import need, need_module
+from tests.hubclient import HubUser
+
+ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CELL = "%%gpu\nimport os\nprint('GPU cell ran on', os.environ['CUDA_VISIBLE_DEVICES'])\nanswer = 42"
+WAITING_CELL = "%%gpu\nprint('after the wait, ran on', os.environ['CUDA_VISIBLE_DEVICES'], answer)"
+SECOND = 1000  # Playwright counts milliseconds
+
+
+def broker(hub: Any, token: str, method: str, path: str) -> Any:
+    client = UnixJSONClient(hub.state / "run" / "broker.sock", token=token)
+    try:
+        return client.request(method, path)
+    finally:
+        client.close()
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    sync_api = need_module("playwright.sync_api")
+    need(CHROMIUM.exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def ada(hub: Any) -> Iterator[HubUser]:
+    """Ada, through the API: logged in, with a token, a server and a kernel."""
+    user = HubUser(hub.url, ADA)
+    assert user.login(hub.passwords[ADA]).status_code == 302
+    user.make_token()
+    user.start_server()
+    user.kernel = user.new_kernel()
+    yield user
+    with contextlib.suppress(Exception):
+        user.server_api("DELETE", f"/kernels/{user.kernel}")
+    user.close()
+
+
+def _cancel_everything(hub: Any, ada: HubUser) -> None:
+    """Ada is the gpulane admin: leave the broker idle for the tests that follow."""
+    with contextlib.suppress(Exception):
+        status = broker(hub, ada.token, "GET", "/v1/status")
+        for job in status["running"] + status["queue"]:
+            broker(hub, ada.token, "DELETE", f"/v1/jobs/{job['id']}")
+        wait_until(
+            lambda: (
+                not any(
+                    broker(hub, ada.token, "GET", "/v1/status")[k] for k in ("running", "queue")
+                )
+            ),
+            30,
+            "an idle broker",
+        )
+
+
+@pytest.mark.timeout(240)
+def test_ben_runs_gpu_cells_in_jupyterlab_and_sees_the_dashboard(
+    hub: Any, chromium: Any, ada: HubUser
+) -> None:
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("browser-*.png"):  # only this run's pictures
+        old.unlink()
+    notebook = f"gpulane-browser-{uuid.uuid4().hex[:8]}.ipynb"
+    context = chromium.new_context(viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(30 * SECOND)
+    page = context.new_page()
+    server = f"{hub.url}/user/{BEN}"
+    try:
+        # Log in through the hub's own form; the hub spawns Ben's server and opens /lab.
+        page.goto(f"{hub.url}/hub/login")
+        page.fill("#username_input", BEN)
+        page.fill("#password_input", hub.passwords[BEN])
+        page.click("#login_submit")
+        page.wait_for_url(re.compile(rf"/user/{BEN}/lab"), timeout=90 * SECOND)
+        page.wait_for_selector(".jp-LabShell", timeout=90 * SECOND)
+
+        # A fresh notebook with a Python kernel, made through the server's contents API.
+        xsrf = next(
+            c["value"] for c in context.cookies(f"{server}/api/contents") if c["name"] == "_xsrf"
+        )
+        created = page.request.put(
+            f"{server}/api/contents/{notebook}",
+            headers={"X-XSRFToken": xsrf, "Content-Type": "application/json"},
+            data=json.dumps({"type": "notebook", "format": "json", "content": _empty_notebook()}),
+        )
+        assert created.status == 201, created.text()
+        # No "Jupyter news?" toast over the outputs in the screenshots.
+        quiet = page.request.put(
+            f"{server}/lab/api/settings/@jupyterlab/apputils-extension:notification",
+            headers={"X-XSRFToken": xsrf, "Content-Type": "application/json"},
+            data=json.dumps({"raw": json.dumps({"fetchNews": "false"})}),
+        )
+        assert quiet.ok, quiet.text()
+        # JupyterLab drops a cell run before the notebook has its kernel: wait until
+        # the kernel's websocket opens and the status bar says the kernel is idle.
+        with page.expect_websocket(lambda ws: "/api/kernels/" in ws.url, timeout=60 * SECOND):
+            page.goto(f"{server}/lab/tree/{notebook}")
+        expect(page.locator("#jp-main-statusbar")).to_contain_text(
+            re.compile(r"Python 3 \(ipykernel\) \| Idle"), timeout=60 * SECOND
+        )
+        cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+        expect(cells.first).to_be_visible()
+
+        # 1. The GPU is free: the cell runs at once and its card says completed.
+        _type_and_run(page, cells.nth(0), CELL)
+        first = cells.nth(0).locator(".jp-OutputArea")
+        expect(first).to_contain_text("GPU cell ran on 0", timeout=60 * SECOND)
+        expect(first.locator(".gpulane-card")).to_contain_text("completed", timeout=30 * SECOND)
+        expect(first).to_contain_text("gpulane")
+        page.screenshot(path=ARTIFACTS / "browser-1-gpu-cell-completed.png")
+
+        # 2. Ada holds the GPU (a background job); Ben's next cell waits in the queue.
+        held = _in_a_thread(
+            ada.run,
+            ada.kernel,
+            "%%gpu --bg --name ada-holds\nimport time\ntime.sleep(90)",
+        )
+        assert held.reply["status"] == "ok", held.messages
+        running = wait_until(
+            lambda: broker(hub, ada.token, "GET", "/v1/status")["running"], 30, "ada's job"
+        )
+        assert running[0]["user"] == ADA
+        _type_and_run(page, cells.nth(1), WAITING_CELL)
+        second = cells.nth(1).locator(".jp-OutputArea")
+        card = second.locator(".gpulane-card")
+        expect(card).to_contain_text("waits for a GPU", timeout=30 * SECOND)
+        expect(card).to_contain_text("position 1 in the queue")
+        expect(card).to_contain_text(f"GPU 0: {ADA}, running")
+        page.screenshot(path=ARTIFACTS / "browser-2-gpu-cell-waits-in-queue.png")
+
+        # 3. The dashboard, in the same browser: the hub's OAuth flow lets Ben in.
+        dashboard = context.new_page()
+        dashboard.goto(f"{hub.url}/services/gpulane/")
+        dashboard.wait_for_url(re.compile(r"/services/gpulane/(\?.*)?$"), timeout=30 * SECOND)
+        expect(dashboard.locator("#who")).to_contain_text(f"signed in as {BEN}")
+        expect(dashboard.locator("#gpus tbody")).to_contain_text(ADA)
+        expect(dashboard.locator("#queue tbody")).to_contain_text(BEN)
+        expect(dashboard.locator("#error")).to_be_empty()
+        dashboard.screenshot(path=ARTIFACTS / "browser-3-dashboard.png", full_page=True)
+        dashboard.close()
+
+        # Ada lets go (cancelling her job); Ben's waiting cell gets the GPU and finishes.
+        broker(hub, ada.token, "DELETE", f"/v1/jobs/{running[0]['id']}")
+        expect(second).to_contain_text("after the wait, ran on 0 42", timeout=60 * SECOND)
+        expect(card).to_contain_text("completed", timeout=30 * SECOND)
+        page.screenshot(path=ARTIFACTS / "browser-4-gpu-cell-ran-after-the-wait.png")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=ARTIFACTS / "browser-failure.png")
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            _shut_down_notebook(page, context, server, notebook)
+        context.close()
+        _cancel_everything(hub, ada)
+
+
+def _in_a_thread(function: Any, *args: Any) -> Any:
+    """Run ``function`` off the main thread: Playwright's sync API keeps an event loop there."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(function, *args).result(120)
+
+
+def _empty_notebook() -> dict[str, Any]:
+    return {
+        "cells": [
+            {"cell_type": "code", "execution_count": None, "id": uuid.uuid4().hex[:8],
+             "metadata": {}, "outputs": [], "source": ""},
+        ],
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                           "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }  # fmt: skip
+
+
+def _type_and_run(page: Any, cell: Any, code: str) -> None:
+    """Click into the cell's editor, type the code as a user would, then Shift+Enter."""
+    from playwright.sync_api import expect
+
+    editor = cell.locator(".cm-content")
+    editor.click()
+    page.keyboard.type(code)
+    expect(editor).to_have_text(re.compile(re.escape(code.splitlines()[-1])))
+    page.keyboard.press("Shift+Enter")
+
+
+def _shut_down_notebook(page: Any, context: Any, server: str, notebook: str) -> None:
+    """Stop the notebook's kernel (and with it any job it still has) and delete the file."""
+    xsrf = next(
+        c["value"] for c in context.cookies(f"{server}/api/contents") if c["name"] == "_xsrf"
+    )
+    headers = {"X-XSRFToken": xsrf}
+    for session in page.request.get(f"{server}/api/sessions").json():
+        if session.get("path") == notebook:
+            page.request.delete(f"{server}/api/sessions/{session['id']}", headers=headers)
+    page.request.delete(f"{server}/api/contents/{notebook}", headers=headers)
