@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from gpulane import __version__, deploy, settings
+from gpulane import __version__, deploy, k8s, settings
 from gpulane.display import final_words, status_table, wait_line
 from gpulane.jobs import (
     NAME_RE,
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load %%%%gpu in every kernel of this Python environment",
     )
     deploy.add_commands(sub)
+    k8s.add_commands(sub)
     return parser
 
 
@@ -196,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command in deploy.COMMANDS:
             return deploy.run_command(args)
+        if args.command in k8s.COMMANDS:
+            return k8s.run_command(args)
         if args.command == "hub":
             from gpulane.hub.config import install_kernel_extension
 

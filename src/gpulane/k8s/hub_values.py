@@ -1,0 +1,260 @@
+"""Values for the zero-to-jupyterhub Helm chart: profiles, OIDC groups, culling, three storage tiers.
+
+The hub image must have gpulane installed (``pip install 'gpulane[k8s]'`` on top of
+the chart's k8s-hub image): the values mount the profile file into the hub and
+call :func:`gpulane.hub.kube.configure_kubespawner` from ``hub.extraConfig``, so a
+mistake in the file stops the hub at start-up with one line naming it.
+
+Storage, as three tiers:
+
+- home (``/home/jovyan``): an emptyDir on the node's disk, fast and gone when
+  the server stops;
+- persist (``/home/jovyan/persist``): one folder per user on NFS, chosen by
+  ``subPathExpr`` from a variable KubeSpawner fills with the escaped user name,
+  so a user's pod mounts only its own folder;
+- shared (``/home/jovyan/shared``): one NFS folder the whole team mounts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from gpulane.k8s.time_slicing import K8sError, yaml_dump
+from gpulane.profiles import IMAGE_RE, ProfileSet
+
+PROFILES_PATH = "/etc/gpulane/profiles.toml"
+USER_DIR_ENV = "GPULANE_USER_DIR"
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_QUANTITY_RE = re.compile(r"\d{1,6}(\.\d{1,3})?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9a-fA-F:.]+\]")
+_CLAIM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Everything ``gpulane k8s hub-values`` asks for besides the profile file."""
+
+    public_url: str
+    authorize_url: str
+    token_url: str
+    userdata_url: str
+    client_id: str
+    client_secret_name: str = "gpulane-oidc"  # a Secret with the key client-secret
+    scopes: tuple[str, ...] = ("openid", "profile", "email", "groups")
+    username_claim: str = "preferred_username"
+    groups_claim: str = "groups"
+    allowed_groups: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
+    hub_image: str | None = None
+    cull_timeout: int = 3600
+    cull_every: int = 300
+    start_timeout: int = 900
+    scratch_size: str = "20Gi"
+    nfs_server: str | None = None
+    home_export: str | None = None
+    shared_export: str | None = None
+    home_claim: str | None = None
+    shared_claim: str | None = None
+    shared_read_only: bool = False
+    home: str = "/home/jovyan"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        for name in ("public_url", "authorize_url", "token_url", "userdata_url"):
+            url = getattr(self, name)
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.netloc:
+                raise K8sError(
+                    f"--{name.replace('_', '-')} {url!r} must be an https:// URL "
+                    "(OIDC tokens must not cross the network in clear)"
+                )
+        if (
+            not self.client_id
+            or len(self.client_id) > 200
+            or any(c.isspace() for c in self.client_id)
+        ):
+            raise K8sError("--client-id must be the OIDC client's ID, without spaces")
+        if not _NAME_RE.fullmatch(self.client_secret_name):
+            raise K8sError(
+                f"--client-secret-name {self.client_secret_name!r} must be a Kubernetes name "
+                "(lower-case letters, digits, '-')"
+            )
+        for name in ("username_claim", "groups_claim"):
+            if not _CLAIM_RE.fullmatch(getattr(self, name)):
+                raise K8sError(f"--{name.replace('_', '-')} must be a claim name such as 'groups'")
+        if self.hub_image is not None and not IMAGE_RE.fullmatch(self.hub_image):
+            raise K8sError(
+                f"--hub-image {self.hub_image!r} must look like registry/name:tag "
+                "(a k8s-hub image with gpulane installed)"
+            )
+        for name, low, high in (
+            ("cull_timeout", 300, 30 * 86400),
+            ("cull_every", 60, 86400),
+            ("start_timeout", 60, 86400),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise K8sError(
+                    f"--{name.replace('_', '-')} {value} must be from {low} to {high} seconds"
+                )
+        if not _QUANTITY_RE.fullmatch(self.scratch_size):
+            raise K8sError(f"--scratch-size {self.scratch_size!r} must be a quantity such as 20Gi")
+        inline = (self.nfs_server, self.home_export, self.shared_export)
+        claims = (self.home_claim, self.shared_claim)
+        if any(inline) and any(claims):
+            raise K8sError(
+                "give NFS exports (--nfs-server ...) or PVCs (--home-claim ...), not both"
+            )
+        if any(inline) and not all(inline):
+            raise K8sError("--nfs-server, --home-export and --shared-export go together")
+        if any(claims) and not all(claims):
+            raise K8sError("--home-claim and --shared-claim go together")
+        if not any(inline) and not any(claims):
+            raise K8sError(
+                "say where persistent storage lives: --nfs-server HOST --home-export /path "
+                "--shared-export /path, or --home-claim PVC --shared-claim PVC (ReadWriteMany)"
+            )
+        if self.nfs_server and not _HOST_RE.fullmatch(self.nfs_server):
+            raise K8sError(f"--nfs-server {self.nfs_server!r} must be a host name or address")
+        for name in ("home_export", "shared_export"):
+            path = getattr(self, name)
+            if path and (not path.startswith("/") or ".." in path.split("/")):
+                raise K8sError(f"--{name.replace('_', '-')} {path!r} must be an absolute path")
+        for name in ("home_claim", "shared_claim"):
+            claim = getattr(self, name)
+            if claim and not _NAME_RE.fullmatch(claim):
+                raise K8sError(f"--{name.replace('_', '-')} {claim!r} must be a PVC name")
+
+
+def storage(options: HubOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The user pod's volumes and mounts for the three tiers."""
+    home = options.home.rstrip("/") or "/"
+
+    def source(export: str | None, claim: str | None, read_only: bool) -> dict[str, Any]:
+        if claim:
+            return {"persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+        return {"nfs": {"server": options.nfs_server, "path": export, "readOnly": read_only}}
+
+    volumes = [
+        {"name": "home", "emptyDir": {"sizeLimit": options.scratch_size}},
+        {"name": "persist", **source(options.home_export, options.home_claim, False)},
+        {
+            "name": "shared",
+            **source(options.shared_export, options.shared_claim, options.shared_read_only),
+        },
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "home", "mountPath": home},
+        {
+            "name": "persist",
+            "mountPath": f"{home}/persist",
+            # KubeSpawner expands {username} (escaped, so no '/' or '..') into this variable.
+            "subPathExpr": f"$({USER_DIR_ENV})",
+        },
+        {"name": "shared", "mountPath": f"{home}/shared", "readOnly": options.shared_read_only},
+    ]
+    return volumes, mounts
+
+
+def authenticator_config(options: HubOptions) -> dict[str, Any]:
+    """GenericOAuthenticator settings: OIDC login, hub groups from the groups claim."""
+    config: dict[str, Any] = {
+        "manage_groups": True,  # hub groups follow the identity provider at every login
+        "client_id": options.client_id,
+        "oauth_callback_url": options.public_url.rstrip("/") + "/hub/oauth_callback",
+        "authorize_url": options.authorize_url,
+        "token_url": options.token_url,
+        "userdata_url": options.userdata_url,
+        "scope": list(options.scopes),
+        "username_claim": options.username_claim,
+        "auth_state_groups_key": f"oauth_user.{options.groups_claim}",
+        "login_service": "single sign-on",
+    }
+    if options.allowed_groups:
+        config["allowed_groups"] = sorted(options.allowed_groups)
+    else:
+        config["allow_all"] = True
+    if options.admin_groups:
+        config["admin_groups"] = sorted(options.admin_groups)
+    return config
+
+
+def hub_values(pset: ProfileSet, profiles_text: str, options: HubOptions) -> dict[str, Any]:
+    """The Helm values (a dict; :func:`render` writes it as YAML)."""
+    from gpulane.hub.kube import check_for_kubernetes
+
+    options.check()
+    check_for_kubernetes(pset)
+    volumes, mounts = storage(options)
+    hub: dict[str, Any] = {
+        "config": {
+            "JupyterHub": {"authenticator_class": "generic-oauth"},
+            "GenericOAuthenticator": authenticator_config(options),
+        },
+        "extraEnv": {
+            # The client secret stays in a Secret; OAuthenticator reads this variable.
+            "OAUTH_CLIENT_SECRET": {
+                "valueFrom": {
+                    "secretKeyRef": {"name": options.client_secret_name, "key": "client-secret"}
+                }
+            }
+        },
+        "extraFiles": {
+            "gpulane-profiles": {"mountPath": PROFILES_PATH, "stringData": profiles_text},
+        },
+        "extraConfig": {
+            "gpulane": (
+                "from gpulane.hub.kube import configure_kubespawner\n"
+                f"configure_kubespawner(c, {PROFILES_PATH!r})\n"
+            ),
+        },
+    }
+    if options.hub_image:
+        name, _, tag = options.hub_image.rpartition(":")
+        hub["image"] = {"name": name, "tag": tag}
+    default_image = next((p.image for p in pset.profiles if p.default and p.image), None)
+    singleuser: dict[str, Any] = {
+        "startTimeout": options.start_timeout,
+        "storage": {
+            "type": "none",
+            "homeMountPath": options.home,
+            "extraVolumes": volumes,
+            "extraVolumeMounts": mounts,
+        },
+        "extraEnv": {USER_DIR_ENV: "{username}", **options.extra_env},
+    }
+    if default_image:
+        name, _, tag = default_image.rpartition(":")
+        singleuser["image"] = {"name": name, "tag": tag}
+    return {
+        "hub": hub,
+        "singleuser": singleuser,
+        "cull": {
+            "enabled": True,
+            "timeout": options.cull_timeout,
+            "every": options.cull_every,
+            "users": False,
+        },
+    }
+
+
+def render(pset: ProfileSet, profiles_text: str, options: HubOptions) -> str:
+    values = hub_values(pset, profiles_text, options)
+    gpu_profiles = [p.slug for p in pset.profiles if p.uses_gpu]
+    header = [
+        "# zero-to-jupyterhub values written by gpulane k8s hub-values.",
+        "# helm upgrade --install jhub jupyterhub/jupyterhub -n jhub -f this-file.yaml",
+        f"# Before: kubectl -n jhub create secret generic {options.client_secret_name} "
+        "--from-literal=client-secret=...",
+        "# The hub image must include gpulane (FROM quay.io/jupyterhub/k8s-hub:<chart version>;",
+        "#   RUN pip install 'gpulane[k8s]'), given with --hub-image.",
+        f"# GPU profiles: {', '.join(gpu_profiles) or 'none'}; a GPU pod waits for a free GPU up to "
+        f"{options.start_timeout} s, idle servers are culled after {options.cull_timeout} s.",
+        "# Persistent files: ~/persist (per user) and ~/shared (team); the rest of ~ is scratch.",
+    ]
+    if not options.hub_image:
+        header.append("# WARNING: no --hub-image: the chart's default hub image lacks gpulane.")
+    return "\n".join(header) + "\n" + yaml_dump(values)
