@@ -11,12 +11,14 @@ what culling an idle server does.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner
+from tornado import web
 from traitlets import Integer, Unicode
 
 from gpulane.display import describe_eta, describe_holders
@@ -54,6 +56,8 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
     ).tag(config=True)
 
     _profiles: ProfileSet | None = None
+    _events: asyncio.Queue[dict[str, Any]]
+    _started: asyncio.Future[Any]
 
     # ------------------------------------------------------------------ the form
 
@@ -82,6 +86,9 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
     def chosen_profile(self) -> Profile:
         pset = self.profile_set()
         form = self.user_options.get("form")
+        if not form and self.user_options:
+            # Options posted to the REST API: the same check as a posted form.
+            form = {k: v if isinstance(v, list) else [str(v)] for k, v in self.user_options.items()}
         if form:
             return resolve_form(pset, self.user_groups(), form)
         visible = visible_profiles(pset, self.user_groups())
@@ -96,15 +103,26 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ start and stop
 
+    async def run_pre_spawn_hook(self) -> None:
+        # Runs before JupyterHub starts its start_timeout clock: a GPU profile may queue.
+        try:
+            profile = self.chosen_profile()
+        except ProfileError as error:
+            raise web.HTTPError(400, str(error)) from None
+        self._events = asyncio.Queue()
+        self._started = asyncio.get_running_loop().create_future()
+        if profile.uses_gpu:
+            self.start_timeout = max(int(getattr(self, "start_timeout", 60)), self.queue_timeout)
+        hooked = super().run_pre_spawn_hook()
+        if inspect.isawaitable(hooked):
+            await hooked
+
     async def start(self) -> Any:
         profile = self.chosen_profile()
         self._grant_env = dict(gpu_environment(profile, self.profile_set()))
         if not profile.uses_gpu:
             return await super().start()
         loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._started: asyncio.Future[Any] = loop.create_future()
-        self.start_timeout: int = max(int(self.start_timeout), self.queue_timeout)
         request = Request(
             gpus=profile.gpus or 1,
             slices=profile.slices,
@@ -149,7 +167,7 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
         events = getattr(self, "_events", None)
         if events is None:
             return
-        while not (self._started.done()):
+        while not self._started.done():
             try:
                 yield await asyncio.wait_for(events.get(), timeout=1.0)
             except TimeoutError:

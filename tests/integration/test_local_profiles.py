@@ -1,0 +1,195 @@
+"""GPU profiles for local servers through a real hub: queue, progress on the spawn page, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import free_port, need
+from tests.hubclient import HubUser
+
+ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
+
+PROFILES = """
+[gpu]
+slices_per_gpu = 1
+memory = "16G"
+
+[[profile]]
+slug = "cpu"
+display_name = "CPU only"
+description = "no GPU"
+default = true
+
+[[profile]]
+slug = "gpu"
+display_name = "One GPU"
+description = "a whole GPU for the server's life"
+gpus = 1
+groups = ["gpu-users"]
+
+[[profile]]
+slug = "secret"
+display_name = "Admins' GPU"
+description = "not for everyone"
+gpus = 1
+groups = ["gpu-admins"]
+"""
+
+
+@pytest.fixture(scope="module")
+def profile_hub(unix_users) -> Iterator[tuple[str, dict[str, str], Path]]:
+    need(
+        shutil.which("configurable-http-proxy") is not None,
+        "configurable-http-proxy is not installed",
+    )
+    from gpulane.hub.demo import prepare
+
+    state = Path(tempfile.mkdtemp(prefix="gpulane-profiles-"))
+    port = free_port()
+    config, passwords = prepare(
+        state,
+        port=port,
+        dashboard_port=free_port(),
+        hub_port=free_port(),
+        proxy_api_port=free_port(),
+    )
+    (state / "profiles.toml").write_text(PROFILES)
+    with open(config, "a") as handle:
+        handle.write(
+            f"""
+c.JupyterHub.spawner_class = "gpulane.hub.spawner.GpulaneSpawner"
+c.GpulaneSpawner.profiles_file = "{state}/profiles.toml"
+c.GpulaneSpawner.broker_socket = "{state}/run/broker.sock"
+c.GpulaneSpawner.cmd = c.Spawner.cmd
+c.JupyterHub.load_groups = {{"gpu-users": {{"users": ["{ADA}", "{BEN}"]}}}}
+"""
+        )
+    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
+    with open(state / "jupyterhub.log", "wb") as log:
+        proc = subprocess.Popen(
+            [hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if (
+                requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
+                and (state / "run" / "broker.sock").exists()
+            ):
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((state / "jupyterhub.log").read_text()[-3000:])
+        time.sleep(0.3)
+    yield url, passwords, state
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    subprocess.run(["pkill", "-f", f"{state}/"], check=False)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def hub_log(state: Path) -> str:
+    return (state / "jupyterhub.log").read_text(errors="replace")[-4000:]
+
+
+def logged_in(url: str, passwords: dict[str, str], name: str) -> HubUser:
+    user = HubUser(url, name)
+    assert user.login(passwords[name]).status_code == 302
+    user.make_token()
+    return user
+
+
+def progress_messages(user: HubUser, until: str, timeout: float = 30) -> list[str]:
+    """Read the spawn page's progress stream (server-sent events) until a message contains ``until``."""
+    seen: list[str] = []
+    with user.session.get(
+        f"{user.base}/hub/api/users/{user.name}/server/progress",
+        headers={"Authorization": f"token {user.token}"},
+        stream=True,
+        timeout=timeout,
+    ) as response:
+        deadline = time.monotonic() + timeout
+        for line in response.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                seen.append(json.loads(line[5:])["message"])
+                if until in seen[-1]:
+                    return seen
+            if time.monotonic() > deadline:
+                break
+    raise AssertionError(f"{until!r} never appeared in the spawn progress: {seen}")
+
+
+def server_ready(user: HubUser) -> bool:
+    model = user.api("GET", f"/users/{user.name}").json()
+    return bool((model.get("servers") or {}).get("", {}).get("ready"))
+
+
+def test_a_gpu_profile_spawn_queues_shows_its_place_and_starts_in_turn(profile_hub):
+    url, passwords, state = profile_hub
+    ada, ben = logged_in(url, passwords, ADA), logged_in(url, passwords, BEN)
+    try:
+        started = ada.api("POST", f"/users/{ADA}/server", json={"profile": "gpu"})
+        assert started.status_code in (201, 202), hub_log(state)
+        deadline = time.monotonic() + 90
+        while not server_ready(ada):
+            assert time.monotonic() < deadline, "ada's GPU server never started"
+            time.sleep(0.5)
+        assert ben.api("POST", f"/users/{BEN}/server", json={"profile": "gpu"}).status_code == 202
+        messages = progress_messages(ben, "position 1 in the queue")
+        assert f"GPU 0: {ADA}, running" in messages[-1]
+        assert not server_ready(ben)
+        # Ada's server stops (as culling an idle server would): its GPU goes to ben.
+        assert ada.api("DELETE", f"/users/{ADA}/server").status_code in (202, 204)
+        deadline = time.monotonic() + 90
+        while not server_ready(ben):
+            assert time.monotonic() < deadline, "ben's GPU server did not start after ada's stopped"
+            time.sleep(0.5)
+        kernel = ben.new_kernel()
+        cell = ben.run(
+            kernel,
+            "import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['GPULANE_JOB_ID'].isdigit())",
+        )
+        assert cell.stream().split() == ["0", "True"]
+    finally:
+        for user in (ada, ben):
+            user.api("DELETE", f"/users/{user.name}/server")
+            user.close()
+
+
+def test_a_tampered_spawn_form_is_refused(profile_hub):
+    url, passwords, _ = profile_hub
+    ben = logged_in(url, passwords, BEN)
+    try:
+        form = ben.session.get(f"{url}/hub/spawn/{BEN}", timeout=30)
+        assert (
+            "One GPU" in form.text and "Admins' GPU" not in form.text
+        )  # only what his groups allow
+        xsrf = ben.session.cookies.get("_xsrf", path="/hub/") or ""
+        posted = ben.session.post(
+            f"{url}/hub/spawn/{BEN}", data={"profile": "secret", "_xsrf": xsrf}, timeout=60
+        )
+        assert (
+            "no profile &#39;secret&#39; for you" in posted.text
+            or "no profile 'secret' for you" in posted.text
+        )
+        api = ben.api("POST", f"/users/{BEN}/server", json={"profile": "secret"})
+        assert api.status_code >= 400 and "no profile 'secret' for you" in api.text
+        assert not server_ready(ben)
+    finally:
+        ben.api("DELETE", f"/users/{BEN}/server")
+        ben.close()
