@@ -11,12 +11,12 @@ from typing import IO
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
     # If the client is killed (even with SIGKILL), its command dies with it: no orphan
     # keeps using a GPU the broker has handed to someone else. (The signal fires when
     # the spawning *thread* ends, so spawn from a long-lived thread.)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def spawn_command(
@@ -25,8 +25,13 @@ def spawn_command(
     stdout: IO[bytes] | int | None = None,
     stderr: IO[bytes] | int | None = None,
     pass_fds: Sequence[int] = (),
+    death_signal: signal.Signals = signal.SIGKILL,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own process group (so the whole tree can be signalled)."""
+    """Start ``argv`` in its own process group (so the whole tree can be signalled).
+
+    ``death_signal`` reaches it when its parent dies: SIGKILL by default; SIGTERM for a
+    program that must clean up, such as ``srun`` cancelling its allocation.
+    """
     return subprocess.Popen(
         list(argv),
         env=dict(env),
@@ -34,6 +39,6 @@ def spawn_command(
         stderr=stderr,
         stdin=subprocess.DEVNULL,
         process_group=0,
-        preexec_fn=_die_with_parent,
+        preexec_fn=lambda: _die_with_parent(death_signal),
         pass_fds=tuple(pass_fds),
     )

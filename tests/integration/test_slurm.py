@@ -128,3 +128,29 @@ def test_the_cell_waits_through_a_slurmctld_restart(slurm_cluster):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert out.strip() == "survived"
+
+
+def test_interrupting_a_gpu_cell_on_slurm_cancels_its_job(slurm_cluster, kernels):
+    k = kernels(BOB, None, env=slurm_cluster.user_env(BOB))
+    assert k.execute("keep = 'intact'").status == "ok"
+    msg_id = k.submit("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(300)")
+    k.wait_for_output(msg_id, "started", timeout=120)
+    assert [u for _, u, s, _ in slurm_cluster.squeue() if s == "RUNNING"] == [BOB]
+    k.km.interrupt_kernel()
+    result = k.collect(msg_id, timeout=60)
+    assert result.reply["ename"] == "KeyboardInterrupt"
+    wait_for(lambda: slurm_cluster.squeue() == [], 30, what="the job to leave the queue")
+    assert k.execute("print(keep)").stream().strip() == "intact"
+
+
+def test_a_gpu_session_on_slurm_keeps_state_and_is_released(slurm_cluster, kernels):
+    k = kernels(ALICE, None, env=slurm_cluster.user_env(ALICE))
+    start = k.execute("%gpu session start --idle 10m --time 5m", timeout=120)
+    assert start.status == "ok", start.messages
+    assert [u for _, u, s, _ in slurm_cluster.squeue() if s == "RUNNING"] == [ALICE]
+    assert k.execute("%%gpu --session --no-return\nweights = [1]", timeout=60).status == "ok"
+    second = k.execute("%%gpu --session\nweights.append(2)\ncount = len(weights)", timeout=60)
+    assert second.status == "ok", second.messages
+    assert k.execute("print(count)").stream().strip() == "2"
+    assert k.execute("%gpu session stop", timeout=60).status == "ok"
+    wait_for(lambda: slurm_cluster.squeue() == [], 30, what="the session's allocation to end")

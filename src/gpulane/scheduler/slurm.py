@@ -1,14 +1,12 @@
 """The Slurm back end: Slurm queues, shares fairly, accounts and confines GPUs; gpulane watches.
 
 Everything goes through Slurm's own commands, as the user, with argv lists:
-``sbatch`` to submit (the command travels as the batch script's arguments, never
-as a shell string), one ``squeue`` per refresh for every job of the partition
+``srun`` runs a job and streams its output back (``run``), ``sbatch`` submits
+one to run detached (``submit``: the command travels as the batch script's
+arguments, never as a shell string, in a private 0700 folder under
+``~/.gpulane/jobs``), one ``squeue`` per refresh for every job of the partition
 (position, start estimate, holders and reasons all come from it), ``scancel``,
 and ``sacct`` or ``scontrol`` for the final state.
-
-Each job has a private folder (0700) on a path the compute node sees, default
-``~/.gpulane/jobs``: its batch script and its output files, which the client
-tails while the job runs.
 """
 
 from __future__ import annotations
@@ -18,11 +16,13 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from gpulane.scheduler.base import (
     SchedulerUnavailable,
     UpdateCallback,
 )
+from gpulane.spawn import spawn_command
 
 JOB_NAME_PREFIX = "gpulane:"
 BATCH_SCRIPT = '#!/bin/sh\n# written by gpulane: run the job\'s argv as given\nexec "$@"\n'
@@ -237,36 +238,84 @@ class SlurmScheduler(Scheduler):
         launcher: Launcher | None = None,
         env: Mapping[str, str] | None = None,
     ) -> Outcome:
-        """Slurm starts the command; this client relays its output files and waits for the end."""
-        job = self.submit(request, env)
-        job_id, job_dir = int(job["id"]), Path(job["job_dir"])
-        tails = [
-            _Tail(job_dir / "stdout", stdout if stdout is not None else sys.stdout),
-            _Tail(job_dir / "stderr", stderr if stderr is not None else sys.stderr),
-        ]
+        """Run the command as one Slurm job through ``srun``, which streams its output here.
+
+        ``srun`` rather than ``sbatch``: its step starts in tens of milliseconds where a
+        batch script takes about a second (docs/benchmarks.md), its output needs no
+        files, and the allocation ends with it, so a client that dies frees the GPU.
+        """
+        marker = f"gpulane-{uuid.uuid4().hex[:16]}"  # finds our job in squeue
+        proc = spawn_command(
+            self._srun_argv(request, marker, env or {}),
+            self.env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            death_signal=signal.SIGTERM,  # srun cancels its allocation on SIGTERM
+        )
+        relay = _StderrRelay(proc, stderr)
+        job_id: int | None = None
         final: JobView | None = None
         try:
+            job_id = self._find_job(marker, proc, relay)
             for update in self.updates(job_id):
-                if update.state == "running":
-                    for tail in tails:
-                        tail.start()
                 if on_update:
                     on_update(update)
                 if update.finished:
                     final = update.job
         except KeyboardInterrupt:
-            self._interrupt(job_id)
-            for tail in tails:
-                tail.stop()
+            if job_id is not None:
+                self._interrupt(job_id)
+            _stop(proc)
             raise
-        for tail in tails:
-            tail.start()
-            tail.stop()
+        finally:
+            if proc.poll() is None and final is None:
+                _stop(proc)
+        status = _wait(proc)
+        relay.join()
         assert final is not None
-        shutil.rmtree(job_dir, ignore_errors=True)
-        return Outcome(
-            int(final.get("exit_status") or 0) if final["state"] != "timeout" else 124, final
-        )
+        if final["state"] == "timeout":
+            return Outcome(124, final)
+        exit_status = final.get("exit_status")
+        return Outcome(int(exit_status if exit_status is not None else status), final)
+
+    def _srun_argv(self, request: Request, marker: str, env: Mapping[str, str]) -> list[str]:
+        gres = f"--gres=shard:{request.slices}" if request.slices else f"--gres=gpu:{request.gpus}"
+        argv = [
+            "srun", "--quiet", f"--job-name={JOB_NAME_PREFIX}{request.name}", f"--comment={marker}",
+            gres, "--ntasks=1", f"--chdir={os.getcwd()}",
+        ]  # fmt: skip
+        if request.time_limit:
+            argv.append(f"--time={math.ceil(request.time_limit / 60)}")
+        if request.mem:
+            argv.append(f"--mem={math.ceil(request.mem / 1024**2)}M")
+        for option, value in (
+            ("partition", self.settings.partition),
+            ("account", self.settings.account),
+            ("qos", self.settings.qos),
+        ):
+            if value:
+                argv.append(f"--{option}={value}")
+        # Extra variables name files and addresses, never secrets; commas would split
+        # --export, so such values are left out rather than mangled.
+        exports = [f"{k}={v}" for k, v in env.items() if "," not in v]
+        argv.append("--export=" + ",".join(["ALL", *exports]))
+        return [*argv, "--", *request.command]
+
+    def _find_job(self, marker: str, proc: subprocess.Popen[bytes], relay: _StderrRelay) -> int:
+        """The job number of our srun, from its comment in squeue."""
+        delay = 0.02
+        while True:
+            with contextlib.suppress(SchedulerUnavailable):
+                for row in self._rows():
+                    if row.comment == marker:
+                        return row.job_id
+            if proc.poll() is not None:
+                relay.join()
+                raise SchedulerError(
+                    f"srun refused the job: {relay.last_line() or f'exit status {proc.returncode}'}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     # ------------------------------------------------------------------ helpers
 
@@ -380,52 +429,61 @@ class SlurmScheduler(Scheduler):
         return self._accounting
 
 
-class _Tail:
-    """Relays a job's output file as it grows (the compute node writes, we read)."""
+class _StderrRelay:
+    """Passes srun's stderr (the job's stderr, and srun's own errors) on, keeping the last line."""
 
-    def __init__(self, path: Path, target: Any) -> None:
-        self.path, self.target = path, target
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._offset = 0
+    def __init__(self, proc: subprocess.Popen[bytes], target: IO[bytes] | int | None) -> None:
+        self.lines: list[str] = []
+        self._writer = _Writer(target if target is not None else sys.stderr)
+        self._thread = threading.Thread(
+            target=self._run, args=(proc,), daemon=True, name="gpulane-srun"
+        )
+        self._thread.start()
+
+    def _run(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        while chunk := os.read(fd, 65536):
+            self._writer.emit(chunk)
+            self.lines = (self.lines + chunk.decode(errors="replace").splitlines())[-5:]
+        proc.stderr.close()
+
+    def last_line(self) -> str:
+        return self.lines[-1].removeprefix("srun: error: ").strip() if self.lines else ""
+
+    def join(self) -> None:
+        self._thread.join(5)
+
+
+class _Writer:
+    """Writes bytes to a file descriptor, a binary stream or a text stream (a notebook cell)."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="gpulane-tail")
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.is_set()
-            self._drain()
-            if stopping:
-                return
-            self._stop.wait(0.05)
-
-    def _drain(self) -> None:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return
-        if not data:
-            return
-        self._offset += len(data)
+    def emit(self, data: bytes) -> None:
         if isinstance(self.target, int):
             os.write(self.target, data)
             return
-        if hasattr(self.target, "encoding"):  # a text stream (a terminal, a notebook cell)
+        if hasattr(self.target, "encoding"):  # a text stream
             self.target.write(self._decoder.decode(data))
         else:
             self.target.write(data)
         self.target.flush()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> int:
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def _me() -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 # One squeue call per refresh: every job of the partition, highest priority first.
-SQUEUE_FIELDS = ("%i", "%T", "%u", "%Q", "%b", "%M", "%L", "%l", "%S", "%r", "%N", "%P", "%j")
+SQUEUE_FIELDS = ("%i", "%T", "%u", "%Q", "%b", "%M", "%L", "%l", "%S", "%r", "%N", "%P", "%k", "%j")
 SQUEUE_FORMAT = "|".join(SQUEUE_FIELDS)  # %j last: only a job name could hold the separator
 
 _STATES = {
@@ -76,6 +76,7 @@ class SqueueRow:
     reason: str
     nodes: str
     partition: str
+    comment: str
     name: str
 
     @property
@@ -112,9 +113,8 @@ def parse_squeue(text: str) -> list[SqueueRow]:
         parts = line.split("|", len(SQUEUE_FIELDS) - 1)
         if len(parts) != len(SQUEUE_FIELDS) or not parts[0].strip().isdigit():
             continue  # array or het-job ids and noise are not ours
-        job_id, state, user, priority, tres, used, left, limit, start, reason, nodes, part, name = (
-            parts
-        )
+        (job_id, state, user, priority, tres, used, left, limit, start, reason, nodes, part,
+         comment, name) = parts  # fmt: skip
         rows.append(
             SqueueRow(
                 job_id=int(job_id),
@@ -129,6 +129,7 @@ def parse_squeue(text: str) -> list[SqueueRow]:
                 reason=reason.strip(),
                 nodes=nodes.strip(),
                 partition=part.strip(),
+                comment=comment.strip(),
                 name=name.strip(),
             )
         )
