@@ -117,26 +117,10 @@ class SlurmScheduler(Scheduler):
         script = job_dir / "job.sh"
         script.write_text(BATCH_SCRIPT)
         script.chmod(0o700)
-        gres = f"--gres=shard:{request.slices}" if request.slices else f"--gres=gpu:{request.gpus}"
         argv = [
-            "sbatch", "--parsable", f"--job-name={JOB_NAME_PREFIX}{request.name}", gres,
-            f"--output={job_dir}/stdout", f"--error={job_dir}/stderr", f"--chdir={os.getcwd()}",
+            "sbatch", "--parsable", f"--output={job_dir}/stdout", f"--error={job_dir}/stderr",
+            *self._job_options(request, env),
         ]  # fmt: skip
-        if request.time_limit:
-            argv.append(f"--time={math.ceil(request.time_limit / 60)}")
-        if request.mem:
-            argv.append(f"--mem={math.ceil(request.mem / 1024**2)}M")
-        for option, value in (
-            ("partition", self.settings.partition),
-            ("account", self.settings.account),
-            ("qos", self.settings.qos),
-        ):
-            if value:
-                argv.append(f"--{option}={value}")
-        # Extra variables are names of files and addresses, never secrets; commas would
-        # split --export, so they are refused here rather than mangled.
-        exports = [f"{k}={v}" for k, v in env.items() if "," not in v]
-        argv.append("--export=" + ",".join(["ALL", *exports]))
         argv += [str(script), *request.command]
         out = self._slurm(argv).strip()
         try:
@@ -279,27 +263,37 @@ class SlurmScheduler(Scheduler):
         return Outcome(int(exit_status if exit_status is not None else status), final)
 
     def _srun_argv(self, request: Request, marker: str, env: Mapping[str, str]) -> list[str]:
+        options = self._job_options(request, env)
+        return [
+            "srun",
+            "--quiet",
+            f"--comment={marker}",
+            "--ntasks=1",
+            *options,
+            "--",
+            *request.command,
+        ]
+
+    def _job_options(self, request: Request, env: Mapping[str, str]) -> list[str]:
+        """The options sbatch and srun share: name, GPUs, limits, placement, environment."""
         gres = f"--gres=shard:{request.slices}" if request.slices else f"--gres=gpu:{request.gpus}"
-        argv = [
-            "srun", "--quiet", f"--job-name={JOB_NAME_PREFIX}{request.name}", f"--comment={marker}",
-            gres, "--ntasks=1", f"--chdir={os.getcwd()}",
-        ]  # fmt: skip
+        options = [f"--job-name={JOB_NAME_PREFIX}{request.name}", gres, f"--chdir={os.getcwd()}"]
         if request.time_limit:
-            argv.append(f"--time={math.ceil(request.time_limit / 60)}")
+            options.append(f"--time={math.ceil(request.time_limit / 60)}")
         if request.mem:
-            argv.append(f"--mem={math.ceil(request.mem / 1024**2)}M")
+            options.append(f"--mem={math.ceil(request.mem / 1024**2)}M")
         for option, value in (
             ("partition", self.settings.partition),
             ("account", self.settings.account),
             ("qos", self.settings.qos),
         ):
             if value:
-                argv.append(f"--{option}={value}")
+                options.append(f"--{option}={value}")
         # Extra variables name files and addresses, never secrets; commas would split
         # --export, so such values are left out rather than mangled.
         exports = [f"{k}={v}" for k, v in env.items() if "," not in v]
-        argv.append("--export=" + ",".join(["ALL", *exports]))
-        return [*argv, "--", *request.command]
+        options.append("--export=" + ",".join(["ALL", *exports]))
+        return options
 
     def _find_job(self, marker: str, proc: subprocess.Popen[bytes], relay: _StderrRelay) -> int:
         """The job number of our srun, from its comment in squeue."""
