@@ -476,6 +476,46 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def launch_hub(
+    config: Path, state: Path, url: str, env: dict[str, str] | None = None, broker: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start ``jupyterhub -f config`` (its log in state/jupyterhub.log); return once its API
+    answers, and its managed broker listens where ``broker`` is True."""
+    import requests
+
+    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
+    log_path = state / "jupyterhub.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ready = requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
+            if ready and (not broker or (state / "run" / "broker.sock").exists()):
+                return proc
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(
+                f"the hub did not start: {log_path.read_text(errors='replace')[-3000:]}"
+            )
+        time.sleep(0.2)
+
+
+def stop_hub(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """The hub stops its proxy, its managed services and the servers it started."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class RunningHub:
     """A real JupyterHub started from the project's own demo configuration."""
@@ -507,31 +547,10 @@ def hub(unix_users: tuple[str, ...]) -> Iterator[RunningHub]:
         hub_port=free_port(),
         proxy_api_port=free_port(),
     )
-    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
-    with open(state / "jupyterhub.log", "wb") as log:
-        proc = subprocess.Popen(
-            [hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT
-        )
     url = f"http://127.0.0.1:{port}"
+    proc = launch_hub(config, state, url)
     running = RunningHub(url, state, passwords, proc)
-    import requests
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            ready = requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
-            if ready and (state / "run" / "broker.sock").exists():
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the hub did not start: {running.log_text()[-3000:]}")
-        time.sleep(0.3)
     yield running
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_hub(proc)
     subprocess.run(["pkill", "-f", f"{state}/"], check=False)  # servers and the broker of this hub
     shutil.rmtree(state, ignore_errors=True)

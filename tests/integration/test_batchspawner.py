@@ -12,9 +12,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, need, need_module, wait_for
+from tests.conftest import free_port, launch_hub, need, need_module, stop_hub, wait_for
 from tests.hubclient import HubUser
 
 ALICE, BOB = "gpl-alice", "gpl-bob"
@@ -108,33 +106,11 @@ def batch_hub(slurm_cluster) -> Iterator[BatchHub]:
             bob=BOB,
         )
     )
-    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
-    with open(state / "jupyterhub.log", "wb") as log:
-        proc = subprocess.Popen(
-            [hub_bin, "-f", str(config)],
-            cwd=state,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **slurm_cluster.env},
-        )
-    running = BatchHub(f"http://127.0.0.1:{port}", state, passwords, proc)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{running.url}/hub/api/", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the hub did not start: {running.log_text()[-3000:]}")
-        time.sleep(0.3)
+    url = f"http://127.0.0.1:{port}"
+    proc = launch_hub(config, state, url, env={**os.environ, **slurm_cluster.env}, broker=False)
+    running = BatchHub(url, state, passwords, proc)
     yield running
-    proc.terminate()  # the hub stops (scancels) the servers it started
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_hub(proc, timeout=60)  # the hub stops (scancels) the servers it started
     for user in (ALICE, BOB):  # whatever the hub could not stop
         subprocess.run(
             ["scancel", f"--user={user}", f"--name={SERVER_JOB}"],

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.conftest import free_port, need
+from tests.conftest import free_port, launch_hub, need, stop_hub
 from tests.hubclient import HubUser
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
@@ -74,31 +72,10 @@ c.GpulaneSpawner.cmd = c.Spawner.cmd
 c.JupyterHub.load_groups = {{"gpu-users": {{"users": ["{ADA}", "{BEN}"]}}}}
 """
         )
-    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
-    with open(state / "jupyterhub.log", "wb") as log:
-        proc = subprocess.Popen(
-            [hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT
-        )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if (
-                requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
-                and (state / "run" / "broker.sock").exists()
-            ):
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((state / "jupyterhub.log").read_text()[-3000:])
-        time.sleep(0.3)
+    proc = launch_hub(config, state, url)
     yield url, passwords, state
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_hub(proc)
     subprocess.run(["pkill", "-f", f"{state}/"], check=False)
     shutil.rmtree(state, ignore_errors=True)
 

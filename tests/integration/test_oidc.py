@@ -29,7 +29,7 @@ import requests
 
 from gpulane.scheduler.base import SchedulerError
 from gpulane.scheduler.http_unix import UnixJSONClient
-from tests.conftest import free_port, need, need_module
+from tests.conftest import free_port, launch_hub, need, need_module, stop_hub
 from tests.hubclient import HubUser
 
 # sub (the provider's subject) differs from preferred_username: the hub must use the latter.
@@ -202,31 +202,10 @@ def oidc_hub(provider: Provider) -> Iterator[OIDCHub]:
             gpu=GPU,
         )
     )
-    hub_bin = str(Path(sys.executable).parent / "jupyterhub")
-    with open(state / "jupyterhub.log", "wb") as log:
-        proc = subprocess.Popen(
-            [hub_bin, "-f", str(config)], cwd=state, stdout=log, stderr=subprocess.STDOUT
-        )
+    proc = launch_hub(config, state, url)
     hub = OIDCHub(url, state, config, client["client_secret"], service_token, provider, proc)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            ready = requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
-            if ready and (state / "run" / "broker.sock").exists():
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the hub did not start: {hub.log_text()[-3000:]}")
-        time.sleep(0.2)
     yield hub
-    proc.terminate()  # the hub stops its proxy and its managed broker
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_hub(proc)
     shutil.rmtree(state, ignore_errors=True)
 
 

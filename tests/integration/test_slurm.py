@@ -160,10 +160,18 @@ def test_a_detached_submit_runs_its_argv_without_a_shell(slurm_cluster, tmp_path
     from gpulane.jobs import Request
     from gpulane.scheduler.slurm import SlurmScheduler, SlurmSettings
 
-    scheduler = SlurmScheduler(SlurmSettings(job_dir=tmp_path / "jobs"), env={**os.environ, **slurm_cluster.env})
+    scheduler = SlurmScheduler(
+        SlurmSettings(job_dir=tmp_path / "jobs"), env={**os.environ, **slurm_cluster.env}
+    )
     marker = tmp_path / "marker"
     # An argument with shell syntax in it must arrive as one literal argument.
-    job = scheduler.submit(Request(name="detached", command=("/bin/touch", str(marker) + " ;$(id)")))
+    job = scheduler.submit(
+        Request(name="detached", command=("/bin/touch", str(marker) + " ;$(id)"))
+    )
     assert (Path(job["job_dir"]).stat().st_mode & 0o777) == 0o700
-    wait_for(lambda: scheduler.job(int(job["id"]))["state"] == "completed", 60, what="the detached job to end")
+    wait_for(
+        lambda: scheduler.job(int(job["id"]))["state"] == "completed",
+        60,
+        what="the detached job to end",
+    )
     assert Path(str(marker) + " ;$(id)").exists()
