@@ -229,9 +229,14 @@ class SlurmScheduler(Scheduler):
         files, and the allocation ends with it, so a client that dies frees the GPU.
         """
         marker = f"gpulane-{uuid.uuid4().hex[:16]}"  # finds our job in squeue
+        # Inside an allocation (a server that is itself a Slurm job), srun would start a
+        # step of that allocation; without its SLURM_* variables it asks for a job of its own.
+        srun_env = {
+            k: v for k, v in self.env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"
+        }
         proc = spawn_command(
             self._srun_argv(request, marker, env or {}),
-            self.env,
+            srun_env,
             stdout=stdout,
             stderr=subprocess.PIPE,
             death_signal=signal.SIGTERM,  # srun cancels its allocation on SIGTERM
