@@ -11,8 +11,6 @@ import json
 
 import pytest
 
-pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("unix_users")]
-
 
 def _cuda_available() -> bool:
     try:
@@ -28,8 +26,13 @@ def _cuda_available() -> bool:
         return False
 
 
-if not _cuda_available():
-    pytest.skip("no NVIDIA GPU with a CUDA build of PyTorch here", allow_module_level=True)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.usefixtures("unix_users"),
+    pytest.mark.skipif(
+        not _cuda_available(), reason="no NVIDIA GPU with a CUDA build of PyTorch here"
+    ),
+]
 
 ALICE, BOB = "gpl-alice", "gpl-bob"
 
