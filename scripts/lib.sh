@@ -34,7 +34,7 @@ make_venv() {
         /usr/bin/python3 -m venv "$venv"
         "$venv/bin/python" -m pip install -q --upgrade pip
     fi
-    echo "== installing gpulane$spec into $venv"
+    echo "== installing gpulane ($spec) into $venv"
     # Not editable: the package lands inside the venv, so users who cannot read the checkout run it.
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$spec"
     chmod -R a+rX "$venv"
