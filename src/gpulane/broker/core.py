@@ -102,7 +102,9 @@ class Broker:
                 )
                 continue
             elif job.ending_state is not None:
-                self._arm(job.id, self.settings.kill_grace, self._force_end, job.id)
+                # Being stopped when the broker died: only the rest of its grace period is left.
+                left = (job.ending_at or now) + self.settings.kill_grace - now
+                self._arm(job.id, max(0.0, left), self._force_end, job.id)
             else:
                 assert job.started_at is not None
                 deadline = job.started_at + job.time_limit

@@ -175,10 +175,6 @@ class EventsHandler(_Handler):
         if not self._finished:
             self.finish()
 
-    def on_connection_close(self) -> None:
-        # The watcher is dropped by the finally above once the pending write fails.
-        pass
-
 
 def make_app(broker: Broker, hub_tokens: HubTokens | None = None) -> tornado.web.Application:
     args = {"broker": broker, "hub_tokens": hub_tokens}

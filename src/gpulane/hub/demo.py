@@ -20,7 +20,6 @@ from pathlib import Path
 from gpulane.hub.config import install_kernel_extension
 
 DEMO_USERS = ("gpl-demo-ada", "gpl-demo-ben")
-ADMIN_USER = "gpl-demo-ada"
 
 CONFIG_TEMPLATE = """# Written by `gpulane demo`; rerun it to regenerate. State: {state}
 from gpulane.hub import configure
