@@ -17,19 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+from gpulane.unix_users import ensure_user
+
 DEMO_USERS = ("gpl-demo-ada", "gpl-demo-ben")
-
-
-def _ensure_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        done = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            capture_output=True,
-        )
-        return done.returncode == 0
 
 
 def _client(user: str | None, sock: Path, args: list[str]) -> list[str]:
@@ -72,7 +62,9 @@ def run_demo(seconds: float = 3.0) -> int:
     folder.chmod(0o755)
     sock = folder / "run" / "broker.sock"
     users: list[str | None] = [None, None]
-    if os.geteuid() == 0 and shutil.which("setpriv") and all(_ensure_user(u) for u in DEMO_USERS):
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        for user in DEMO_USERS:
+            ensure_user(user)
         users = list(DEMO_USERS)
     names = [u or pwd.getpwuid(os.geteuid()).pw_name for u in users]
     print(f"gpulane demo: a broker with 1 simulated GPU at {sock}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 from gpulane.hub.config import install_kernel_extension
+from gpulane.unix_users import ensure_user
 
 DEMO_USERS = ("gpl-demo-ada", "gpl-demo-ben")
 
@@ -68,18 +68,6 @@ def _nvml_gpus() -> int:
         return 0
 
 
-def _ensure_unix_user(name: str) -> None:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
-        entry = pwd.getpwnam(name)
-    home = Path(entry.pw_dir)
-    if not home.is_dir():  # an older account made without a home: servers start in it
-        home.mkdir(mode=0o700, parents=True)
-        os.chown(home, entry.pw_uid, entry.pw_gid)
-
-
 def _passwords(state: Path, users: tuple[str, ...]) -> dict[str, str]:
     """Generated once, kept (0600, owner only) so reruns print the same ones."""
     from gpulane.hub.demo_auth import write_password_file
@@ -110,7 +98,7 @@ def prepare(
     as_root = os.geteuid() == 0
     if as_root:
         for user in DEMO_USERS:
-            _ensure_unix_user(user)
+            ensure_user(user)
         users: tuple[str, ...] = DEMO_USERS
         spawner, notebook_dir = "jupyterhub.spawner.LocalProcessSpawner", "~"
     else:
