@@ -29,9 +29,17 @@ def _client(user: str | None, sock: Path, args: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
 
 
+_seen: list[str] = []  # every relayed line, in the order it arrived
+
+
 def _relay(label: str, stream: object) -> None:
     for line in stream:  # type: ignore[attr-defined]
+        _seen.append(line)
         print(f"  {label:>4} | {line.rstrip()}", flush=True)
+
+
+def _first(prefix: str) -> int:
+    return next((i for i, line in enumerate(_seen) if line.startswith(prefix)), len(_seen))
 
 
 def _start(label: str, user: str | None, sock: Path, args: list[str]) -> subprocess.Popen[str]:
@@ -99,11 +107,15 @@ def run_demo(seconds: float = 3.0) -> int:
         print(status.stdout or status.stderr, flush=True)
         codes = [p.wait(timeout=60 + 3 * seconds) for p in (ada1, ada2, ben)]
         time.sleep(0.1)
-        print(
-            "\nben's one job ran before ada's second: fair share serves the user with less recent GPU time."
-            if names[0] != names[1]
-            else "\n(run as root to see two real users and fair share between them)"
-        )
+        if names[0] == names[1]:
+            print("\n(run as root to see two real users and fair share between them)")
+        elif _first("ben: epoch 0") < _first("ada-eval: epoch 0"):
+            print("\nben's one job ran before ada's second, submitted earlier: fair share serves")
+            print("the user with less recent GPU time.")
+        else:
+            print(
+                "\nada's second job ran before ben's: not what fair share should do; see the broker log."
+            )
         return 0 if codes == [0, 0, 0] else 1
     finally:
         broker.terminate()
