@@ -66,6 +66,8 @@ def _training(name: str, seconds: float) -> list[str]:
 
 
 def run_demo(seconds: float = 3.0) -> int:
+    # The first job must still hold the GPU when the other two are queued (about 1.2 s in).
+    seconds = max(seconds, 2.0)
     folder = Path(tempfile.mkdtemp(prefix="gpulane-demo-"))
     folder.chmod(0o755)
     sock = folder / "run" / "broker.sock"
