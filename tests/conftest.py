@@ -529,16 +529,18 @@ class RunningHub:
         return (self.state / "jupyterhub.log").read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def hub(unix_users: tuple[str, ...]) -> Iterator[RunningHub]:
-    need(os.geteuid() == 0, "the hub tests spawn servers as real Unix users, which needs root")
+@contextlib.contextmanager
+def running_demo_hub(
+    prefix: str, extra_config: Callable[[Path], str] | None = None
+) -> Iterator[RunningHub]:
+    """A hub from the project's demo configuration on free ports, plus ``extra_config(state)``."""
     need(
         shutil.which("configurable-http-proxy") is not None,
         "configurable-http-proxy is not installed",
     )
     from gpulane.hub.demo import prepare
 
-    state = Path(tempfile.mkdtemp(prefix="gpulane-hub-"))
+    state = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
     config, passwords = prepare(
         state,
@@ -547,10 +549,23 @@ def hub(unix_users: tuple[str, ...]) -> Iterator[RunningHub]:
         hub_port=free_port(),
         proxy_api_port=free_port(),
     )
+    if extra_config is not None:
+        with open(config, "a") as handle:
+            handle.write(extra_config(state))
     url = f"http://127.0.0.1:{port}"
     proc = launch_hub(config, state, url)
-    running = RunningHub(url, state, passwords, proc)
-    yield running
-    stop_hub(proc)
-    subprocess.run(["pkill", "-f", f"{state}/"], check=False)  # servers and the broker of this hub
-    shutil.rmtree(state, ignore_errors=True)
+    try:
+        yield RunningHub(url, state, passwords, proc)
+    finally:
+        stop_hub(proc)
+        subprocess.run(
+            ["pkill", "-f", f"{state}/"], check=False
+        )  # servers and the broker of this hub
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hub(unix_users: tuple[str, ...]) -> Iterator[RunningHub]:
+    need(os.geteuid() == 0, "the hub tests spawn servers as real Unix users, which needs root")
+    with running_demo_hub("gpulane-hub-") as running:
+        yield running

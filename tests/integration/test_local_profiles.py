@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, launch_hub, need, stop_hub
+from tests.conftest import running_demo_hub
 from tests.hubclient import HubUser
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
@@ -46,38 +43,18 @@ groups = ["gpu-admins"]
 
 @pytest.fixture(scope="module")
 def profile_hub(unix_users) -> Iterator[tuple[str, dict[str, str], Path]]:
-    need(
-        shutil.which("configurable-http-proxy") is not None,
-        "configurable-http-proxy is not installed",
-    )
-    from gpulane.hub.demo import prepare
-
-    state = Path(tempfile.mkdtemp(prefix="gpulane-profiles-"))
-    port = free_port()
-    config, passwords = prepare(
-        state,
-        port=port,
-        dashboard_port=free_port(),
-        hub_port=free_port(),
-        proxy_api_port=free_port(),
-    )
-    (state / "profiles.toml").write_text(PROFILES)
-    with open(config, "a") as handle:
-        handle.write(
-            f"""
+    def spawner_config(state: Path) -> str:
+        (state / "profiles.toml").write_text(PROFILES)
+        return f"""
 c.JupyterHub.spawner_class = "gpulane.hub.spawner.GpulaneSpawner"
 c.GpulaneSpawner.profiles_file = "{state}/profiles.toml"
 c.GpulaneSpawner.broker_socket = "{state}/run/broker.sock"
 c.GpulaneSpawner.cmd = c.Spawner.cmd
 c.JupyterHub.load_groups = {{"gpu-users": {{"users": ["{ADA}", "{BEN}"]}}}}
 """
-        )
-    url = f"http://127.0.0.1:{port}"
-    proc = launch_hub(config, state, url)
-    yield url, passwords, state
-    stop_hub(proc)
-    subprocess.run(["pkill", "-f", f"{state}/"], check=False)
-    shutil.rmtree(state, ignore_errors=True)
+
+    with running_demo_hub("gpulane-profiles-", spawner_config) as hub:
+        yield hub.url, hub.passwords, hub.state
 
 
 def hub_log(state: Path) -> str:
