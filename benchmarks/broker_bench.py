@@ -43,7 +43,7 @@ from types import ModuleType
 from gpulane import __version__
 from gpulane.jobs import Request
 from gpulane.scheduler.base import JobUpdate
-from gpulane.scheduler.broker import BrokerScheduler
+from gpulane.scheduler.embedded import BrokerScheduler
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_HANDOFF_MS = 20.0
@@ -277,7 +277,7 @@ def cli_run_true(broker: BenchBroker) -> float:
 
 def python_imports(broker: BenchBroker) -> float:
     """Wall seconds of a Python that only imports what ``gpulane run`` imports; no broker."""
-    code = "import gpulane.cli, gpulane.scheduler.broker"
+    code = "import gpulane.cli, gpulane.scheduler.embedded"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=broker.env(), check=True, capture_output=True)
     return time.perf_counter() - t0

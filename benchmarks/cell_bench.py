@@ -41,7 +41,7 @@ import broker_bench as bb  # benchmarks/ is on sys.path when this file runs as a
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 
-from gpulane.scheduler.broker import BrokerScheduler
+from gpulane.scheduler.embedded import BrokerScheduler
 
 CELL = "print('x')"
 LINE = "x"  # the first line the cell prints

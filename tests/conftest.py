@@ -538,7 +538,7 @@ def running_demo_hub(
         shutil.which("configurable-http-proxy") is not None,
         "configurable-http-proxy is not installed",
     )
-    from gpulane.hub.demo import prepare
+    from gpulane.demo.hub import prepare
 
     state = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()

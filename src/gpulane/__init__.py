@@ -7,7 +7,7 @@ def load_ipython_extension(ipython: object) -> None:
     """``%load_ext gpulane``: registers ``%%gpu`` and ``%gpu``."""
     import os
 
-    from gpulane import memory_caps
+    from gpulane.kernel import memory_caps
     from gpulane.kernel.magic import GpuMagics, hoist_gpu_magic
 
     # A server started on a GPU slice (a GPU profile) caps the frameworks in its kernels too.

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from gpulane import __version__, deploy, k8s, settings
+from gpulane import __version__, config
+from gpulane.admin import k8s_commands as k8s
+from gpulane.admin import slurm_commands as deploy
 from gpulane.display import final_words, status_table, wait_line
 from gpulane.jobs import (
     NAME_RE,
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run the embedded GPU broker for this machine")
     broker.add_argument(
         "--socket",
-        help=f"Unix socket to listen on (default ${settings.SOCKET_ENV} or {settings.DEFAULT_SOCKET})",
+        help=f"Unix socket to listen on (default ${config.SOCKET_ENV} or {config.DEFAULT_SOCKET})",
     )
     broker.add_argument(
         "--state-dir",
@@ -213,11 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.what == "queue":
-        from gpulane.demo import run_demo
+        from gpulane.demo.queue import run_demo
 
         return run_demo(seconds=float(parse_duration(args.seconds + "s", "--seconds")))
     try:
-        from gpulane.hub.demo import run_demo_hub
+        from gpulane.demo.hub import run_demo_hub
     except ImportError as error:
         _fail(f"the hub demo needs JupyterHub: pip install 'gpulane[hub]' ({error})")
     port = parse_count(args.port, "--port", 65535)
@@ -241,7 +243,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     slices = parse_count(args.slices, "--slices")
-    config = policy.PolicyConfig(
+    policy_config = policy.PolicyConfig(
         slices_per_gpu=slices,
         max_running_per_user=int(args.max_running_per_user)
         if args.max_running_per_user != "0"
@@ -256,7 +258,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.max_running_per_user != "0":
         parse_count(args.max_running_per_user, "--max-running-per-user", maximum=10_000)
     broker_settings = BrokerSettings(
-        policy=config,
+        policy=policy_config,
         lease_ttl=float(parse_duration(args.lease_ttl, "--lease-ttl")),
         kill_grace=float(parse_duration(args.kill_grace, "--kill-grace")),
     )
@@ -270,13 +272,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
             inventory = Inventory.from_nvml()
         except RuntimeError as error:
             _fail(str(error))
-    state_dir = Path(args.state_dir) if args.state_dir else settings.default_state_dir()
+    state_dir = Path(args.state_dir) if args.state_dir else config.default_state_dir()
     store = Store(state_dir / "broker.sqlite3")
     broker = Broker(broker_settings, inventory, store)
     dashboard = (
         parse_count(args.dashboard_port, "--dashboard-port", 65535) if args.dashboard_port else None
     )
-    asyncio.run(serve(broker, settings.socket_path(args.socket), dashboard))
+    asyncio.run(serve(broker, config.socket_path(args.socket), dashboard))
     return 0
 
 

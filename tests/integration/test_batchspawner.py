@@ -28,7 +28,7 @@ SERVER_JOB = "jupyterhub-server"
 
 CONFIG = """
 from gpulane.hub.batch import configure_slurm_spawner
-from gpulane.hub.demo_auth import DemoAuthenticator
+from gpulane.demo.auth import DemoAuthenticator
 
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {port}
@@ -86,8 +86,8 @@ def batch_hub(slurm_cluster) -> Iterator[BatchHub]:
         shutil.which("configurable-http-proxy") is not None,
         "configurable-http-proxy is not installed",
     )
+    from gpulane.demo.auth import write_password_file
     from gpulane.hub.config import install_kernel_extension
-    from gpulane.hub.demo_auth import write_password_file
 
     install_kernel_extension()  # %%gpu in every kernel, as `gpulane demo` does
     state = Path(tempfile.mkdtemp(prefix="gpulane-batchhub-"))

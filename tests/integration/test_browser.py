@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gpulane.scheduler.http_unix import UnixJSONClient
+from gpulane.scheduler.http import UnixJSONClient
 from tests.conftest import need, need_module
 from tests.hubclient import HubUser
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from gpulane import deploy
-from gpulane.deploy import doctor
-from gpulane.deploy.doctor import Context, Finding
+from gpulane.admin import doctor
+from gpulane.admin import slurm_commands as deploy
+from gpulane.admin.doctor import Context, Finding
 from tests.conftest import need, wait_for
 
 GPUS = 2
@@ -39,7 +39,7 @@ SHARDS_PER_GPU = 2
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    """cli.py's parser, reduced to what gpulane.deploy registers."""
+    """cli.py's parser, reduced to what gpulane.admin.slurm_commands registers."""
     from gpulane.cli import _Parser
 
     parser = _Parser(prog="gpulane")
@@ -328,14 +328,14 @@ def test_drained_node_fails_with_reason_and_the_resume_fix(healthy: Cluster):
 
 
 def gpulane_shim(folder: Path) -> Path:
-    """A `gpulane` on PATH that runs gpulane.deploy's commands (cli.py may not wire them yet)."""
+    """A `gpulane` on PATH that runs gpulane.admin.slurm_commands's commands (cli.py may not wire them yet)."""
     bin_dir = folder / "bin"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "gpulane"
     shim.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
-        "from gpulane import deploy\n"
+        "from gpulane.admin import slurm_commands as deploy\n"
         "from gpulane.cli import _Parser\n"
         "parser = _Parser(prog='gpulane')\n"
         "deploy.add_commands(parser.add_subparsers(dest='command', parser_class=_Parser))\n"

@@ -261,7 +261,7 @@ def test_torch_tensors_and_modules_come_back_on_the_cpu_with_memory_caps(make_br
     cell = k.execute(
         "%%gpu --slices 1\n"
         "import os, torch\n"
-        "from gpulane import memory_caps\n"
+        "from gpulane.kernel import memory_caps\n"
         "t = torch.ones(3) * 2\n"
         "m = torch.nn.Linear(2, 1)\n"
         "caps = list(memory_caps.applied)\n"

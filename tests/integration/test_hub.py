@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from gpulane.scheduler.base import SchedulerError
-from gpulane.scheduler.http_unix import UnixJSONClient
+from gpulane.scheduler.http import UnixJSONClient
 from tests.hubclient import HubUser
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"  # ada is the gpulane admin of the demo

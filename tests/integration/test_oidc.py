@@ -28,7 +28,7 @@ import pytest
 import requests
 
 from gpulane.scheduler.base import SchedulerError
-from gpulane.scheduler.http_unix import UnixJSONClient
+from gpulane.scheduler.http import UnixJSONClient
 from tests.conftest import free_port, launch_hub, need, need_module, stop_hub
 from tests.hubclient import HubUser
 

@@ -12,9 +12,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gpulane import k8s
-from gpulane.k8s.hub_values import HubOptions, hub_values, render
-from gpulane.k8s.time_slicing import (
+from gpulane.admin import k8s_commands as k8s
+from gpulane.admin.k8s_hub_values import HubOptions, hub_values, render
+from gpulane.admin.k8s_time_slicing import (
     K8sError,
     NodeReport,
     TimeSlicing,
@@ -23,7 +23,7 @@ from gpulane.k8s.time_slicing import (
     cluster_policy_patch,
     configmap,
 )
-from gpulane.k8s.time_slicing import render as render_time_slicing
+from gpulane.admin.k8s_time_slicing import render as render_time_slicing
 from gpulane.profiles import ProfileError, load_profiles, load_profiles_file
 from tests.conftest import IN_CI, need_module
 
@@ -627,7 +627,7 @@ class FakeApiServer:
 
 def test_apply_through_the_kubernetes_client(tmp_path: Path) -> None:
     _module("kubernetes")
-    from gpulane.k8s.time_slicing import KubeCluster
+    from gpulane.admin.k8s_time_slicing import KubeCluster
 
     api = FakeApiServer(gpus=2)
     try:
@@ -671,7 +671,7 @@ def test_apply_through_the_kubernetes_client(tmp_path: Path) -> None:
 
 def test_apply_names_an_unreachable_api(tmp_path: Path) -> None:
     _module("kubernetes")
-    from gpulane.k8s.time_slicing import KubeCluster
+    from gpulane.admin.k8s_time_slicing import KubeCluster
 
     with pytest.raises(K8sError, match="no Kubernetes credentials"):
         KubeCluster(config_file=str(tmp_path / "missing"))

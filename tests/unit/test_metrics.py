@@ -10,10 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpulane.broker.core import Broker, BrokerSettings
 from gpulane.broker.gpus import Inventory
+from gpulane.broker.identity import Identity
 from gpulane.broker.metrics import CONTENT_TYPE, BrokerMetrics
 from gpulane.broker.policy import PolicyConfig
 from gpulane.broker.store import Store
-from gpulane.identity import Identity
 from gpulane.jobs import Request
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpulane import deploy
-from gpulane.deploy import slurm_config
-from gpulane.deploy.slurm_config import ConfigError, ConfigOptions, MachineFacts, render_config
+from gpulane.admin import slurm_commands as deploy
+from gpulane.admin import slurm_config
+from gpulane.admin.slurm_config import ConfigError, ConfigOptions, MachineFacts, render_config
 
 # A GPU server: 2 sockets x 16 cores x 2 threads, 4 GPUs, cgroup v2, systemd.
 SERVER = MachineFacts(

@@ -20,13 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpulane import procs
-from gpulane.broker import policy
+from gpulane.broker import policy, procs
 from gpulane.broker.gpus import Inventory
+from gpulane.broker.identity import Identity
 from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.store import JobRecord, Store
 from gpulane.broker.usage import busy_per_minute, gpu_seconds_by_user, local_midnight
-from gpulane.identity import Identity
 from gpulane.jobs import JobState, OptionError, Request, format_duration
 
 log = logging.getLogger("gpulane.broker")

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from gpulane.identity import Identity
+from gpulane.broker.identity import Identity
 
 log = logging.getLogger("gpulane.broker")
 

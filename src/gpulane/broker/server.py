@@ -26,7 +26,7 @@ from tornado.netutil import bind_unix_socket
 from gpulane import __version__
 from gpulane.broker.core import Broker, BrokerError, parse_request
 from gpulane.broker.hub_auth import HubTokenError, HubTokens
-from gpulane.identity import Identity, peer_identity
+from gpulane.broker.identity import Identity, peer_identity
 
 log = logging.getLogger("gpulane.broker")
 
@@ -227,7 +227,7 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
     server.add_socket(sock)
     broker.start()
     if dashboard_port:
-        from gpulane.hub.dashboard import make_dashboard
+        from gpulane.broker.dashboard import make_dashboard
 
         # Loopback only: the hub's proxy forwards /services/gpulane/ here.
         make_dashboard(broker).listen(dashboard_port, address="127.0.0.1")

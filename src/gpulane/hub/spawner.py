@@ -35,7 +35,7 @@ from gpulane.profiles import (
     visible_profiles,
 )
 from gpulane.scheduler.base import JobUpdate, SchedulerError
-from gpulane.scheduler.broker import BrokerScheduler
+from gpulane.scheduler.embedded import BrokerScheduler
 
 
 class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]

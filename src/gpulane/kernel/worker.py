@@ -18,9 +18,9 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpulane.spawn import spawn_command
+from gpulane.scheduler.spawn import spawn_command
 
-RUNNER_COMMAND = (sys.executable, "-m", "gpulane.runner")
+RUNNER_COMMAND = (sys.executable, "-m", "gpulane.kernel.runner")
 
 
 class Sink(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpulane import settings
+from gpulane import config as site
 from gpulane.scheduler.base import Scheduler, SchedulerError, SchedulerUnavailable
 
 __all__ = ["Scheduler", "SchedulerError", "SchedulerUnavailable", "connect"]
@@ -19,27 +19,27 @@ def connect(socket: str | os.PathLike[str] | None = None) -> Scheduler:
     ``auto``, a listening broker socket wins, then a Slurm whose controller
     answers, else the broker (whose absence is then reported plainly).
     """
-    from gpulane.scheduler.broker import BrokerScheduler
+    from gpulane.scheduler.embedded import BrokerScheduler
 
     try:
-        config = settings.load_config()
-    except settings.ConfigError as error:
+        config = site.load_config()
+    except site.ConfigError as error:
         raise SchedulerError(str(error)) from None
     broker_socket = (
-        socket or os.environ.get(settings.SOCKET_ENV) or config.get("broker", {}).get("socket")
+        socket or os.environ.get(site.SOCKET_ENV) or config.get("broker", {}).get("socket")
     )
-    backend = os.environ.get(settings.BACKEND_ENV) or config.get("backend", "auto")
-    if backend not in settings.BACKENDS:
+    backend = os.environ.get(site.BACKEND_ENV) or config.get("backend", "auto")
+    if backend not in site.BACKENDS:
         raise SchedulerError(
-            f"{settings.BACKEND_ENV}={backend!r}; use one of {', '.join(settings.BACKENDS)}"
+            f"{site.BACKEND_ENV}={backend!r}; use one of {', '.join(site.BACKENDS)}"
         )
-    if socket or os.environ.get(settings.SOCKET_ENV):
+    if socket or os.environ.get(site.SOCKET_ENV):
         return _broker(BrokerScheduler(broker_socket), "GPULANE_SOCKET or --socket names a broker")
     if backend == "broker":
         return _broker(BrokerScheduler(broker_socket), "configured: backend = broker")
     if backend == "slurm":
         return _slurm(config, "configured: backend = slurm")
-    default = settings.socket_path(broker_socket)
+    default = site.socket_path(broker_socket)
     if Path(default).exists():
         return _broker(BrokerScheduler(default), f"auto: a broker listens at {default}")
     from gpulane.scheduler.slurm import slurm_reachable

@@ -40,7 +40,7 @@ from gpulane.scheduler.base import (
     SchedulerUnavailable,
     UpdateCallback,
 )
-from gpulane.spawn import spawn_command
+from gpulane.scheduler.spawn import spawn_command
 
 JOB_NAME_PREFIX = "gpulane:"
 BATCH_SCRIPT = '#!/bin/sh\n# written by gpulane: run the job\'s argv as given\nexec "$@"\n'

@@ -130,7 +130,7 @@ def add_commands(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run a command registered by :func:`add_commands`; returns the exit status."""
-    from gpulane.k8s.time_slicing import K8sError
+    from gpulane.admin.k8s_time_slicing import K8sError
     from gpulane.profiles import ProfileError
 
     if args.command != "k8s":
@@ -152,7 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _time_slicing(args: argparse.Namespace) -> int:
-    from gpulane.k8s.time_slicing import (
+    from gpulane.admin.k8s_time_slicing import (
         SHARED_RESOURCE,
         K8sError,
         KubeCluster,
@@ -197,7 +197,7 @@ def _time_slicing(args: argparse.Namespace) -> int:
 
 
 def _hub_values(args: argparse.Namespace) -> int:
-    from gpulane.k8s.hub_values import HubOptions, render
+    from gpulane.admin.k8s_hub_values import HubOptions, render
     from gpulane.profiles import ProfileError, load_profiles_file
 
     pset = load_profiles_file(args.profiles)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from gpulane import settings
+from gpulane import config
 from gpulane.jobs import Request
 from gpulane.scheduler.base import (
     JobUpdate,
@@ -28,8 +28,8 @@ from gpulane.scheduler.base import (
     SchedulerUnavailable,
     UpdateCallback,
 )
-from gpulane.scheduler.http_unix import UnixJSONClient
-from gpulane.spawn import spawn_command
+from gpulane.scheduler.http import UnixJSONClient
+from gpulane.scheduler.spawn import spawn_command
 
 RECONNECT_WINDOW = 60.0  # how long a client keeps trying while the broker restarts
 STOP_GRACE = 5.0  # SIGINT, then SIGTERM after half of this, then SIGKILL
@@ -44,7 +44,7 @@ class BrokerScheduler(Scheduler):
         heartbeat: float = 2.0,
         token: str | None = None,
     ) -> None:
-        self.socket = settings.socket_path(socket)
+        self.socket = config.socket_path(socket)
         # Inside a JupyterHub server its token names the hub user; the hub passes one explicitly.
         token = token or os.environ.get("JUPYTERHUB_API_TOKEN")
         self.client = UnixJSONClient(self.socket, token=token)

@@ -19,8 +19,8 @@ from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 
 from gpulane.broker.core import Broker, BrokerError
 from gpulane.broker.hub_auth import ADMIN_SCOPE
+from gpulane.broker.identity import Identity
 from gpulane.broker.metrics import CONTENT_TYPE
-from gpulane.identity import Identity
 
 
 class _Base(HubOAuthenticated, tornado.web.RequestHandler):  # type: ignore[misc]
@@ -59,7 +59,7 @@ class _Base(HubOAuthenticated, tornado.web.RequestHandler):  # type: ignore[misc
 class PageHandler(_Base):
     @tornado.web.authenticated
     def get(self) -> None:
-        page = resources.files("gpulane.hub").joinpath("dashboard.html").read_text()
+        page = resources.files("gpulane.broker").joinpath("dashboard.html").read_text()
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header(
             "Content-Security-Policy",

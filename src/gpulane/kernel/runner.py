@@ -1,6 +1,6 @@
 """The GPU worker: runs notebook cells on the granted GPU and sends back output and names.
 
-Started by the kernel side (``python -m gpulane.runner``) before the GPU is
+Started by the kernel side (``python -m gpulane.kernel.runner``) before the GPU is
 granted, so that Python, IPython and the channel are ready when the turn
 comes: the grant only sends the cell. It talks over a
 ``multiprocessing.connection`` channel:
@@ -32,7 +32,7 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
-from gpulane import memory_caps
+from gpulane.kernel import memory_caps
 
 PROTOCOL = 1
 

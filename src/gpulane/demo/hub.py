@@ -16,14 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gpulane.demo.users import ensure_user
 from gpulane.hub.config import install_kernel_extension
-from gpulane.unix_users import ensure_user
 
 DEMO_USERS = ("gpl-demo-ada", "gpl-demo-ben")
 
 CONFIG_TEMPLATE = """# Written by `gpulane demo`; rerun it to regenerate. State: {state}
 from gpulane.hub import configure
-from gpulane.hub.demo_auth import DemoAuthenticator
+from gpulane.demo.auth import DemoAuthenticator
 
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {port}
@@ -70,7 +70,7 @@ def _nvml_gpus() -> int:
 
 def _passwords(state: Path, users: tuple[str, ...]) -> dict[str, str]:
     """Generated once, kept (0600, owner only) so reruns print the same ones."""
-    from gpulane.hub.demo_auth import write_password_file
+    from gpulane.demo.auth import write_password_file
 
     plain = state / "passwords.txt"
     if plain.exists():

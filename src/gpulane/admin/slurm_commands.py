@@ -122,7 +122,7 @@ def _fail(message: str) -> int:
 
 
 def _slurm_config(args: argparse.Namespace) -> int:
-    from gpulane.deploy.slurm_config import (
+    from gpulane.admin.slurm_config import (
         ConfigError,
         ConfigOptions,
         gather_facts,
@@ -228,7 +228,7 @@ def _make_dirs(options: Any) -> None:
 def _doctor(args: argparse.Namespace) -> int:
     import json
 
-    from gpulane.deploy import doctor
+    from gpulane.admin import doctor
 
     prefixes = args.python_prefix
     if not prefixes and os.environ.get(PYTHON_PREFIXES_ENV):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from gpulane.k8s.time_slicing import K8sError, yaml_dump
+from gpulane.admin.k8s_time_slicing import K8sError, yaml_dump
 from gpulane.profiles import IMAGE_RE, ProfileSet
 
 PROFILES_PATH = "/etc/gpulane/profiles.toml"

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from gpulane.unix_users import ensure_user
+from gpulane.demo.users import ensure_user
 
 DEMO_USERS = ("gpl-demo-ada", "gpl-demo-ben")
 
