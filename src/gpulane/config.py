@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from gpulane.errors import ConfigError
+
 DEFAULT_SOCKET = Path("/run/gpulane/broker.sock")
 SOCKET_ENV = "GPULANE_SOCKET"
 
@@ -56,7 +58,3 @@ def load_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{chosen}: unknown setting(s) {', '.join(unknown)}")
     return data
-
-
-class ConfigError(ValueError):
-    """The configuration is malformed; the message says where and how."""

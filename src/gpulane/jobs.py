@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gpulane.errors import OptionError
 
-class OptionError(ValueError):
-    """A user-supplied option is malformed; the message names it and the accepted forms."""
+__all__ = ["OptionError"]  # re-exported: front ends catch it from here
 
 
 TIME_FORMS = "HH:MM:SS, MM:SS, a number of minutes, or 90s / 90m / 2h / 1d"

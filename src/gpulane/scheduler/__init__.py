@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from gpulane import config as site
+from gpulane.errors import ConfigError
 from gpulane.scheduler.base import Scheduler, SchedulerError, SchedulerUnavailable
 
 __all__ = ["Scheduler", "SchedulerError", "SchedulerUnavailable", "connect"]
@@ -23,7 +24,7 @@ def connect(socket: str | os.PathLike[str] | None = None) -> Scheduler:
 
     try:
         config = site.load_config()
-    except site.ConfigError as error:
+    except ConfigError as error:
         raise SchedulerError(str(error)) from None
     broker_socket = (
         socket or os.environ.get(site.SOCKET_ENV) or config.get("broker", {}).get("socket")

@@ -18,18 +18,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+from gpulane.errors import SchedulerError, SchedulerUnavailable
 from gpulane.jobs import Request
+
+__all__ = ["SchedulerError", "SchedulerUnavailable"]  # re-exported for the back ends
 
 JobView = dict[str, Any]
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
-
-
-class SchedulerError(Exception):
-    """A refusal or failure, worded for the user in one line."""
-
-
-class SchedulerUnavailable(SchedulerError):
-    """The back end cannot be reached at all."""
 
 
 @dataclass(frozen=True)
