@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, launch_hub, need, need_module, stop_hub, wait_for
-from tests.hubclient import HubUser
+from tests.support.hubclient import HubUser
+from tests.support.hubs import free_port, launch_hub, stop_hub
+from tests.support.users import need, need_module, wait_for
 
 ALICE, BOB = "gpl-alice", "gpl-bob"
 SERVER_JOB = "jupyterhub-server"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.support.users import wait_for
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from gpulane.scheduler.http import UnixJSONClient
-from tests.conftest import need, need_module
-from tests.hubclient import HubUser
+from tests.support.hubclient import HubUser
+from tests.support.users import need, need_module
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
 CHROMIUM = Path("/usr/bin/chromium")

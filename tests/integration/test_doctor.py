@@ -32,7 +32,7 @@ import pytest
 from gpulane.admin import doctor
 from gpulane.admin import slurm_commands as deploy
 from gpulane.admin.doctor import Context, Finding
-from tests.conftest import need, wait_for
+from tests.support.users import need, wait_for
 
 GPUS = 2
 SHARDS_PER_GPU = 2

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import need_module, wait_for
+from tests.support.users import need_module, wait_for
 
 pytestmark = pytest.mark.usefixtures("unix_users")
 

@@ -10,7 +10,7 @@ import requests
 
 from gpulane.scheduler.base import SchedulerError
 from gpulane.scheduler.http import UnixJSONClient
-from tests.hubclient import HubUser
+from tests.support.hubclient import HubUser
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"  # ada is the gpulane admin of the demo
 

@@ -20,7 +20,7 @@ import pytest
 
 from gpulane.hub.kube import configure_kubespawner
 from gpulane.profiles import IMAGE_PATTERN, ProfileError
-from tests.conftest import need_module
+from tests.support.users import need_module
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "profiles.toml"
 GIB = 1024**3

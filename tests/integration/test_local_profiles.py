@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_demo_hub
-from tests.hubclient import HubUser
+from tests.support.hubclient import HubUser
+from tests.support.hubs import running_demo_hub
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
 

@@ -29,8 +29,9 @@ import requests
 
 from gpulane.scheduler.base import SchedulerError
 from gpulane.scheduler.http import UnixJSONClient
-from tests.conftest import free_port, launch_hub, need, need_module, stop_hub
-from tests.hubclient import HubUser
+from tests.support.hubclient import HubUser
+from tests.support.hubs import free_port, launch_hub, stop_hub
+from tests.support.users import need, need_module
 
 # sub (the provider's subject) differs from preferred_username: the hub must use the latter.
 PEOPLE: dict[str, dict[str, Any]] = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.support.users import wait_for
 
 ALICE, BOB = "gpl-alice", "gpl-bob"
 

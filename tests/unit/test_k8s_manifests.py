@@ -25,7 +25,7 @@ from gpulane.admin.k8s_time_slicing import (
 )
 from gpulane.admin.k8s_time_slicing import render as render_time_slicing
 from gpulane.profiles import ProfileError, load_profiles, load_profiles_file
-from tests.conftest import IN_CI, need_module
+from tests.support.users import IN_CI, need_module
 
 
 def _module(name: str) -> Any:

@@ -29,7 +29,7 @@ from gpulane.kernel.namespace import (
     to_cpu,
     unpack,
 )
-from tests.conftest import need_module
+from tests.support.users import need_module
 
 SMALL = 64  # inline_limit for tests: anything this big or bigger is spilled to a file
 MiB = 1 << 20
