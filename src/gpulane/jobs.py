@@ -21,7 +21,9 @@ TIME_FORMS = "HH:MM:SS, MM:SS, a number of minutes, or 90s / 90m / 2h / 1d"
 MEMORY_FORMS = "a size such as 512M, 8G or 1.5T (K, M, G, T; bytes without a suffix)"
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_UNIT_BYTES = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# The one unit table for every size gpulane reads (options, profile files): binary units.
+_UNIT_BYTES = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtpb]?)(?:i?b)?")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
 
 MAX_TIME_SECONDS = 366 * 86400
@@ -54,12 +56,18 @@ def parse_duration(text: str, option: str = "--time") -> int:
     return int(seconds)
 
 
+def size_in_bytes(text: str) -> float | None:
+    """The bytes ``512M``, ``8G``, ``1.5T`` or ``4096`` names, unbounded (it may be inf);
+    None when it is not a size. Callers apply their own bounds and messages."""
+    match = _SIZE_RE.fullmatch(str(text).strip().lower())
+    return None if match is None else float(match.group(1)) * _UNIT_BYTES[match.group(2)]
+
+
 def parse_memory(text: str, option: str = "--mem") -> int:
     """Bytes from ``512M``, ``8G``, ``1.5T`` (binary units, as Slurm reads them)."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?", str(text).strip().lower())
-    if not match:
+    size = size_in_bytes(text)  # may be inf: check the range before int()
+    if size is None:
         raise OptionError(f"{option} {text!r} is not a size; use {MEMORY_FORMS}")
-    size = float(match.group(1)) * _UNIT_BYTES[match.group(2)]  # may be inf: check first
     if not 1 <= size <= 1024**5:
         raise OptionError(f"{option} {text!r} is out of range; use {MEMORY_FORMS}")
     return int(size)
@@ -105,7 +113,12 @@ class JobState(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+        return is_finished(self)
+
+
+def is_finished(state: str) -> bool:
+    """True for a state a job ends in (completed, failed, ...): the one meaning of "finished"."""
+    return state not in (JobState.QUEUED, JobState.RUNNING)
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,7 @@ def test_format_duration_shapes() -> None:
         ("4096", 4096),
         ("4096B", 4096),
         ("1024T", 1024**5),
+        ("1P", 1024**5),  # the unit table profile files share
     ],
 )
 def test_parse_memory_accepted_forms(text: str, size: int) -> None:

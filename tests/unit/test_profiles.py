@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpulane.hub.forms import options_form_html
 from gpulane.profiles import (
     IMAGE_PATTERN,
     IMAGE_RE,
@@ -22,7 +23,6 @@ from gpulane.profiles import (
     gpu_environment,
     load_profiles,
     load_profiles_file,
-    options_form_html,
     resolve_form,
     visible_custom,
     visible_profiles,

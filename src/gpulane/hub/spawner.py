@@ -22,6 +22,7 @@ from tornado import web
 from traitlets import Integer, Unicode
 
 from gpulane.display import describe_eta, describe_holders
+from gpulane.hub.forms import options_form_html
 from gpulane.jobs import Request, parse_duration
 from gpulane.profiles import (
     Profile,
@@ -29,7 +30,6 @@ from gpulane.profiles import (
     ProfileSet,
     gpu_environment,
     load_profiles_file,
-    options_form_html,
     resolve_form,
     visible_custom,
     visible_profiles,
