@@ -1,33 +1,24 @@
-"""``gpulane doctor``: is this machine ready to run GPU jobs through Slurm?
-
-Each check is a small function of a :class:`Context` that returns a :class:`Finding`:
-a status (ok, warn, fail), a one-line finding, and the command that fixes it. Every
-subprocess call takes an argv list and a timeout; ``SLURM_CONF`` is respected.
-"""
+"""``gpulane doctor``'s Slurm checks: munge, the daemons, slurm.conf, the node and its GRES."""
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import re
-import shlex
-import site
-import socket
 import stat
 import subprocess
-import sys
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_SLURM_CONF = Path("/etc/slurm/slurm.conf")
-DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
-TIMEOUT_S = 10.0
-GENERATED_WITH = "# Generated with: "  # the comment `gpulane slurm config` leaves in slurm.conf
-CUDA_LIBS = ("libcudnn.so", "libnccl.so", "libcublas.so", "libcudart.so")
-LD_CONF_FILE = "/etc/ld.so.conf.d/gpulane-pip-nvidia.conf"
-WSL_LIB = "/usr/lib/wsl/lib"
+from gpulane.admin.doctor.context import (
+    DEFAULT_MUNGE_SOCKET,
+    Context,
+    Finding,
+    expand_hostlist,
+    parse_key_value,
+    run,
+)
+from gpulane.admin.doctor.gpus import nvml_count
+
 # Node state words that make a node unusable until someone acts, and ones that pass.
 BAD_STATES = {
     "DOWN",
@@ -43,187 +34,6 @@ BAD_STATES = {
     "NO_RESPOND",
 }
 TRANSIENT_STATES = {"UNKNOWN", "FUTURE", "POWERED_DOWN", "POWERING_UP", "REBOOT_REQUESTED"}
-
-
-@dataclass(frozen=True)
-class Finding:
-    name: str
-    status: str  # "ok", "warn" or "fail"
-    message: str  # one line
-    fix: str = ""  # the command that fixes it; empty when ok
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- context
-
-
-@dataclass(frozen=True)
-class SlurmConf:
-    """The parts of slurm.conf the checks need (keys lower-cased; first value wins)."""
-
-    path: Path
-    settings: dict[str, str]
-    nodes: list[dict[str, str]]
-    generated_with: str = ""  # the `gpulane slurm config` command line that wrote it
-
-    @classmethod
-    def parse(cls, path: Path, text: str) -> SlurmConf:
-        settings: dict[str, str] = {}
-        nodes: list[dict[str, str]] = []
-        generated_with = ""
-        for raw in text.splitlines():
-            if raw.startswith(GENERATED_WITH) and not generated_with:
-                generated_with = raw.removeprefix(GENERATED_WITH).strip()
-            line = raw.split("#", 1)[0].strip()
-            if "=" not in line:
-                continue
-            if line.lower().startswith("nodename="):
-                fields = dict(_kv(token) for token in line.split() if "=" in token)
-                if fields.get("nodename", "").upper() != "DEFAULT":
-                    nodes.append(fields)
-            elif not line.lower().startswith("partitionname="):
-                key, value = _kv(line)
-                settings.setdefault(key, value)
-        return cls(path, settings, nodes, generated_with)
-
-    def get(self, key: str, default: str = "") -> str:
-        return self.settings.get(key.lower(), default)
-
-    def node(self, hostname: str) -> dict[str, str] | None:
-        for fields in self.nodes:
-            if hostname in expand_hostlist(fields.get("nodename", "")):
-                return fields
-        return self.nodes[0] if len(self.nodes) == 1 else None
-
-
-def _kv(text: str) -> tuple[str, str]:
-    key, _, value = text.partition("=")
-    return key.strip().lower(), value.strip()
-
-
-def expand_hostlist(text: str) -> list[str]:
-    """``/dev/nvidia[0-1,3]`` or ``node[1-2]`` -> each name (one bracket group)."""
-    match = re.fullmatch(r"(.*)\[([0-9,\-]+)\](.*)", text)
-    if not match:
-        return [text] if text else []
-    head, ranges, tail = match.groups()
-    names = []
-    for part in ranges.split(","):
-        lo, _, hi = part.partition("-")
-        width = len(lo)
-        for i in range(int(lo), int(hi or lo) + 1):
-            names.append(f"{head}{i:0{width}d}{tail}")
-    return names
-
-
-@dataclass
-class Context:
-    """Where to look: slurm.conf, this host, and the Python environments to check."""
-
-    slurm_conf_path: Path
-    conf: SlurmConf | None
-    conf_error: str
-    hostname: str
-    wsl: bool
-    systemd: bool
-    env: dict[str, str]
-    python_prefixes: list[Path] | None = None
-    timeout: float = TIMEOUT_S
-    _cache: dict[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def from_environment(
-        cls, python_prefixes: list[Path] | None = None, env: dict[str, str] | None = None
-    ) -> Context:
-        env = dict(os.environ if env is None else env)
-        path = Path(env.get("SLURM_CONF") or DEFAULT_SLURM_CONF)
-        conf, error = None, ""
-        try:
-            conf = SlurmConf.parse(path, path.read_text())
-        except OSError as exc:
-            error = exc.strerror or str(exc)
-        try:
-            version = Path("/proc/version").read_text()
-        except OSError:
-            version = ""
-        return cls(
-            slurm_conf_path=path,
-            conf=conf,
-            conf_error=error,
-            hostname=socket.gethostname().split(".")[0],
-            wsl="microsoft" in version.lower(),
-            systemd=Path("/run/systemd/system").is_dir(),
-            env=env,
-            python_prefixes=python_prefixes,
-        )
-
-    @property
-    def conf_dir(self) -> Path:
-        return self.slurm_conf_path.parent
-
-    @property
-    def munge_socket(self) -> str:
-        info = self.conf.get("AuthInfo") if self.conf else ""
-        match = re.search(r"socket=([^,\s]+)", info)
-        return match.group(1) if match else DEFAULT_MUNGE_SOCKET
-
-    def start_command(self, service: str) -> str:
-        """How to (re)start a daemon here: systemd where it runs, else the daemon itself."""
-        if self.systemd:
-            return f"systemctl restart {'munge' if service == 'munged' else service}"
-        if service == "munged":
-            extra = (
-                f" --socket={self.munge_socket}"
-                if self.munge_socket != DEFAULT_MUNGE_SOCKET
-                else ""
-            )
-            return f"runuser -u munge -- munged{extra}"
-        return service
-
-    def regenerate_command(self) -> str:
-        """``gpulane slurm config`` with the options slurm.conf was generated with."""
-        if self.conf and self.conf.generated_with.startswith("gpulane slurm config "):
-            return self.conf.generated_with
-        return f"gpulane slurm config --out {shlex.quote(str(self.conf_dir))}"
-
-    def restart_slurm_command(self) -> str:
-        """Restart both daemons: slurmctld takes new node Gres= only from a restart."""
-        if self.systemd:
-            return "systemctl restart slurmctld slurmd && sleep 3"
-        return "scontrol shutdown && sleep 3 && slurmctld && slurmd && sleep 2"
-
-    def munge_broken(self) -> bool:
-        return self._cache.get("munge_ok") is False
-
-    def log_file(self, daemon: str) -> Path:
-        key = "SlurmctldLogFile" if daemon == "slurmctld" else "SlurmdLogFile"
-        return Path((self.conf.get(key) if self.conf else "") or f"/var/log/slurm/{daemon}.log")
-
-
-@dataclass(frozen=True)
-class Result:
-    rc: int  # 127: not installed, 124: timed out
-    out: str
-    err: str
-
-    @property
-    def detail(self) -> str:
-        text = (self.err or self.out).strip()
-        return text.splitlines()[-1] if text else f"exit status {self.rc}"
-
-
-def run(argv: list[str], ctx: Context) -> Result:
-    try:
-        done = subprocess.run(
-            argv, env=ctx.env, capture_output=True, text=True, timeout=ctx.timeout, check=False
-        )
-    except FileNotFoundError:
-        return Result(127, "", f"{argv[0]}: command not found")
-    except subprocess.TimeoutExpired:
-        return Result(124, "", f"{shlex.join(argv)} timed out after {ctx.timeout:.0f} s")
-    return Result(done.returncode, done.stdout, done.stderr)
 
 
 # --------------------------------------------------------------------------- munge
@@ -272,7 +82,7 @@ def munge_roundtrip(socket_path: str, timeout: float) -> tuple[bool, str]:
 
 def check_munge(ctx: Context) -> Finding:
     worked, detail = munge_roundtrip(ctx.munge_socket, ctx.timeout)
-    ctx._cache["munge_ok"] = worked
+    ctx.cache["munge_ok"] = worked
     if worked:
         return Finding("munge", "ok", f"munge -n | unmunge round-trips a credential ({detail})")
     if "not installed" in detail:
@@ -515,7 +325,7 @@ def gres_conf_gpu_lines(text: str, hostname: str) -> list[GresLine]:
     found = []
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
-        fields = dict(_kv(token) for token in line.split() if "=" in token)
+        fields = dict(parse_key_value(token) for token in line.split() if "=" in token)
         if fields.get("name") != "gpu":
             continue
         if "nodename" in fields and hostname not in expand_hostlist(fields["nodename"]):
@@ -593,7 +403,7 @@ def check_gres(ctx: Context) -> Finding:
             "(slurmd logs an error but counts it)",
             fix,
         )
-    nvml = _nvml_count(ctx)
+    nvml = nvml_count(ctx)
     if nvml is not None and not ctx.wsl and nvml != configured:
         return Finding(
             "gres",
@@ -604,204 +414,3 @@ def check_gres(ctx: Context) -> Finding:
     return Finding(
         "gres", "ok", f"gpu:{configured} configured, {listed} in gres.conf, device files present"
     )
-
-
-# --------------------------------------------------------------------------- GPUs
-
-
-def check_gpu_devices(ctx: Context) -> Finding:
-    if ctx.wsl:
-        if Path("/dev/dxg").exists():
-            return Finding("gpu devices", "ok", "WSL2: GPUs are reached through /dev/dxg")
-        return Finding(
-            "gpu devices",
-            "fail",
-            "WSL2 without /dev/dxg: no GPU is passed through",
-            "wsl --update  # in Windows, with the NVIDIA Windows driver installed",
-        )
-    files = sorted(p for p in glob.glob("/dev/nvidia[0-9]*") if re.fullmatch(r"/dev/nvidia\d+", p))
-    if files:
-        return Finding("gpu devices", "ok", f"{len(files)} GPU device file(s): {', '.join(files)}")
-    return Finding(
-        "gpu devices",
-        "fail",
-        "no /dev/nvidia[0-9]* device files (is the NVIDIA driver installed and loaded?)",
-        "modprobe nvidia && nvidia-smi",
-    )
-
-
-def _nvml(ctx: Context) -> tuple[int | None, str]:
-    """(GPU count, detail) from NVML; count None where NVML cannot be read."""
-    cached = ctx._cache.get("nvml")
-    if isinstance(cached, tuple):
-        return cached
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as error:  # pynvml's own NVMLError types, or ImportError
-        value: tuple[int | None, str] = (None, str(error) or type(error).__name__)
-    else:
-        try:
-            count = int(pynvml.nvmlDeviceGetCount())
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            driver = driver.decode() if isinstance(driver, bytes) else str(driver)
-            value = (count, f"driver {driver}")
-        except Exception as error:
-            value = (None, str(error) or type(error).__name__)
-        finally:
-            with contextlib.suppress(Exception):
-                pynvml.nvmlShutdown()
-    ctx._cache["nvml"] = value
-    return value
-
-
-def _nvml_count(ctx: Context) -> int | None:
-    return _nvml(ctx)[0]
-
-
-def check_nvml(ctx: Context) -> Finding:
-    count, detail = _nvml(ctx)
-    if count:
-        return Finding("nvml", "ok", f"NVML reads {count} GPU(s), {detail}")
-    if count == 0:
-        return Finding("nvml", "fail", f"NVML works but reports no GPUs ({detail})", "nvidia-smi")
-    if ctx.wsl:
-        fix = (
-            f"echo {WSL_LIB} > /etc/ld.so.conf.d/ld.wsl.conf && ldconfig"
-            if "Library Not Found" in detail
-            else "wsl --shutdown  # in Windows, then reopen WSL"
-        )
-    elif "Library Not Found" in detail:
-        fix = "apt-get install nvidia-driver && reboot"
-    elif "Driver Not Loaded" in detail:
-        fix = "modprobe nvidia"
-    else:
-        fix = "nvidia-smi  # shows what the driver reports"
-    return Finding("nvml", "fail", f"NVML cannot be read: {detail}", fix)
-
-
-# --------------------------------------------------------------------------- CUDA libraries
-
-
-def default_python_prefixes() -> list[Path]:
-    places = [*site.getsitepackages(), site.getusersitepackages(), sys.prefix]
-    return [Path(p) for p in dict.fromkeys(places) if os.path.isdir(p)]
-
-
-def pip_nvidia_lib_dirs(prefixes: Iterable[Path]) -> list[Path]:
-    """``nvidia/*/lib`` folders of pip's nvidia-* wheels under each prefix or site-packages."""
-    patterns = (
-        "nvidia/*/lib",
-        "lib/python3*/site-packages/nvidia/*/lib",
-        "lib64/python3*/site-packages/nvidia/*/lib",
-        "lib/python3*/dist-packages/nvidia/*/lib",
-    )
-    found: dict[Path, None] = {}
-    for prefix in prefixes:
-        for pattern in patterns:
-            for match in sorted(glob.glob(str(prefix / pattern))):
-                found[Path(match).resolve()] = None
-    return list(found)
-
-
-def loader_names(ctx: Context) -> tuple[set[str], list[Path]]:
-    """Library names the dynamic loader resolves: ldconfig's cache and LD_LIBRARY_PATH."""
-    result = run(["ldconfig", "-p"], ctx)
-    if result.rc == 127:
-        result = run(["/sbin/ldconfig", "-p"], ctx)
-    names = {
-        line.split()[0] for line in result.out.splitlines()[1:] if line.strip() and "=>" in line
-    }
-    dirs = [Path(d) for d in ctx.env.get("LD_LIBRARY_PATH", "").split(":") if d]
-    return names, dirs
-
-
-def check_cuda_libs(ctx: Context) -> Finding:
-    prefixes = ctx.python_prefixes or default_python_prefixes()
-    lib_dirs = pip_nvidia_lib_dirs(prefixes)
-    libs = [
-        (d, f.name) for d in lib_dirs for f in sorted(d.iterdir()) if f.name.startswith(CUDA_LIBS)
-    ]
-    where = ", ".join(str(p) for p in prefixes)
-    if not libs:
-        return Finding("cuda libs", "ok", f"no pip nvidia-* CUDA libraries under {where}")
-    names, ld_dirs = loader_names(ctx)
-    resolved_dirs = {d.resolve() for d in ld_dirs if d.exists()}
-    unseen = [
-        (d, name)
-        for d, name in libs
-        if name not in names
-        and d not in resolved_dirs
-        and not any((ld / name).exists() for ld in ld_dirs)
-    ]
-    if not unseen:
-        return Finding(
-            "cuda libs",
-            "ok",
-            f"{len(libs)} pip CUDA libraries, all on the loader path",
-        )
-    dirs = list(dict.fromkeys(d for d, _ in unseen))
-    shown = ", ".join(dict.fromkeys(name for _, name in unseen))
-    return Finding(
-        "cuda libs",
-        "warn",
-        f"{shown} from pip's nvidia-* packages ({', '.join(map(str, dirs))}) are not on the "
-        "loader path (ldconfig -p, LD_LIBRARY_PATH): programs that load them by name fail",
-        f"printf '%s\\n' {' '.join(shlex.quote(str(d)) for d in dirs)} > {LD_CONF_FILE} && ldconfig",
-    )
-
-
-# --------------------------------------------------------------------------- all of it
-
-CHECKS: tuple[Callable[[Context], Finding], ...] = (
-    check_munge,
-    check_munged,
-    check_slurm_conf,
-    check_slurmctld,
-    check_slurmd,
-    check_ping,
-    check_node,
-    check_gres,
-    check_gpu_devices,
-    check_nvml,
-    check_cuda_libs,
-)
-SLURM_CHECKS = (
-    "munge",
-    "munged",
-    "slurm.conf",
-    "slurmctld",
-    "slurmd",
-    "scontrol ping",
-    "node",
-    "gres",
-)
-
-
-def run_checks(
-    ctx: Context, checks: Iterable[Callable[[Context], Finding]] = CHECKS
-) -> list[Finding]:
-    findings = []
-    for check in checks:
-        try:
-            findings.append(check(ctx))
-        except Exception as error:  # a broken check must not hide the others
-            name = check.__name__.removeprefix("check_")
-            findings.append(Finding(name, "fail", f"check crashed: {error!r}", ""))
-    return findings
-
-
-def report(findings: list[Finding]) -> str:
-    width = max(len(f.name) for f in findings)
-    lines = []
-    for f in findings:
-        lines.append(
-            f"{f.status.upper() if f.status != 'ok' else 'ok':<5} {f.name:<{width}}  {f.message}"
-        )
-        if f.fix:
-            lines.append(f"{'':<5} {'':<{width}}  fix: {f.fix}")
-    failed = sum(f.status == "fail" for f in findings)
-    warned = sum(f.status == "warn" for f in findings)
-    lines.append(f"{failed} failed, {warned} warning(s), {len(findings) - failed - warned} ok")
-    return "\n".join(lines)
