@@ -1,23 +1,143 @@
-"""Where clients find the scheduler: one place for defaults and environment variables."""
+"""One place for where things are: the site file, the socket, and every ``GPULANE_*`` variable.
+
+Each environment variable is named once here, with its default and its purpose, in
+:data:`ENVIRONMENT`; readers use the constants, and docs/reference.md lists the
+same table (a unit test keeps the two equal).
+"""
 
 from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpulane.errors import ConfigError
 
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One ``GPULANE_*`` variable: its name, its default ("" where unset means off or derived),
+    who sets it, and what it is for."""
+
+    name: str
+    default: str
+    set_by: str
+    meaning: str
+
+
 DEFAULT_SOCKET = Path("/run/gpulane/broker.sock")
+DEFAULT_CONFIG = Path("/etc/gpulane/gpulane.toml")
+BACKENDS = ("auto", "broker", "slurm")
+
 SOCKET_ENV = "GPULANE_SOCKET"
+CONFIG_ENV = "GPULANE_CONFIG"
+BACKEND_ENV = "GPULANE_BACKEND"
+MAX_TRANSFER_ENV = "GPULANE_MAX_TRANSFER"
+WARM_WORKER_ENV = "GPULANE_WARM_WORKER"
+CALLBACK_HOST_ENV = "GPULANE_CALLBACK_HOST"
+KEY_DIR_ENV = "GPULANE_KEY_DIR"
+JOB_ID_ENV = "GPULANE_JOB_ID"
+SLICES_ENV = "GPULANE_SLICES"
+GPU_MEMORY_LIMIT_ENV = "GPULANE_GPU_MEMORY_LIMIT"
+GPU_MEMORY_FRACTION_ENV = "GPULANE_GPU_MEMORY_FRACTION"
+PROFILE_ENV = "GPULANE_PROFILE"
+USER_DIR_ENV = "GPULANE_USER_DIR"
+DOCTOR_PYTHON_PREFIXES_ENV = "GPULANE_DOCTOR_PYTHON_PREFIXES"
+RUNNER_FD_ENV = "GPULANE_RUNNER_FD"
+RUNNER_ADDRESS_ENV = "GPULANE_RUNNER_ADDRESS"
+RUNNER_KEYFILE_ENV = "GPULANE_RUNNER_KEYFILE"
+RUNNER_STREAMS_ENV = "GPULANE_RUNNER_STREAMS"
+
+ENVIRONMENT: tuple[EnvVar, ...] = (
+    EnvVar(SOCKET_ENV, str(DEFAULT_SOCKET), "you / the admin / the hub", "the broker's socket"),
+    EnvVar(CONFIG_ENV, str(DEFAULT_CONFIG), "you / the admin", "the site configuration file"),
+    EnvVar(BACKEND_ENV, "auto", "you / the admin / BatchSpawner", "`auto`, `broker` or `slurm`"),
+    EnvVar(MAX_TRANSFER_ENV, "2G", "you", "default `--max-transfer` of `%%gpu`"),
+    EnvVar(
+        WARM_WORKER_ENV,
+        "1",
+        "you",
+        "`0` stops the kernel keeping a pre-started GPU worker "
+        "(saves ~60 MB per kernel; cells start ~170 ms slower)",
+    ),
+    EnvVar(
+        CALLBACK_HOST_ENV,
+        "this host's address",
+        "you / the admin",
+        "address a Slurm-started worker connects back to",
+    ),
+    EnvVar(KEY_DIR_ENV, "~/.gpulane/keys", "you", "where the one-time worker keys go (mode 0700)"),
+    EnvVar(JOB_ID_ENV, "", "gpulane, for the command", "the job's number"),
+    EnvVar(SLICES_ENV, "", "gpulane, for the command", "slices granted, for slice jobs"),
+    EnvVar(
+        GPU_MEMORY_LIMIT_ENV,
+        "",
+        "gpulane / the profile",
+        "bytes of GPU memory this slice job may use",
+    ),
+    EnvVar(
+        GPU_MEMORY_FRACTION_ENV,
+        "",
+        "gpulane / the profile",
+        "the same limit as a fraction of the GPU's memory",
+    ),
+    EnvVar(PROFILE_ENV, "", "the Kubernetes spawner", "the slug of the server's profile"),
+    EnvVar(
+        USER_DIR_ENV,
+        "",
+        "the Kubernetes hub values",
+        "the user's folder on the persistent volume (`{username}`)",
+    ),
+    EnvVar(
+        DOCTOR_PYTHON_PREFIXES_ENV,
+        "this Python's",
+        "the admin",
+        "colon-separated Python environments whose nvidia-* libraries `gpulane doctor` checks",
+    ),
+    EnvVar(
+        RUNNER_FD_ENV, "", "the kernel, for its worker", "the worker's inherited socket (internal)"
+    ),
+    EnvVar(
+        RUNNER_ADDRESS_ENV,
+        "",
+        "the kernel, for a Slurm-started worker",
+        "where the worker connects back to (internal)",
+    ),
+    EnvVar(
+        RUNNER_KEYFILE_ENV,
+        "",
+        "the kernel, for a Slurm-started worker",
+        "the one-time key of that connection (internal)",
+    ),
+    EnvVar(
+        RUNNER_STREAMS_ENV,
+        "",
+        "the kernel, for a Slurm-started worker",
+        "`channel`: the worker's output goes through the connection (internal)",
+    ),
+)
+
+
+def environment_rows() -> list[str]:
+    """docs/reference.md's rows for :data:`ENVIRONMENT`, in its order."""
+    return [
+        f"| `{var.name}` | {f'`{var.default}`' if var.default else ''} | {var.set_by} | {var.meaning} |"
+        for var in ENVIRONMENT
+    ]
+
+
+def env(name: str) -> str | None:
+    """The variable's value; None where it is unset or empty (both mean "use the default")."""
+    return os.environ.get(name) or None
 
 
 def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The broker's socket: the explicit path, else ``$GPULANE_SOCKET``, else the default."""
     if explicit:
         return Path(explicit)
-    from_env = os.environ.get(SOCKET_ENV)
+    from_env = env(SOCKET_ENV)
     return Path(from_env) if from_env else DEFAULT_SOCKET
 
 
@@ -29,24 +149,24 @@ def default_state_dir() -> Path:
     return Path(base) / "gpulane"
 
 
-CONFIG_ENV = "GPULANE_CONFIG"
-DEFAULT_CONFIG = Path("/etc/gpulane/gpulane.toml")
-BACKEND_ENV = "GPULANE_BACKEND"
-BACKENDS = ("auto", "broker", "slurm")
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The site file: the explicit path, else ``$GPULANE_CONFIG``, else the default."""
+    return Path(path or env(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The site configuration (TOML), one file for every back end; empty where there is none.
 
-    ``backend = "auto" | "broker" | "slurm"``; ``[broker] socket``;
+    ``backend = "auto" | "broker" | "slurm"``; ``[broker]`` the options of
+    ``gpulane broker`` (``socket`` also tells clients where it listens);
     ``[slurm] partition, account, qos, job_dir``.
     """
-    chosen = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    chosen = config_path(path)
     try:
         with open(chosen, "rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        if path or os.environ.get(CONFIG_ENV):
+        if path or env(CONFIG_ENV):
             raise ConfigError(f"configuration file {chosen} does not exist") from None
         return {}
     except tomllib.TOMLDecodeError as error:

@@ -1,0 +1,348 @@
+"""``gpulane broker``: the daemon's options as one traitlets Application.
+
+Every option is a trait, read from the site file's ``[broker]`` table
+(``/etc/gpulane/gpulane.toml`` or ``$GPULANE_CONFIG``) and then from the command
+line, which wins. Values take the same forms in both places (``max_time = "2h"``,
+``slices = 2``); a bad one, from either, is one line naming the option and its
+accepted forms, exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from traitlets import TraitError, TraitType, Unicode, default
+from traitlets.config import Application, Config
+from traitlets.config.loader import KVArgParseConfigLoader, _KVArgParser
+
+from gpulane import config
+from gpulane.errors import ConfigError, GpulaneError, OptionError
+from gpulane.jobs import MAX_TIME_SECONDS, TIME_FORMS, parse_count, parse_duration, parse_memory
+
+EXIT_USAGE = 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _option(name: str) -> str:
+    """How a user types a trait's option: ``max_time`` is ``--max-time``."""
+    return "--" + name.replace("_", "-")
+
+
+class _Typed(TraitType[Any, Any]):
+    """A trait set from what a user types (parsed in :meth:`parse`) or from a typed value.
+
+    Text from the command line or the TOML file reaches :meth:`validate` unconverted,
+    so one parser gives one message for every source.
+    """
+
+    def parse(self, text: str, option: str) -> Any:
+        raise NotImplementedError
+
+    def check(self, value: Any, option: str) -> Any:
+        """A value given already typed (from Python)."""
+        return self.parse(str(value), option)
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        if value is None and self.allow_none:
+            return None
+        option = _option(self.name or "")
+        if isinstance(value, str):
+            return self.parse(value, option)
+        if isinstance(value, bool):  # a bool is an int to Python, never a count or a time
+            raise OptionError(f"{option} {value!r} is not a value; use {self.info_text}")
+        return self.check(value, option)
+
+    def from_string(self, s: str) -> Any:
+        return s
+
+
+class Count(_Typed):
+    """A whole number from 1 to ``maximum`` (or none, where ``allow_none``)."""
+
+    def __init__(self, default_value: Any = None, maximum: int = 64, **kwargs: Any) -> None:
+        self.maximum = maximum
+        self.info_text = f"a whole number from 1 to {maximum}"
+        super().__init__(default_value, **kwargs)
+
+    def parse(self, text: str, option: str) -> int:
+        return parse_count(text, option, self.maximum)
+
+
+class Cap(_Typed):
+    """A cap on a count: 0 means none, else a whole number from 1 to ``maximum``."""
+
+    def __init__(self, default_value: Any = 0, maximum: int = 10_000, **kwargs: Any) -> None:
+        self.maximum = maximum
+        self.info_text = f"0 (no cap) or a whole number from 1 to {maximum}"
+        super().__init__(default_value, **kwargs)
+
+    def parse(self, text: str, option: str) -> int:
+        if text.strip() == "0":
+            return 0
+        try:
+            return parse_count(text, option, self.maximum)
+        except OptionError:
+            raise OptionError(f"{option} {text!r} must be {self.info_text}") from None
+
+
+class Duration(_Typed):
+    """Seconds, typed as a time limit is (``90m``, ``2h``, ``HH:MM:SS``)."""
+
+    info_text = TIME_FORMS
+
+    def parse(self, text: str, option: str) -> int:
+        return parse_duration(text, option)
+
+    def check(self, value: Any, option: str) -> int:
+        # From Python a number is seconds (the text "90" is minutes, as Slurm reads it).
+        if isinstance(value, int | float) and 1 <= value <= MAX_TIME_SECONDS:
+            return int(value)
+        raise OptionError(f"{option} {value!r} is not a time limit; use {TIME_FORMS}")
+
+
+class Size(_Typed):
+    """Bytes, typed as a size (``512M``, ``16G``)."""
+
+    info_text = "a size such as 512M, 8G or 1.5T"
+
+    def parse(self, text: str, option: str) -> int:
+        return parse_memory(text, option)
+
+    def check(self, value: Any, option: str) -> int:
+        if isinstance(value, int) and 1 <= value <= 1024**5:
+            return value
+        return parse_memory(str(value), option)
+
+
+class Groups(_Typed):
+    """Unix group names, typed as ``a,b`` (a list in TOML or Python); empty: none."""
+
+    info_text = "group names separated by commas, such as gpu,staff"
+
+    def parse(self, text: str, option: str) -> frozenset[str]:
+        return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+    def check(self, value: Any, option: str) -> frozenset[str]:
+        if isinstance(value, Iterable) and all(isinstance(name, str) for name in value):
+            return self.parse(",".join(value), option)
+        raise OptionError(f"{option} {value!r} is not a list of groups; use {self.info_text}")
+
+
+class LogLevel(_Typed):
+    """A logging level by name."""
+
+    info_text = ", ".join(LOG_LEVELS)
+
+    def parse(self, text: str, option: str) -> str:
+        if text.strip().upper() not in LOG_LEVELS:
+            raise OptionError(f"{option} {text!r} is not a level; use {self.info_text}")
+        return text.strip().upper()
+
+
+class _OneLineArgParser(_KVArgParser):
+    """traitlets' parser, reporting a malformed command line as one line, not usage and help."""
+
+    def error(self, message: str) -> NoReturn:
+        raise OptionError(f"{message} (see gpulane broker --help)")
+
+
+class _Loader(KVArgParseConfigLoader):
+    parser_class = _OneLineArgParser
+
+    def _handle_unrecognized_alias(self, arg: str) -> None:
+        # traitlets only warns; a mistyped option must not start a broker without it.
+        raise OptionError(f"unknown option --{arg} (see gpulane broker --help)")
+
+    def load_config(self, *args: Any, **kwargs: Any) -> Config:
+        loaded = super().load_config(*args, **kwargs)
+        known = BrokerApp.class_own_traits(config=True)
+        for section, values in loaded.items():
+            for key in values:
+                if section != "BrokerApp" or key not in known:
+                    raise OptionError(
+                        f"unknown option --{section}.{key} (see gpulane broker --help)"
+                    )
+        return loaded
+
+
+class BrokerApp(Application):
+    """The embedded GPU broker for this machine."""
+
+    name = Unicode("gpulane broker")
+    description = Unicode("Run the embedded GPU broker for this machine.")
+    examples = Unicode(
+        "gpulane broker --simulate-gpus 1 --gpu-memory 16G --slices 2\n"
+        "gpulane broker --max-running-per-user 2 --gpu-groups gpu --max-time 8h"
+    )
+
+    socket = Unicode(
+        help=f"Unix socket to listen on (default ${config.SOCKET_ENV} or {config.DEFAULT_SOCKET})"
+    ).tag(config=True)
+    state_dir = Unicode(
+        help="Folder for the broker's database "
+        "(default /var/lib/gpulane as root, else ~/.local/state/gpulane)"
+    ).tag(config=True)
+    simulate_gpus = Count(
+        None, allow_none=True, help="Simulate N GPUs instead of reading NVML."
+    ).tag(config=True)
+    gpu_memory = Size("16G", help="Memory of each simulated GPU.").tag(config=True)
+    slices = Count("1", help="Cut each GPU into K time-sliced slices.").tag(config=True)
+    max_running_per_user = Cap("0", help="Cap on running jobs per user (0: none).").tag(config=True)
+    default_time = Duration("1h", help="Time limit of a job that gives none.").tag(config=True)
+    max_time = Duration("24h", help="Longest time limit a job may ask for.").tag(config=True)
+    half_life = Duration("24h", help="Fair-share usage half-life.").tag(config=True)
+    starvation_after = Duration(
+        "1h", help="A job waiting this long goes first and reserves GPUs."
+    ).tag(config=True)
+    gpu_groups = Groups("", help="Unix groups allowed to use GPUs (default: everyone).").tag(
+        config=True
+    )
+    admin_groups = Groups(
+        "", help="Unix groups whose members may cancel any job (root always may)."
+    ).tag(config=True)
+    lease_ttl = Duration("10s", help="Free a GPU whose client sent no heartbeat this long.").tag(
+        config=True
+    )
+    kill_grace = Duration("10s", help="SIGTERM to SIGKILL grace for revoked jobs.").tag(config=True)
+    dashboard_port = Count(
+        None,
+        maximum=65535,
+        allow_none=True,
+        help="Serve the JupyterHub dashboard on this loopback port (as a hub service).",
+    ).tag(config=True)
+    # Replaces Application's numeric log_level: the broker logs through the root logger.
+    log_level = LogLevel("INFO", help="How much the broker logs.").tag(config=True)
+
+    # Application declares these as instance attributes, so they cannot be ClassVars here.
+    aliases: dict[Any, Any] = {  # noqa: RUF012
+        _option(name)[2:]: f"BrokerApp.{name}"
+        for name in (
+            "socket", "state_dir", "simulate_gpus", "gpu_memory", "slices",
+            "max_running_per_user", "default_time", "max_time", "half_life",
+            "starvation_after", "gpu_groups", "admin_groups", "lease_ttl", "kill_grace",
+            "dashboard_port", "log_level",
+        )
+    }  # fmt: skip
+    flags: dict[Any, Any] = {}  # noqa: RUF012
+
+    @default("socket")
+    def _socket_default(self) -> str:
+        return str(config.socket_path())
+
+    @default("state_dir")
+    def _state_dir_default(self) -> str:
+        return str(config.default_state_dir())
+
+    def _observe_logging_change(self, change: Any) -> None:
+        """Application turns the level into a number and configures its own logger here;
+        the broker keeps the name and configures the root logger in :meth:`start`."""
+
+    def _create_loader(
+        self,
+        argv: list[str] | None,
+        aliases: Any,
+        flags: Any,
+        classes: Any,
+    ) -> KVArgParseConfigLoader:
+        return _Loader(argv, aliases, flags, classes=classes, log=self.log)
+
+    def initialize(self, argv: Sequence[str] | None = None) -> None:
+        self.parse_command_line(list(argv) if argv is not None else None)
+        if self.extra_args:
+            raise OptionError(
+                f"unexpected argument {self.extra_args[0]!r} (see gpulane broker --help)"
+            )
+        cli = self.cli_config
+        self.update_config(file_config())
+        self.update_config(cli)  # the command line wins over the file
+
+    def start(self) -> None:
+        import asyncio
+        import logging
+
+        from gpulane.broker.core import Broker, BrokerSettings
+        from gpulane.broker.gpus import Inventory
+        from gpulane.broker.policy import PolicyConfig
+        from gpulane.broker.server import serve
+        from gpulane.broker.store import Store
+
+        logging.getLogger("tornado.access").setLevel(logging.WARNING)
+        logging.basicConfig(
+            level=self.log_level,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+        settings = BrokerSettings(
+            policy=PolicyConfig(
+                slices_per_gpu=self.slices,
+                max_running_per_user=self.max_running_per_user,
+                default_time=self.default_time,
+                max_time=self.max_time,
+                half_life=float(self.half_life),
+                starvation_after=float(self.starvation_after),
+                gpu_groups=self.gpu_groups,
+                admin_groups=self.admin_groups,
+            ),
+            lease_ttl=float(self.lease_ttl),
+            kill_grace=float(self.kill_grace),
+        )
+        if self.simulate_gpus is not None:
+            inventory = Inventory.simulate(self.simulate_gpus, self.gpu_memory)
+        else:
+            inventory = Inventory.from_nvml()  # RuntimeError where there are none
+        store = Store(Path(self.state_dir) / "broker.sqlite3")
+        broker = Broker(settings, inventory, store)
+        asyncio.run(serve(broker, Path(self.socket), self.dashboard_port))
+
+
+def file_config(path: str | None = None) -> Config:
+    """The site file's ``[broker]`` table as traitlets config, each value checked here.
+
+    Checked now, with the file and key in the message, so a bad value does not
+    surface later under a command-line option's name.
+    """
+    chosen = config.config_path(path)
+    table = config.load_config(path).get("broker", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{chosen}: [broker] must be a table")
+    traits = BrokerApp.class_traits(config=True)
+    section = Config()
+    for key, value in table.items():
+        trait = traits.get(key)
+        if trait is None:
+            known = ", ".join(sorted(traits))
+            raise ConfigError(f"{chosen}: [broker] has no setting {key!r}; known: {known}")
+        # The clients' order: $GPULANE_SOCKET beats the file's socket.
+        if key == "socket" and config.env(config.SOCKET_ENV):
+            continue
+        text = ",".join(value) if isinstance(value, list) else value
+        if not isinstance(text, str | int) or isinstance(text, bool):
+            raise ConfigError(f"{chosen}: [broker] {key} = {value!r} is not a value")
+        if isinstance(trait, _Typed):
+            trait.parse(str(text), f"{chosen}: [broker] {key}")
+        section[key] = str(text)
+    cfg = Config()
+    cfg.BrokerApp = section
+    return cfg
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``gpulane broker ARGV...``; a bad value from any source is one line, exit 2."""
+    app = BrokerApp()
+    try:
+        app.initialize(argv)
+        app.start()
+    except (GpulaneError, TraitError) as error:
+        print(f"gpulane: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, OptionError | ConfigError | TraitError) else 1
+    except RuntimeError as error:  # no GPUs to read through NVML
+        print(f"gpulane: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
