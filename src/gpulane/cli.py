@@ -1,32 +1,32 @@
-"""The ``gpulane`` command: broker, run, status, cancel, demo."""
+"""The ``gpulane`` command: run, status, cancel, broker, demo, hub and the admin commands.
+
+Every subcommand names its function with ``set_defaults(func=...)``; :func:`main` calls
+it inside the one error handler. ``gpulane run`` is on a user's critical path (it sits
+in front of every GPU job typed in a terminal), so this module imports only small
+modules at the top: each command imports what it uses when it runs, and only the
+chosen command's options are defined (argparse spends ~0.05 ms an option).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
-from gpulane import __version__, config
-from gpulane.admin import k8s_commands as k8s
-from gpulane.admin import slurm_commands as deploy
-from gpulane.display import final_words, status_table, wait_line
-from gpulane.jobs import (
-    NAME_RE,
-    OptionError,
-    build_request,
-    parse_count,
-    parse_duration,
-    parse_memory,
-)
-from gpulane.scheduler.base import JobUpdate, SchedulerError
+from gpulane import __version__
+from gpulane.admin import k8s_commands, slurm_commands
+from gpulane.errors import GpulaneError, OptionError
+
+if TYPE_CHECKING:
+    from gpulane.scheduler.base import JobUpdate
 
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+
+Define = Callable[[argparse.ArgumentParser], None]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,254 +36,117 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _fail(message: str, status: int = 1) -> NoReturn:
+def _fail(message: object, status: int = 1) -> int:
+    """The one way a command reports failure: one line on stderr; returns the exit status."""
     print(f"gpulane: {message}", file=sys.stderr)
-    raise SystemExit(status)
+    return status
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["broker"]:
+        return cmd_broker(argparse.Namespace(options=words[1:]))
+    return dispatch(build_parser(only=_command_word(words)).parse_args(words))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; a usage error is exit status 2, any other refusal 1."""
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except OptionError as error:
+        return _fail(error, EXIT_USAGE)
+    except GpulaneError as error:
+        return _fail(error)
+
+
+def _command_word(words: Sequence[str]) -> str | None:
+    """The subcommand's name: the first word that is not an option (the top level has
+    only --help and --version, which take no value)."""
+    return next((word for word in words if not word.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the other commands are listed but their
+    options left undefined, since that parse cannot reach them."""
     parser = _Parser(
         prog="gpulane", description="Share GPUs fairly: queue GPU work only while it runs."
     )
     parser.add_argument("--version", action="version", version=f"gpulane {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text, define in _commands():
+        command = sub.add_parser(name, help=help_text)
+        if only is None or only == name:
+            define(command)
+    return parser
 
-    broker = sub.add_parser("broker", help="run the embedded GPU broker for this machine")
-    broker.add_argument(
-        "--socket",
-        help=f"Unix socket to listen on (default ${config.SOCKET_ENV} or {config.DEFAULT_SOCKET})",
-    )
-    broker.add_argument(
-        "--state-dir",
-        help="folder for the broker's database (default /var/lib/gpulane as root, else ~/.local/state/gpulane)",
-    )
-    broker.add_argument(
-        "--simulate-gpus", metavar="N", help="simulate N GPUs instead of reading NVML"
-    )
-    broker.add_argument(
-        "--gpu-memory",
-        metavar="SIZE",
-        default="16G",
-        help="memory of each simulated GPU (default 16G)",
-    )
-    broker.add_argument(
-        "--slices",
-        metavar="K",
-        default="1",
-        help="cut each GPU into K time-sliced slices (default 1)",
-    )
-    broker.add_argument(
-        "--max-running-per-user",
-        metavar="N",
-        default="0",
-        help="cap on running jobs per user (default 0: none)",
-    )
-    broker.add_argument(
-        "--default-time",
-        metavar="T",
-        default="1h",
-        help="time limit of a job that gives none (default 1h)",
-    )
-    broker.add_argument(
-        "--max-time",
-        metavar="T",
-        default="24h",
-        help="longest time limit a job may ask for (default 24h)",
-    )
-    broker.add_argument(
-        "--half-life", metavar="T", default="24h", help="fair-share usage half-life (default 24h)"
-    )
-    broker.add_argument(
-        "--starvation-after",
-        metavar="T",
-        default="1h",
-        help="a job waiting this long goes first and reserves GPUs (default 1h)",
-    )
-    broker.add_argument(
-        "--gpu-groups",
-        metavar="G1,G2",
-        default="",
-        help="Unix groups allowed to use GPUs (default: everyone)",
-    )
-    broker.add_argument(
-        "--admin-groups",
-        metavar="G1,G2",
-        default="",
-        help="Unix groups whose members may cancel any job (root always may)",
-    )
-    broker.add_argument(
-        "--lease-ttl",
-        metavar="T",
-        default="10s",
-        help="free a GPU whose client sent no heartbeat this long (default 10s)",
-    )
-    broker.add_argument(
-        "--kill-grace",
-        metavar="T",
-        default="10s",
-        help="SIGTERM to SIGKILL grace for revoked jobs (default 10s)",
-    )
-    broker.add_argument(
-        "--dashboard-port",
-        metavar="PORT",
-        help="serve the JupyterHub dashboard on this loopback port (as a hub service)",
-    )
-    broker.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
 
-    run = sub.add_parser(
-        "run",
-        help="run a command on a GPU once it is your turn",
-        usage="gpulane run [--gpus N | --slices K] [--time T] [--mem M] [--name NAME] -- CMD [ARGS...]",
+def _commands() -> list[tuple[str, str, Define]]:
+    return [
+        ("broker", "run the embedded GPU broker for this machine", _define_broker),
+        ("run", "run a command on a GPU once it is your turn", _define_run),
+        ("status", "GPUs, who holds them, and the queue", _define_status),
+        ("cancel", "cancel a job of yours (admins: any job)", _define_cancel),
+        (
+            "demo",
+            "hub: a shared-GPU JupyterHub on http://127.0.0.1:8000 (default); "
+            "queue: two users queueing with gpulane run",
+            _define_demo,
+        ),
+        ("hub", "JupyterHub helpers", _define_hub),
+        *slurm_commands.COMMANDS,
+        *k8s_commands.COMMANDS,
+    ]
+
+
+# ------------------------------------------------------------------ gpulane broker
+
+
+def _define_broker(broker: argparse.ArgumentParser) -> None:
+    # The options are BrokerApp's traits (gpulane.broker.app): main() hands them over
+    # unparsed, so `gpulane broker --help` is the app's own help.
+    broker.set_defaults(func=cmd_broker)
+    broker.add_argument("options", nargs=argparse.REMAINDER, help="see gpulane broker --help")
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from gpulane.broker import app  # traitlets is imported here only, never on the run path
+
+    return app.main(args.options)
+
+
+# ------------------------------------------------------------------ gpulane run, status, cancel
+
+
+def _define_run(run: argparse.ArgumentParser) -> None:
+    run.usage = (
+        "gpulane run [--gpus N | --slices K] [--time T] [--mem M] [--name NAME] -- CMD [ARGS...]"
     )
-    _add_request_options(run)
+    run.set_defaults(func=cmd_run)
+    run.add_argument("--gpus", metavar="N", help="whole GPUs (default 1)")
+    run.add_argument(
+        "--slices", metavar="K", help="K time-sliced slices of one GPU instead of whole GPUs"
+    )
+    run.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, MM:SS, 90m, 2h")
+    run.add_argument("--mem", metavar="M", help="host memory, such as 8G or 512M")
+    run.add_argument("--name", metavar="NAME", help="a name shown in the queue")
     run.add_argument("--socket", help="the broker's socket")
     run.add_argument("--quiet", action="store_true", help="print nothing but the command's output")
     run.add_argument(
         "cmd", nargs=argparse.REMAINDER, help="the command and its arguments, after --"
     )
 
-    status = sub.add_parser("status", help="GPUs, who holds them, and the queue")
+
+def _define_status(status: argparse.ArgumentParser) -> None:
+    status.set_defaults(func=cmd_status)
     status.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
     status.add_argument("--socket", help="the broker's socket")
 
-    cancel = sub.add_parser("cancel", help="cancel a job of yours (admins: any job)")
+
+def _define_cancel(cancel: argparse.ArgumentParser) -> None:
+    cancel.set_defaults(func=cmd_cancel)
     cancel.add_argument("job", help="the job's number")
     cancel.add_argument("--socket", help="the broker's socket")
-
-    demo = sub.add_parser(
-        "demo",
-        help="hub: a shared-GPU JupyterHub on http://127.0.0.1:8000 (default); "
-        "queue: two users queueing with gpulane run",
-    )
-    demo.add_argument("what", nargs="?", choices=["hub", "queue"], default="hub")
-    demo.add_argument("--port", default="8000", help="the hub's port (default 8000)")
-    demo.add_argument("--state-dir", help="where the demo keeps its state (printed at start)")
-    demo.add_argument(
-        "--seconds", default="3", help="queue demo: how long each job runs (default 3)"
-    )
-    hub = sub.add_parser("hub", help="JupyterHub helpers")
-    hub.add_argument(
-        "action",
-        choices=["install-kernel-extension"],
-        help="load %%%%gpu in every kernel of this Python environment",
-    )
-    deploy.add_commands(sub)
-    k8s.add_commands(sub)
-    return parser
-
-
-def _add_request_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", metavar="N", help="whole GPUs (default 1)")
-    parser.add_argument(
-        "--slices", metavar="K", help="K time-sliced slices of one GPU instead of whole GPUs"
-    )
-    parser.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, MM:SS, 90m, 2h")
-    parser.add_argument("--mem", metavar="M", help="host memory, such as 8G or 512M")
-    parser.add_argument("--name", metavar="NAME", help="a name shown in the queue")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "broker":
-            return cmd_broker(args)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "cancel":
-            return cmd_cancel(args)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command in deploy.COMMANDS:
-            return deploy.run_command(args)
-        if args.command in k8s.COMMANDS:
-            return k8s.run_command(args)
-        if args.command == "hub":
-            from gpulane.hub.config import install_kernel_extension
-
-            print(f"%%gpu is loaded in every kernel through {install_kernel_extension()}")
-            return 0
-    except OptionError as error:
-        _fail(str(error), EXIT_USAGE)
-    except SchedulerError as error:
-        _fail(str(error))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.what == "queue":
-        from gpulane.demo.queue import run_demo
-
-        return run_demo(seconds=float(parse_duration(args.seconds + "s", "--seconds")))
-    try:
-        from gpulane.demo.hub import run_demo_hub
-    except ImportError as error:
-        _fail(f"the hub demo needs JupyterHub: pip install 'gpulane[hub]' ({error})")
-    port = parse_count(args.port, "--port", 65535)
-    return run_demo_hub(Path(args.state_dir) if args.state_dir else None, port)
-
-
-def cmd_broker(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
-    from gpulane.broker import policy
-    from gpulane.broker.core import Broker, BrokerSettings
-    from gpulane.broker.gpus import Inventory
-    from gpulane.broker.server import serve
-    from gpulane.broker.store import Store
-
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    slices = parse_count(args.slices, "--slices")
-    policy_config = policy.PolicyConfig(
-        slices_per_gpu=slices,
-        max_running_per_user=int(args.max_running_per_user)
-        if args.max_running_per_user != "0"
-        else 0,
-        default_time=parse_duration(args.default_time, "--default-time"),
-        max_time=parse_duration(args.max_time, "--max-time"),
-        half_life=float(parse_duration(args.half_life, "--half-life")),
-        starvation_after=float(parse_duration(args.starvation_after, "--starvation-after")),
-        gpu_groups=_groups(args.gpu_groups),
-        admin_groups=_groups(args.admin_groups),
-    )
-    if args.max_running_per_user != "0":
-        parse_count(args.max_running_per_user, "--max-running-per-user", maximum=10_000)
-    broker_settings = BrokerSettings(
-        policy=policy_config,
-        lease_ttl=float(parse_duration(args.lease_ttl, "--lease-ttl")),
-        kill_grace=float(parse_duration(args.kill_grace, "--kill-grace")),
-    )
-    if args.simulate_gpus is not None:
-        inventory = Inventory.simulate(
-            parse_count(args.simulate_gpus, "--simulate-gpus"),
-            parse_memory(args.gpu_memory, "--gpu-memory"),
-        )
-    else:
-        try:
-            inventory = Inventory.from_nvml()
-        except RuntimeError as error:
-            _fail(str(error))
-    state_dir = Path(args.state_dir) if args.state_dir else config.default_state_dir()
-    store = Store(state_dir / "broker.sqlite3")
-    broker = Broker(broker_settings, inventory, store)
-    dashboard = (
-        parse_count(args.dashboard_port, "--dashboard-port", 65535) if args.dashboard_port else None
-    )
-    asyncio.run(serve(broker, config.socket_path(args.socket), dashboard))
-    return 0
-
-
-def _groups(text: str) -> frozenset[str]:
-    return frozenset(g.strip() for g in text.split(",") if g.strip())
 
 
 class _Progress:
@@ -296,6 +159,8 @@ class _Progress:
         self.announced_run = False
 
     def __call__(self, update: JobUpdate) -> None:
+        from gpulane.display import wait_line
+
         if self.quiet:
             return
         if update.state == "running" and not update.job.get("ending"):
@@ -321,17 +186,17 @@ class _Progress:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gpulane.jobs import NAME_RE, build_request
     from gpulane.scheduler import connect
 
     command = list(args.cmd)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        _fail(
-            "gpulane run needs a command after --, e.g. gpulane run --gpus 1 -- python train.py",
-            EXIT_USAGE,
+        raise OptionError(
+            "gpulane run needs a command after --, e.g. gpulane run --gpus 1 -- python train.py"
         )
-    program = Path(command[0]).name[:64]
+    program = os.path.basename(command[0])[:64]
     request = build_request(
         gpus=args.gpus,
         slices=args.slices,
@@ -350,6 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     job = outcome.job
     if not args.quiet and job.get("state") != "completed":
+        from gpulane.display import final_words
+
         sys.stderr.write(f"[gpulane] job {job.get('id')} {final_words(job)}\n")
     if job.get("state") == "timeout":
         return EXIT_TIMEOUT
@@ -357,6 +224,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from gpulane.display import status_table
     from gpulane.scheduler import connect
 
     snapshot = connect(args.socket).snapshot()
@@ -365,6 +235,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from gpulane.display import final_words
+    from gpulane.jobs import parse_count
     from gpulane.scheduler import connect
 
     job_id = parse_count(args.job, "JOB", maximum=2**62)
@@ -372,6 +244,54 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     print(
         f"job {job_id} ({view.get('user')}): {final_words(view) if view['state'] != 'running' else 'being stopped'}"
     )
+    return 0
+
+
+# ------------------------------------------------------------------ gpulane demo, hub
+
+
+def _define_demo(demo: argparse.ArgumentParser) -> None:
+    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("what", nargs="?", choices=["hub", "queue"], default="hub")
+    demo.add_argument("--port", default="8000", help="the hub's port (default 8000)")
+    demo.add_argument("--state-dir", help="where the demo keeps its state (printed at start)")
+    demo.add_argument(
+        "--seconds", default="3", help="queue demo: how long each job runs (default 3)"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpulane.jobs import parse_count, parse_duration
+
+    if args.what == "queue":
+        from gpulane.demo.queue import run_demo
+
+        return run_demo(seconds=float(parse_duration(args.seconds + "s", "--seconds")))
+    try:
+        from gpulane.demo.hub import run_demo_hub
+    except ImportError as error:
+        raise GpulaneError(
+            f"the hub demo needs JupyterHub: pip install 'gpulane[hub]' ({error})"
+        ) from None
+    port = parse_count(args.port, "--port", 65535)
+    return run_demo_hub(Path(args.state_dir) if args.state_dir else None, port)
+
+
+def _define_hub(hub: argparse.ArgumentParser) -> None:
+    hub.set_defaults(func=cmd_hub)
+    hub.add_argument(
+        "action",
+        choices=["install-kernel-extension"],
+        help="load %%%%gpu in every kernel of this Python environment",
+    )
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from gpulane.hub.config import install_kernel_extension
+
+    print(f"%%gpu is loaded in every kernel through {install_kernel_extension()}")
     return 0
 
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 
 from gpulane.admin import doctor
-from gpulane.admin import slurm_commands as deploy
 from gpulane.admin.doctor import Context, Finding
+from gpulane.admin.slurm_commands import PYTHON_PREFIXES_ENV
+from gpulane.cli import build_parser, dispatch
 from tests.support.users import need, wait_for
 
 GPUS = 2
@@ -39,13 +40,8 @@ SHARDS_PER_GPU = 2
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    """cli.py's parser, reduced to what gpulane.admin.slurm_commands registers."""
-    from gpulane.cli import _Parser
-
-    parser = _Parser(prog="gpulane")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    deploy.add_commands(sub)
-    return parser.parse_args(list(argv))
+    """cli.py's parser; run the result with cli.dispatch."""
+    return build_parser().parse_args(list(argv))
 
 
 def free_port_pair() -> int:
@@ -200,7 +196,7 @@ def write_config(folder: Path, port: int, munge: PrivateMunge) -> list[str]:
         "--log-dir", str(folder / "log"), "--slurm-user", "root",
         "--munge-socket", str(munge.socket),
     ]  # fmt: skip
-    assert deploy.run_command(parse(*argv)) == 0
+    assert dispatch(parse(*argv)) == 0
     return argv
 
 
@@ -281,7 +277,7 @@ def test_healthy_cluster_passes_every_slurm_check(healthy: Cluster, monkeypatch,
     assert findings["scontrol ping"].message.endswith("is UP")
     # The command: JSON with every finding, exit status 1 exactly when one failed.
     monkeypatch.setenv("SLURM_CONF", str(healthy.conf))
-    code = deploy.run_command(parse("doctor", "--json"))
+    code = dispatch(parse("doctor", "--json"))
     report = json.loads(capsys.readouterr().out)
     names = [f["name"] for f in report["findings"]]
     assert names == [*doctor.SLURM_CHECKS, "gpu devices", "nvml", "cuda libs"]
@@ -328,18 +324,12 @@ def test_drained_node_fails_with_reason_and_the_resume_fix(healthy: Cluster):
 
 
 def gpulane_shim(folder: Path) -> Path:
-    """A `gpulane` on PATH that runs gpulane.admin.slurm_commands's commands (cli.py may not wire them yet)."""
+    """A `gpulane` on PATH that runs this Python's gpulane."""
     bin_dir = folder / "bin"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "gpulane"
     shim.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        "from gpulane.admin import slurm_commands as deploy\n"
-        "from gpulane.cli import _Parser\n"
-        "parser = _Parser(prog='gpulane')\n"
-        "deploy.add_commands(parser.add_subparsers(dest='command', parser_class=_Parser))\n"
-        "sys.exit(deploy.run_command(parser.parse_args()))\n"
+        f"#!{sys.executable}\nimport sys\nfrom gpulane.cli import main\nsys.exit(main())\n"
     )
     shim.chmod(0o755)
     return bin_dir
@@ -455,15 +445,15 @@ def test_doctor_command_takes_python_prefixes_from_option_or_environment(
         (["doctor", "--json", "--python-prefix", str(tmp_path / "env")], ""),
         (["doctor", "--json"], str(tmp_path / "env")),
     ):
-        monkeypatch.setenv(deploy.PYTHON_PREFIXES_ENV, environ)
-        assert deploy.run_command(parse(*argv)) == 1  # no slurm.conf there: failures
+        monkeypatch.setenv(PYTHON_PREFIXES_ENV, environ)
+        assert dispatch(parse(*argv)) == 1  # no slurm.conf there: failures
         report = json.loads(capsys.readouterr().out)
         cuda = next(f for f in report["findings"] if f["name"] == "cuda libs")
         assert cuda["status"] == "warn" and "libcudnn.so.9" in cuda["message"]
         conf = next(f for f in report["findings"] if f["name"] == "slurm.conf")
         assert conf["status"] == "fail" and "No such file" in conf["message"]
     # The text report: one line per finding, the fix indented under it.
-    assert deploy.run_command(parse("doctor")) == 1
+    assert dispatch(parse("doctor")) == 1
     text = capsys.readouterr().out
     assert re.search(r"^FAIL\s+slurm\.conf\s+cannot read .*slurm\.conf", text, re.MULTILINE)
     assert re.search(r"^\s+fix: gpulane slurm config --out ", text, re.MULTILINE)

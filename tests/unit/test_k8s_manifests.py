@@ -12,7 +12,6 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gpulane.admin import k8s_commands as k8s
 from gpulane.admin.k8s_hub_values import HubOptions, hub_values, render
 from gpulane.admin.k8s_time_slicing import (
     K8sError,
@@ -459,11 +458,9 @@ def test_whole_gpus_need_renamed_slices_on_kubernetes() -> None:
 
 @pytest.fixture
 def gpulane_k8s(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
-    from gpulane.cli import _Parser
+    from gpulane.cli import build_parser, dispatch
 
-    parser = _Parser(prog="gpulane")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    k8s.add_commands(sub)
+    parser = build_parser()
 
     def run(*argv: str) -> tuple[int, str, str]:
         try:
@@ -471,7 +468,7 @@ def gpulane_k8s(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
         except SystemExit as exit_:
             out = capsys.readouterr()
             return int(exit_.code or 0), out.out, out.err
-        status = k8s.run_command(args)
+        status = dispatch(args)
         out = capsys.readouterr()
         return status, out.out, out.err
 

@@ -1,7 +1,7 @@
 """Kubernetes commands: ``gpulane k8s time-slicing`` and ``gpulane k8s hub-values``.
 
-``cli.py`` registers them with :func:`add_commands` and hands parsed arguments of these
-commands to :func:`run_command`. Importing this package is cheap: PyYAML and the
+``cli.py`` lists :data:`COMMANDS` (name, help, the function that defines its options and
+names the function that runs it). Importing this module is cheap: PyYAML and the
 kubernetes client are imported only when a command runs.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-COMMANDS = ("k8s",)
+from gpulane.errors import GpulaneError
 
 
 def _seconds(text: str) -> int:
@@ -31,9 +31,8 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(sorted({part.strip() for part in text.split(",") if part.strip()}))
 
 
-def add_commands(subparsers: Any) -> None:
-    """Register ``k8s time-slicing`` and ``k8s hub-values`` on cli.py's subparsers."""
-    k8s = subparsers.add_parser("k8s", help="JupyterHub on Kubernetes: time-slicing, Helm values")
+def define_k8s(k8s: argparse.ArgumentParser) -> None:
+    """``gpulane k8s time-slicing`` and ``gpulane k8s hub-values``, their options."""
     k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True, parser_class=type(k8s))
 
     ts = k8s_sub.add_parser(
@@ -43,6 +42,7 @@ def add_commands(subparsers: Any) -> None:
         "GPU Operator ClusterPolicy patch that points at it. Time-slicing shares a GPU's "
         "compute in turns; it does not divide its memory or isolate faults.",
     )
+    ts.set_defaults(func=_reported(_time_slicing))
     what = ts.add_mutually_exclusive_group()
     what.add_argument(
         "--replicas", metavar="N", type=_replicas, help="advertise each GPU as N slices (2-64)"
@@ -86,6 +86,7 @@ def add_commands(subparsers: Any) -> None:
         "hub-values",
         help="values for the zero-to-jupyterhub Helm chart: profiles, OIDC groups, culling, storage",
     )
+    hv.set_defaults(func=_reported(_hub_values))
     hv.add_argument("--profiles", metavar="FILE", required=True, help="the profile file (TOML)")
     hv.add_argument("--out", metavar="FILE", help="write the values here (default: print them)")
     hv.add_argument("--public-url", required=True, help="the hub's https:// address")
@@ -128,27 +129,26 @@ def add_commands(subparsers: Any) -> None:
     hv.add_argument("--shared-read-only", action="store_true", help="mount ~/shared read-only")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run a command registered by :func:`add_commands`; returns the exit status."""
-    from gpulane.admin.k8s_time_slicing import K8sError
-    from gpulane.profiles import ProfileError
+def _reported(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """The command, its refusals and a missing PyYAML or kubernetes client worded for cli.py."""
 
-    if args.command != "k8s":
-        raise ValueError(f"not a k8s command: {args.command}")
-    try:
-        if args.k8s_command == "time-slicing":
-            return _time_slicing(args)
-        return _hub_values(args)
-    except (K8sError, ProfileError) as error:
-        print(f"gpulane: {error}", file=sys.stderr)
-        return 1
-    except ImportError as error:
-        print(
-            f"gpulane: the k8s commands need PyYAML and the kubernetes client: "
-            f"pip install 'gpulane[k8s]' ({error})",
-            file=sys.stderr,
-        )
-        return 1
+    def run(args: argparse.Namespace) -> int:
+        from gpulane.admin.k8s_time_slicing import K8sError
+        from gpulane.profiles import ProfileError
+
+        try:
+            return command(args)
+        except (K8sError, ProfileError) as error:
+            raise GpulaneError(str(error)) from None
+        except ImportError as error:
+            raise GpulaneError(
+                "the k8s commands need PyYAML and the kubernetes client: "
+                f"pip install 'gpulane[k8s]' ({error})"
+            ) from None
+
+    return run
 
 
 def _time_slicing(args: argparse.Namespace) -> int:
@@ -239,3 +239,6 @@ def _hub_values(args: argparse.Namespace) -> int:
         raise ProfileError(f"cannot write {args.out}: {error.strerror}") from None
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+COMMANDS = (("k8s", "JupyterHub on Kubernetes: time-slicing, Helm values", define_k8s),)
