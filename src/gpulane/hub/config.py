@@ -13,19 +13,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Integer, List, Set, Unicode, default, validate
-from traitlets.config import Configurable
+from traitlets import Bool, Dict, Integer, List, Set, TraitError, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
 
+from gpulane import config
 from gpulane.broker.hub_auth import ADMIN_SCOPE
+from gpulane.errors import OptionError
+from gpulane.jobs import parse_count, parse_duration
 
 SERVICE_NAME = "gpulane"
 
+# The broker's policy options a hub admin sets, with `gpulane broker`'s defaults; each is
+# passed on the service's command line only where it differs.
+BROKER_DURATIONS = {
+    "default_time": "1h",
+    "max_time": "24h",
+    "half_life": "24h",
+    "starvation_after": "1h",
+    "lease_ttl": "10s",
+    "kill_grace": "10s",
+}
 
-class GpulaneHub(Configurable):
+
+class GpulaneHub(LoggingConfigurable):
     """gpulane inside JupyterHub: the broker as a managed service, the magic in every kernel."""
 
     broker_socket = Unicode(
-        "/run/gpulane/broker.sock",
+        str(config.DEFAULT_SOCKET),
         help="Unix socket of the broker; every single-user server and kernel is told it.",
     ).tag(config=True)
 
@@ -43,9 +57,46 @@ class GpulaneHub(Configurable):
 
     slices = Integer(1, help="Cut each GPU into this many time-sliced slices.").tag(config=True)
 
+    max_running_per_user = Integer(
+        0, help="Cap on running jobs per user (0: none); `gpulane broker --max-running-per-user`."
+    ).tag(config=True)
+
+    default_time = Unicode(
+        BROKER_DURATIONS["default_time"], help="Time limit of a job that gives none, e.g. 1h."
+    ).tag(config=True)
+
+    max_time = Unicode(
+        BROKER_DURATIONS["max_time"], help="Longest time limit a job may ask for, e.g. 8h."
+    ).tag(config=True)
+
+    half_life = Unicode(BROKER_DURATIONS["half_life"], help="Fair-share usage half-life.").tag(
+        config=True
+    )
+
+    starvation_after = Unicode(
+        BROKER_DURATIONS["starvation_after"],
+        help="A job waiting this long goes first and reserves GPUs.",
+    ).tag(config=True)
+
+    lease_ttl = Unicode(
+        BROKER_DURATIONS["lease_ttl"],
+        help="Free a GPU whose kernel sent no heartbeat this long.",
+    ).tag(config=True)
+
+    kill_grace = Unicode(
+        BROKER_DURATIONS["kill_grace"], help="SIGTERM to SIGKILL grace for revoked jobs."
+    ).tag(config=True)
+
+    gpu_groups = Set(
+        Unicode(),
+        help="Hub groups (or Unix groups, for clients without a hub token) allowed to use "
+        "GPUs; empty: everyone.",
+    ).tag(config=True)
+
     broker_args = List(
         Unicode(),
-        help="More `gpulane broker` options, e.g. ['--max-running-per-user', '2', '--gpu-groups', 'gpu'].",
+        help="Deprecated: more raw `gpulane broker` options; set the typed options instead "
+        "(max_running_per_user, max_time, gpu_groups, ...).",
     ).tag(config=True)
 
     dashboard_port = Integer(
@@ -89,6 +140,37 @@ class GpulaneHub(Configurable):
             raise ValueError(f"GpulaneHub.{proposal['trait'].name} must be positive, not {value}")
         return value
 
+    @validate("max_running_per_user")
+    def _cap(self, proposal: dict[str, Any]) -> int:
+        value = proposal["value"]
+        if value != 0:
+            try:
+                parse_count(str(value), "", maximum=10_000)
+            except OptionError:
+                raise TraitError(
+                    f"GpulaneHub.max_running_per_user {value!r} must be 0 (no cap) "
+                    "or a whole number from 1 to 10000"
+                ) from None
+        return int(value)
+
+    @validate(*BROKER_DURATIONS)
+    def _duration(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        try:
+            parse_duration(value, f"GpulaneHub.{proposal['trait'].name}")
+        except OptionError as error:
+            raise TraitError(str(error)) from None
+        return value
+
+    @validate("broker_args")
+    def _deprecated_broker_args(self, proposal: dict[str, Any]) -> list[str]:
+        args = list(proposal["value"])
+        if args:
+            self.log.warning(
+                "GpulaneHub.broker_args is deprecated: %s", "; ".join(_typed_options(args))
+            )
+        return args
+
     def broker_command(self) -> list[str]:
         command = [
             self.python, "-m", "gpulane", "broker",
@@ -99,6 +181,14 @@ class GpulaneHub(Configurable):
         ]  # fmt: skip
         if self.simulate_gpus:
             command += ["--simulate-gpus", str(self.simulate_gpus), "--gpu-memory", self.gpu_memory]
+        if self.max_running_per_user:
+            command += ["--max-running-per-user", str(self.max_running_per_user)]
+        for name, broker_default in BROKER_DURATIONS.items():
+            value = getattr(self, name)
+            if value != broker_default:
+                command += [f"--{name.replace('_', '-')}", value]
+        if self.gpu_groups:
+            command += ["--gpu-groups", ",".join(sorted(self.gpu_groups))]
         return command + list(self.broker_args)
 
     def apply(self, c: Any) -> None:
@@ -171,7 +261,7 @@ class GpulaneHub(Configurable):
         c.JupyterHub.load_roles = roles
         environment = dict(_existing(c.Spawner, "environment", {}))
         environment.update(self.extra_environment)
-        environment["GPULANE_SOCKET"] = self.broker_socket
+        environment[config.SOCKET_ENV] = self.broker_socket
         c.Spawner.environment = environment
         # The server's token names its user to the broker; with the groups and the admin
         # scope on it, the broker applies GPU groups and admin rights to hub users.
@@ -186,6 +276,26 @@ class GpulaneHub(Configurable):
             c.JupyterHub.ip = "127.0.0.1"
 
 
+def _typed_options(args: list[str]) -> list[str]:
+    """For each ``--option`` in ``broker_args``, the typed GpulaneHub trait that replaces it."""
+    typed = {
+        "--admin-groups": "admin_groups (hub groups)",
+        "--socket": "broker_socket",
+        **{f"--{name.replace('_', '-')}": name for name in GpulaneHub.class_own_traits()},
+    }
+    hints = []
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if option.startswith("--") and option != "--broker-args":
+            replacement = typed.get(option)
+            hints.append(
+                f"use GpulaneHub.{replacement} instead of {option}"
+                if replacement
+                else f"{option} has no typed option yet"
+            )
+    return hints or ["set the typed GpulaneHub options instead"]
+
+
 def _existing(section: Any, name: str, default: Any) -> Any:
     """A value the config already holds (unset keys of traitlets' Config are lazy placeholders)."""
     return section.get(name, default)
@@ -193,11 +303,19 @@ def _existing(section: Any, name: str, default: Any) -> Any:
 
 def configure(c: Any, **options: Any) -> GpulaneHub:
     """Configure gpulane in a jupyterhub_config.py; keyword options override ``c.GpulaneHub``."""
-    hub = GpulaneHub(config=c)
-    for name, value in options.items():
-        if not hub.has_trait(name):
-            raise TypeError(f"GpulaneHub has no option {name!r}; see `gpulane hub --help-options`")
-        setattr(hub, name, value)
+    try:
+        hub = GpulaneHub(config=c)
+        for name, value in options.items():
+            if not hub.has_trait(name):
+                raise TypeError(
+                    f"GpulaneHub has no option {name!r}; see `gpulane hub --help-options`"
+                )
+            setattr(hub, name, value)
+    except (TraitError, ValueError) as error:
+        # jupyterhub_config.py is loaded by the hub, which would print the whole traceback;
+        # a bad value is a usage error: one line naming the option, exit status 2.
+        print(f"gpulane: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     hub.apply(c)
     return hub
 
