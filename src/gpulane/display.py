@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from gpulane.jobs import format_bytes, format_duration
-from gpulane.scheduler.base import JobUpdate, JobView
+from gpulane.scheduler.base import Holder, JobUpdate, JobView, Snapshot
 
 
-def describe_holder(holder: dict[str, Any]) -> str:
+def describe_holder(holder: Holder) -> str:
     """``alice, running 12:03, 17:57 left``."""
     return (
-        f"{holder['user']}, running {format_duration(holder.get('elapsed'))}, "
-        f"{format_duration(holder.get('remaining'))} left"
+        f"{holder['user']}, running {format_duration(holder['elapsed'])}, "
+        f"{format_duration(holder['remaining'])} left"
     )
 
 
@@ -26,13 +25,13 @@ def describe_eta(eta: float | None, now: float) -> str:
     return f"starts by {clock} (in at most {format_duration(eta - now)})"
 
 
-def describe_holders(holders: list[dict[str, Any]], gpus: list[int] | None = None) -> str:
-    relevant = [h for h in holders if gpus is None or set(h.get("gpus") or ()) & set(gpus)]
+def describe_holders(holders: list[Holder], gpus: list[int] | None = None) -> str:
+    relevant = [h for h in holders if gpus is None or set(h["gpus"]) & set(gpus)]
     if not relevant:
         return "no one holds a GPU"
     parts = []
     for h in relevant:
-        where = ",".join(str(g) for g in h.get("gpus") or [])
+        where = ",".join(str(g) for g in h["gpus"])
         # Slurm reports the node, not the card: "node gpu01: alice, running ...".
         label = f"GPU {where}" if where else f"node {h.get('node') or '?'}"
         parts.append(f"{label}: {describe_holder(h)}")
@@ -69,25 +68,23 @@ def final_words(job: JobView) -> str:
     return f"{state}" + (f": {message}" if message else "")
 
 
-def status_table(snapshot: dict[str, Any]) -> str:
+def status_table(snapshot: Snapshot) -> str:
     """``gpulane status``: the GPUs and their holders, then the queue in order."""
-    now = snapshot.get("now", time.time())
+    now = snapshot["now"]
     lines = [
-        f"back end: {snapshot.get('backend')} ({snapshot.get('backend_reason', '')})",
+        f"back end: {snapshot['backend']} ({snapshot['backend_reason']})",
         "",
         f"{'GPU':<4} {'name':<22} {'memory':<22} {'util':>5}  holders",
     ]
-    for gpu in snapshot.get("gpus", []):
-        if gpu.get("memory_used") is not None:
+    for gpu in snapshot["gpus"]:
+        if gpu["memory_used"] is not None:
             memory = f"{format_bytes(gpu['memory_used'])} / {format_bytes(gpu['memory_total'])}"
         else:
-            memory = format_bytes(gpu.get("memory_total")) + (
-                " (sim)" if gpu.get("simulated") else ""
-            )
-        util = f"{gpu['utilization']}%" if gpu.get("utilization") is not None else "-"
-        holders = gpu.get("holders") or []
-        slices = gpu.get("slices", 1)
-        used = sum(h.get("slices") or slices for h in holders)
+            memory = format_bytes(gpu["memory_total"]) + (" (sim)" if gpu["simulated"] else "")
+        util = f"{gpu['utilization']}%" if gpu["utilization"] is not None else "-"
+        holders = gpu["holders"]
+        slices = gpu["slices"]
+        used = sum(h["slices"] or slices for h in holders)
         free = f"[{used}/{slices} slices] " if slices > 1 else ""
         who = "; ".join(
             f"job {h['job']} {describe_holder(h)}"
@@ -97,7 +94,7 @@ def status_table(snapshot: dict[str, Any]) -> str:
         lines.append(
             f"{gpu['index']:<4} {gpu['name'][:22]:<22} {memory:<22} {util:>5}  {free}{who or 'free'}"
         )
-    queue = snapshot.get("queue", [])
+    queue = snapshot["queue"]
     lines.append("")
     if not queue:
         lines.append("queue: empty")

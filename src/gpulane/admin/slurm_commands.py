@@ -1,7 +1,7 @@
 """Admin commands for a Slurm back end: ``gpulane slurm config`` and ``gpulane doctor``.
 
-``cli.py`` lists :data:`COMMANDS` (name, help, the function that defines its options and
-names the function that runs it). Importing this module is cheap: the work is imported
+``cli.py`` registers them with :func:`add_commands` and hands parsed arguments of these
+commands to :func:`run_command`. Importing this package is cheap: the work is imported
 only when a command runs.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from gpulane.errors import ConfigError, GpulaneError
+from gpulane.errors import ConfigError
 
+COMMANDS = ("slurm", "doctor")
 PYTHON_PREFIXES_ENV = "GPULANE_DOCTOR_PYTHON_PREFIXES"
 
 
@@ -41,8 +43,9 @@ def _name(text: str) -> str:
     return text
 
 
-def define_slurm(slurm: argparse.ArgumentParser) -> None:
-    """``gpulane slurm config``'s options."""
+def add_commands(subparsers: Any) -> None:
+    """Register ``slurm config`` and ``doctor`` on cli.py's subparsers."""
+    slurm = subparsers.add_parser("slurm", help="set up Slurm on this machine")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, parser_class=type(slurm))
     config = slurm_sub.add_parser(
         "config",
@@ -50,7 +53,6 @@ def define_slurm(slurm: argparse.ArgumentParser) -> None:
         description="Write slurm.conf, gres.conf and cgroup.conf for this one machine "
         "(controller and GPU node). Without --out they are printed.",
     )
-    config.set_defaults(func=slurm_config_command)
     config.add_argument("--out", metavar="DIR", help="write the files into DIR (e.g. /etc/slurm)")
     config.add_argument(
         "--shards-per-gpu",
@@ -93,10 +95,10 @@ def define_slurm(slurm: argparse.ArgumentParser) -> None:
         help="munged's socket, where not the default /run/munge/munge.socket.2",
     )
 
-
-def define_doctor(doctor: argparse.ArgumentParser) -> None:
-    """``gpulane doctor``'s options."""
-    doctor.set_defaults(func=doctor_command)
+    doctor = subparsers.add_parser(
+        "doctor",
+        help="check munge, Slurm, GPUs and CUDA libraries; print a fix for each problem",
+    )
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.add_argument(
         "--python-prefix",
@@ -107,7 +109,21 @@ def define_doctor(doctor: argparse.ArgumentParser) -> None:
     )
 
 
-def slurm_config_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """Run a command registered by :func:`add_commands`; returns the exit status."""
+    if args.command == "slurm":
+        return _slurm_config(args)
+    if args.command == "doctor":
+        return _doctor(args)
+    raise ValueError(f"not a deploy command: {args.command}")
+
+
+def _fail(message: str) -> int:
+    print(f"gpulane: {message}", file=sys.stderr)
+    return 1
+
+
+def _slurm_config(args: argparse.Namespace) -> int:
     from gpulane.admin.slurm_config import (
         ConfigOptions,
         gather_facts,
@@ -131,7 +147,7 @@ def slurm_config_command(args: argparse.Namespace) -> int:
         facts = gather_facts([_absolute(d) or d for d in devices] or None, wsl=args.wsl)
         files = render_config(facts, options)
     except ConfigError as error:
-        raise GpulaneError(str(error)) from None
+        return _fail(str(error))
     if not args.out:
         for name, text in files.items():
             sys.stdout.write(f"# ===== {name} =====\n{text}\n")
@@ -145,7 +161,7 @@ def slurm_config_command(args: argparse.Namespace) -> int:
             path.chmod(0o644)  # job users' srun/sbatch read slurm.conf
         _make_dirs(options)
     except OSError as error:
-        raise GpulaneError(f"cannot write to {out}: {error}") from None
+        return _fail(f"cannot write to {out}: {error}")
     print(
         f"wrote {', '.join(str(out / n) for n in files)} "
         f"({len(facts.gpu_files)} GPU(s) from {facts.gpu_source}, {facts.cpus} CPUs)",
@@ -156,8 +172,6 @@ def slurm_config_command(args: argparse.Namespace) -> int:
 
 def _command_line(args: argparse.Namespace) -> str:
     """The command that regenerates these files (doctor's fixes quote it), with --out."""
-    import shlex
-
     argv = ["gpulane", "slurm", "config", "--out", _absolute(args.out) or "/etc/slurm"]
     defaults: dict[str, object] = {
         "shards_per_gpu": 0,
@@ -212,7 +226,7 @@ def _make_dirs(options: Any) -> None:
             os.chown(d, user.pw_uid, user.pw_gid)
 
 
-def doctor_command(args: argparse.Namespace) -> int:
+def _doctor(args: argparse.Namespace) -> int:
     import json
 
     from gpulane.admin import doctor
@@ -230,13 +244,3 @@ def doctor_command(args: argparse.Namespace) -> int:
     else:
         print(doctor.report(findings))
     return 1 if failed else 0
-
-
-COMMANDS = (
-    ("slurm", "set up Slurm on this machine", define_slurm),
-    (
-        "doctor",
-        "check munge, Slurm, GPUs and CUDA libraries; print a fix for each problem",
-        define_doctor,
-    ),
-)

@@ -16,6 +16,9 @@ import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# The machine or the options do not allow a config: one line, as every ConfigError.
+from gpulane.errors import ConfigError
+
 # Scheduler knobs that keep an interactive wait short; same values and reasons as
 # tools/slurmlocal.py (measured there with benchmarks/slurm_baseline.py, 2-core VM).
 SCHED_SETTINGS: tuple[tuple[str, str, str], ...] = (
@@ -62,10 +65,6 @@ DEBIAN_STATE = Path("/var/lib/slurm")  # owned by the slurm user in Debian's pac
 DEBIAN_LOG = Path("/var/log/slurm")
 DEBIAN_RUN = Path("/run")  # Debian's systemd units expect /run/slurmctld.pid, /run/slurmd.pid
 WSL_LIB = "/usr/lib/wsl/lib"
-
-
-class ConfigError(Exception):
-    """The machine or the options do not allow a config; the message is one line."""
 
 
 @dataclass(frozen=True)

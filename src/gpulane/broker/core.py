@@ -4,9 +4,10 @@ It runs on one asyncio loop. Every change is saved to the store first, then the
 policy is asked who starts next (at once: no polling interval between a job's
 end and the next grant), then watchers are told.
 
-A lease is kept alive two ways: the client's process is watched through a
-pidfd (its death is noticed at once), and the client sends heartbeats (the
-fallback where the broker cannot see the process, and after a restart).
+It knows nothing of HTTP: a refusal is one of :mod:`gpulane.errors`' kinds
+(the server picks the status), and what a client sees of a job is built by
+:mod:`gpulane.broker.views`. Leases (pidfds and heartbeats) live in
+:mod:`gpulane.broker.leases`.
 """
 
 from __future__ import annotations
@@ -20,25 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpulane.broker import policy, procs
+from gpulane.broker import policy, procs, views
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.identity import Identity
+from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.store import JobRecord, Store
 from gpulane.broker.usage import busy_per_minute, gpu_seconds_by_user, local_midnight
+from gpulane.errors import Conflict, Forbidden, InvalidRequest, LimitReached, NotFound
 from gpulane.jobs import JobState, OptionError, Request, format_duration
+from gpulane.views import Holder, JobEvent, JobView, Snapshot
 
 log = logging.getLogger("gpulane.broker")
 
-Watcher = Callable[[dict[str, Any]], None]
-
-
-class BrokerError(Exception):
-    """A refused request: ``status`` is the HTTP status, the message is for the user."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+Watcher = Callable[[JobEvent], None]
 
 
 @dataclass(frozen=True)
@@ -67,15 +63,13 @@ class Broker:
         self.usage: dict[str, policy.Usage] = {}
         self.watchers: dict[int, set[Watcher]] = {}
         self.metrics = BrokerMetrics()
-        self._heartbeat: dict[int, float] = {}
+        self.leases = Leases(settings.lease_ttl, clock, self._client_gone)
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
         self._explain_cost = 0.0  # seconds the last queue replay took
         self._sent: dict[tuple[int, int], dict[str, Any]] = {}
         self._watcher_identity: dict[int, Identity] = {}
-        self._sweeper: asyncio.Task[None] | None = None
         self.can_kill_any = os.geteuid() == 0
 
     # ----------------------------------------------------------------- life cycle
@@ -86,7 +80,7 @@ class Broker:
         self.usage = {u: policy.Usage(v, at) for u, (v, at) in self.store.usage().items()}
         for job in self.store.active():
             self.jobs[job.id] = job
-            self._heartbeat[job.id] = now
+            self.leases.beat(job.id)
             client_alive = procs.is_alive(job.client_pid, job.client_start)
             command_alive = procs.is_alive(job.cmd_pid, job.cmd_start)
             if job.state is JobState.QUEUED:
@@ -109,38 +103,30 @@ class Broker:
                 deadline = job.started_at + job.time_limit
                 self._arm(job.id, max(0.0, deadline - now), self._time_limit_reached, job.id)
             if client_alive and job.client_pid:
-                self._watch_client(job.client_pid, job.id)
+                self.leases.watch_client(job.client_pid, job.id)
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
+        self.leases.start()
         self._schedule()
 
     def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-        loop = asyncio.get_running_loop()
-        for fd, _ in self._pidfds.values():
-            loop.remove_reader(fd)
-            os.close(fd)
-        self._pidfds.clear()
+        self.leases.stop()
         for handle in self._timers.values():
             handle.cancel()
         self.store.close()
 
     # ----------------------------------------------------------------- requests
 
-    def submit(self, who: Identity, request: Request) -> dict[str, Any]:
+    def submit(self, who: Identity, request: Request) -> JobView:
         cfg = self.config
         admin = self._is_admin(who)
         if not policy.may_use_gpus(who.groups, cfg, admin):
             groups = ", ".join(sorted(cfg.gpu_groups))
-            raise BrokerError(
-                403,
-                f"{who.user} may not use GPUs here: not in a GPU group ({groups}); ask an admin",
+            raise Forbidden(
+                f"{who.user} may not use GPUs here: not in a GPU group ({groups}); ask an admin"
             )
         time_limit = request.time_limit or min(cfg.default_time, cfg.max_time)
         if time_limit > cfg.max_time:
-            raise BrokerError(
-                400,
+            raise InvalidRequest(
                 f"--time {format_duration(time_limit)} is over this broker's maximum "
                 f"{format_duration(cfg.max_time)}; ask for less",
             )
@@ -148,13 +134,12 @@ class Broker:
             request.gpus, request.slices, self.inventory.count, cfg.slices_per_gpu
         )
         if never:
-            raise BrokerError(400, f"this request can never run here: it {never}")
+            raise InvalidRequest(f"this request can never run here: it {never}")
         queued = sum(
             1 for j in self.jobs.values() if j.user == who.user and j.state is JobState.QUEUED
         )
         if queued >= self.settings.max_queued_per_user:
-            raise BrokerError(
-                429,
+            raise LimitReached(
                 f"{who.user} already has {queued} queued jobs, the most allowed; wait or cancel some",
             )
         now = self.clock()
@@ -173,15 +158,15 @@ class Broker:
         )
         self.store.insert(job)
         self.jobs[job.id] = job
-        self._heartbeat[job.id] = now
+        self.leases.beat(job.id)
         self.metrics.submitted()
         if who.pid:
-            self._watch_client(who.pid, job.id)
+            self.leases.watch_client(who.pid, job.id)
         log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
         self._schedule()
         return self.view(job, who)
 
-    def cancel(self, who: Identity, job_id: int) -> dict[str, Any]:
+    def cancel(self, who: Identity, job_id: int) -> JobView:
         job = self._own_job(who, job_id, admin_ok=True)
         if job.state is JobState.QUEUED:
             self._finalize(job, JobState.CANCELLED, f"cancelled by {who.user}")
@@ -190,29 +175,27 @@ class Broker:
         self.metrics.cancelled()
         return self.view(job, who)
 
-    def heartbeat(self, who: Identity, job_id: int) -> dict[str, Any]:
+    def heartbeat(self, who: Identity, job_id: int) -> JobView:
         job = self._own_job(who, job_id)
         if job.id in self.jobs:
-            self._heartbeat[job.id] = self.clock()
+            self.leases.beat(job.id)
         return self.view(job, who)
 
-    def started(self, who: Identity, job_id: int, pid: int) -> dict[str, Any]:
+    def started(self, who: Identity, job_id: int, pid: int) -> JobView:
         """The client started the job's command as process group ``pid``; the broker may kill it."""
         job = self._own_job(who, job_id)
         if job.state is not JobState.RUNNING:
-            raise BrokerError(409, f"job {job_id} is {job.state.value}, not running")
+            raise Conflict(f"job {job_id} is {job.state.value}, not running")
         # Never trust a client-supplied PID blindly: a root broker kills this group later.
         if procs.owner_uid(pid) != job.uid or _pgid(pid) != pid:
-            raise BrokerError(
-                400, f"process {pid} is not a process group leader owned by {job.user}"
-            )
+            raise InvalidRequest(f"process {pid} is not a process group leader owned by {job.user}")
         job.cmd_pid, job.cmd_start = pid, procs.start_time(pid)
         self.store.save(job)
         if job.ending_state is not None:
             self._signal_job(job, signal.SIGTERM)
         return self.view(job, who)
 
-    def finish(self, who: Identity, job_id: int, exit_status: int) -> dict[str, Any]:
+    def finish(self, who: Identity, job_id: int, exit_status: int) -> JobView:
         job = self._own_job(who, job_id)
         if job.state is JobState.QUEUED:
             self._finalize(job, JobState.CANCELLED, "withdrawn by its client")
@@ -225,10 +208,10 @@ class Broker:
                 self._finalize(job, JobState.FAILED, _exit_text(exit_status), exit_status)
         return self.view(job, who)
 
-    def lookup(self, who: Identity, job_id: int) -> dict[str, Any]:
+    def lookup(self, who: Identity, job_id: int) -> JobView:
         job = self.jobs.get(job_id) or self.store.get(job_id)
         if job is None:
-            raise BrokerError(404, f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         return self.view(job, who)
 
     def watch(self, who: Identity, job_id: int, watcher: Watcher) -> Callable[[], None]:
@@ -253,25 +236,11 @@ class Broker:
 
     # ----------------------------------------------------------------- views
 
-    def status(self, who: Identity) -> dict[str, Any]:
+    def status(self, who: Identity) -> Snapshot:
         now = self.clock()
         waiting = self._explain(now)
         holders = self.holders(now)
-        gpus = []
-        for reading in self.inventory.read():
-            gpus.append(
-                {
-                    "index": reading.index,
-                    "name": reading.name,
-                    "uuid": reading.uuid,
-                    "memory_total": reading.memory_total,
-                    "memory_used": reading.memory_used,
-                    "utilization": reading.utilization,
-                    "simulated": reading.simulated,
-                    "slices": self.config.slices_per_gpu,
-                    "holders": [h for h in holders if reading.index in h["gpus"]],
-                }
-            )
+        spg = self.config.slices_per_gpu
         queue = sorted(
             (j for j in self.jobs.values() if j.state is JobState.QUEUED),
             key=lambda j: waiting[j.id].position if j.id in waiting else 0,
@@ -282,31 +251,16 @@ class Broker:
             "now": now,
             "user": who.user,
             "is_admin": self._is_admin(who),
-            "slices_per_gpu": self.config.slices_per_gpu,
-            "gpus": gpus,
+            "slices_per_gpu": spg,
+            "gpus": [views.gpu_row(r, spg, holders) for r in self.inventory.read()],
             "running": [
                 self.view(j, who, now) for j in self.jobs.values() if j.state is JobState.RUNNING
             ],
             "queue": [self.view(j, who, now, waiting.get(j.id)) for j in queue],
         }
 
-    def holders(self, now: float) -> list[dict[str, Any]]:
-        result = []
-        for job in self.jobs.values():
-            if job.state is JobState.RUNNING and job.started_at is not None:
-                elapsed = now - job.started_at
-                result.append(
-                    {
-                        "job": job.id,
-                        "user": job.user,
-                        "name": job.name,
-                        "gpus": job.assigned_gpus,
-                        "slices": job.assigned_slices,
-                        "elapsed": elapsed,
-                        "remaining": max(0.0, job.time_limit - elapsed),
-                    }
-                )
-        return result
+    def holders(self, now: float) -> list[Holder]:
+        return views.holders(self.jobs.values(), now)
 
     def view(
         self,
@@ -314,67 +268,23 @@ class Broker:
         who: Identity,
         now: float | None = None,
         waiting: policy.Waiting | None = None,
-    ) -> dict[str, Any]:
-        now = self.clock() if now is None else now
-        data: dict[str, Any] = {
-            "id": job.id,
-            "user": job.user,
-            "name": job.name,
-            "state": job.state.value,
-            "gpus": job.gpus,
-            "slices": job.slices,
-            "time_limit": job.time_limit,
-            "mem": job.mem,
-            "submitted_at": job.submitted_at,
-            "started_at": job.started_at,
-            "ended_at": job.ended_at,
-            "exit_status": job.exit_status,
-            "message": job.message,
-            "assigned_gpus": job.assigned_gpus,
-            "assigned_slices": job.assigned_slices,
-            "gpu_memory_limit": self._memory_limit(job),
-            "gpu_memory_fraction": (
-                job.slices / self.config.slices_per_gpu if self._memory_limit(job) else None
-            ),
-            "ending": job.ending_state.value if job.ending_state else None,
-        }
-        if job.started_at is not None:
-            end = job.ended_at if job.ended_at is not None else now
-            data["elapsed"] = end - job.started_at
-            data["remaining"] = max(0.0, job.time_limit - data["elapsed"])
-        if waiting is not None:
-            data.update(position=waiting.position, eta=waiting.eta, reason=waiting.reason)
-            data["reason_text"] = self._reason_text(waiting.reason)
-        if who.user == job.user:  # only the owner sees what the job runs
-            data["command"] = job.command
-        return data
-
-    def _reason_text(self, reason: str) -> str:
-        cfg = self.config
-        return {
-            "resources": "waiting for a GPU to free up",
-            "priority": "jobs submitted earlier are ahead",
-            "fair_share": "fair share: users with less recent GPU time go first",
-            "user_cap": f"per-user cap: you already run {cfg.max_running_per_user} job(s)",
-            "reserved": (
-                "GPUs are held for a job that has waited over "
-                f"{format_duration(cfg.starvation_after)}"
-            ),
-            "never_fits": "this request is larger than any free GPU set here",
-        }.get(reason, reason)
+    ) -> JobView:
+        return views.job_view(
+            job,
+            viewer=who.user,
+            now=self.clock() if now is None else now,
+            config=self.config,
+            gpu_memory=self.inventory.memory,
+            waiting=waiting,
+        )
 
     def _event(
         self, job: JobRecord, who: Identity, waiting: policy.Waiting | None = None
-    ) -> dict[str, Any]:
+    ) -> JobEvent:
         now = self.clock()
         if waiting is None and job.state is JobState.QUEUED:
             waiting = self._explain(now).get(job.id)
         return {"job": self.view(job, who, now, waiting), "holders": self.holders(now), "now": now}
-
-    def _memory_limit(self, job: JobRecord) -> int | None:
-        if not job.slices or self.config.slices_per_gpu <= 1 or not self.inventory.memory:
-            return None
-        return self.inventory.memory * job.slices // self.config.slices_per_gpu
 
     # ----------------------------------------------------------------- reports
 
@@ -481,7 +391,9 @@ class Broker:
             event = self._event(job, who, (waiting or {}).get(job_id))
             key = (job_id, id(watcher))
             # Skip repeats: elapsed times change every call, the rest rarely.
-            signature = {k: v for k, v in event["job"].items() if k not in ("elapsed", "remaining")}
+            signature: dict[str, Any] = {
+                k: v for k, v in event["job"].items() if k not in ("elapsed", "remaining")
+            }
             signature["holders"] = [(h["job"], h["user"]) for h in event["holders"]]
             if self._sent.get(key) == signature:
                 continue
@@ -555,11 +467,10 @@ class Broker:
         job.ending_state = None
         self.store.save(job)
         self.jobs.pop(job.id, None)
-        self._heartbeat.pop(job.id, None)
+        self.leases.end(job.id, job.client_pid)
         timer = self._timers.pop(job.id, None)
         if timer:
             timer.cancel()
-        self._unwatch_client(job.client_pid, job.id)
         log.info("job %d of %s ended: %s %s", job.id, job.user, state.value, message)
         self._schedule()
         self._publish(urgent={job.id})
@@ -568,51 +479,6 @@ class Broker:
         # Only where the broker may: as root, or when the job runs as the broker's own user.
         if job.cmd_pid and (self.can_kill_any or job.uid == os.geteuid()):
             procs.signal_group(job.cmd_pid, job.cmd_start, sig)
-
-    # ----------------------------------------------------------------- leases
-
-    def _watch_client(self, pid: int, job_id: int) -> None:
-        entry = self._pidfds.get(pid)
-        if entry is None:
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                return  # not visible to us (another pid namespace): heartbeats alone keep it
-            asyncio.get_running_loop().add_reader(fd, self._client_exited, pid)
-            entry = self._pidfds[pid] = (fd, set())
-        entry[1].add(job_id)
-
-    def _unwatch_client(self, pid: int | None, job_id: int) -> None:
-        entry = self._pidfds.get(pid or 0)
-        if entry is None:
-            return
-        entry[1].discard(job_id)
-        if not entry[1]:
-            asyncio.get_running_loop().remove_reader(entry[0])
-            os.close(entry[0])
-            del self._pidfds[pid or 0]
-
-    def _client_exited(self, pid: int) -> None:
-        entry = self._pidfds.pop(pid, None)
-        if entry is None:
-            return
-        fd, job_ids = entry
-        asyncio.get_running_loop().remove_reader(fd)
-        os.close(fd)
-        for job_id in sorted(job_ids):
-            self._client_gone(job_id, f"its client (process {pid}) exited; the GPU was freed")
-
-    async def _sweep_leases(self) -> None:
-        """Expire leases whose client stopped sending heartbeats (the fallback to pidfds)."""
-        while True:
-            await asyncio.sleep(min(1.0, self.settings.lease_ttl / 4))
-            now = self.clock()
-            for job_id, last in list(self._heartbeat.items()):
-                if now - last > self.settings.lease_ttl:
-                    ttl = format_duration(self.settings.lease_ttl)
-                    self._client_gone(
-                        job_id, f"its client sent no heartbeat for {ttl}; the GPU was freed"
-                    )
 
     # ----------------------------------------------------------------- helpers
 
@@ -628,19 +494,19 @@ class Broker:
         return policy.is_admin(who.uid, who.groups, self.config)
 
     def _own_job(self, who: Identity, job_id: int, admin_ok: bool = False) -> JobRecord:
-        """The job, if ``who`` owns it (or is an admin, where allowed); 404 otherwise."""
+        """The job, if ``who`` owns it (or is an admin, where allowed); NotFound otherwise."""
         job = self.jobs.get(job_id) or self.store.get(job_id)
         if job is None:
-            raise BrokerError(404, f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         if job.user == who.user:  # the name: hub users may share one Unix uid
             return job
         if admin_ok and self._is_admin(who):
             return job
         if admin_ok:
-            raise BrokerError(
-                403, f"job {job_id} belongs to {job.user}; only they or an admin may do that"
+            raise Forbidden(
+                f"job {job_id} belongs to {job.user}; only they or an admin may do that"
             )
-        raise BrokerError(404, f"no job {job_id} of yours")
+        raise NotFound(f"no job {job_id} of yours")
 
 
 def _pgid(pid: int) -> int | None:
@@ -660,7 +526,8 @@ def _exit_text(status: int) -> str:
 
 
 def parse_request(data: Any) -> Request:
+    """A posted request; a malformed one is refused with its one-line message."""
     try:
         return Request.from_json(data)
     except OptionError as error:
-        raise BrokerError(400, str(error)) from None
+        raise InvalidRequest(str(error)) from None

@@ -17,10 +17,12 @@ from typing import Any
 import tornado.web
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 
-from gpulane.broker.core import Broker, BrokerError
+from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import ADMIN_SCOPE
 from gpulane.broker.identity import Identity
 from gpulane.broker.metrics import CONTENT_TYPE
+from gpulane.broker.server import status_of
+from gpulane.errors import Forbidden, NotFound, Refused
 
 
 class _Base(HubOAuthenticated, tornado.web.RequestHandler):  # type: ignore[misc]
@@ -52,7 +54,7 @@ class _Base(HubOAuthenticated, tornado.web.RequestHandler):  # type: ignore[misc
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        message = str(error) if isinstance(error, BrokerError) else self._reason
+        message = str(error) if isinstance(error, Refused) else self._reason
         self.write_json({"error": message})
 
 
@@ -83,11 +85,11 @@ class CancelHandler(_Base):
         who = self.identity()
         try:
             self.write_json(self.broker.cancel(who, int(job_id)))
-        except BrokerError as error:
+        except (Forbidden, NotFound):
             # Another user's job is none of this user's business: not found, not forbidden.
-            raise tornado.web.HTTPError(
-                404 if error.status in (403, 404) else error.status
-            ) from None
+            raise tornado.web.HTTPError(404) from None
+        except Refused as error:
+            raise tornado.web.HTTPError(status_of(error)) from None
 
 
 class MetricsHandler(_Base):

@@ -2,7 +2,8 @@
 
 Identity comes from the socket's peer credentials, never from the request.
 Bodies are bounded and parsed into a fixed schema; anything else is answered
-with a one-line JSON error, and the broker keeps serving.
+with a one-line JSON error, and the broker keeps serving. The core refuses with
+:mod:`gpulane.errors`' kinds; :data:`STATUS_OF` alone turns them into HTTP statuses.
 """
 
 from __future__ import annotations
@@ -24,13 +25,44 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
-from gpulane.broker.core import Broker, BrokerError, parse_request
+from gpulane.broker.core import Broker, parse_request
 from gpulane.broker.hub_auth import HubTokenError, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
+from gpulane.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    LimitReached,
+    NotAuthenticated,
+    NotFound,
+    Refused,
+    TooLarge,
+)
+from gpulane.jobs import is_finished
+from gpulane.views import JobEvent
 
 log = logging.getLogger("gpulane.broker")
 
 MAX_BODY_BYTES = 256 * 1024
+
+# The HTTP status of each kind of refusal: the one place the broker's answers meet HTTP.
+STATUS_OF: dict[type[Refused], int] = {
+    InvalidRequest: 400,
+    NotAuthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    LimitReached: 429,
+}
+
+
+def status_of(error: Refused) -> int:
+    """The status for ``error``: its own kind's, else the nearest base's; 400 for a bare refusal."""
+    for kind in type(error).__mro__:
+        if kind in STATUS_OF:
+            return STATUS_OF[kind]
+    return 400
 
 
 @tornado.web.stream_request_body
@@ -51,14 +83,14 @@ class _Handler(tornado.web.RequestHandler):
         if header and self.hub_tokens is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() not in ("token", "bearer") or not token.strip():
-                raise BrokerError(400, "Authorization must be 'token <JupyterHub API token>'")
+                raise InvalidRequest("Authorization must be 'token <JupyterHub API token>'")
             try:
                 self.identity = await self.hub_tokens.identity(token.strip(), self.identity)
             except HubTokenError as error:
-                raise BrokerError(401, str(error)) from None
+                raise NotAuthenticated(str(error)) from None
         length = self.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            raise BrokerError(413, f"request body over {MAX_BODY_BYTES} bytes; refused")
+            raise TooLarge(f"request body over {MAX_BODY_BYTES} bytes; refused")
         self.request.connection.set_max_body_size(MAX_BODY_BYTES)  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
@@ -70,7 +102,7 @@ class _Handler(tornado.web.RequestHandler):
         try:
             return json.loads(self._body)
         except (ValueError, UnicodeDecodeError):
-            raise BrokerError(400, "the request body is not valid JSON") from None
+            raise InvalidRequest("the request body is not valid JSON") from None
 
     def reply(self, data: Any) -> None:
         self.set_header("Content-Type", "application/json")
@@ -78,7 +110,7 @@ class _Handler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(error, BrokerError):
+        if isinstance(error, Refused):
             message = str(error)
         elif isinstance(error, tornado.web.HTTPError):
             message = error.log_message or self._reason
@@ -89,12 +121,12 @@ class _Handler(tornado.web.RequestHandler):
 
     def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(error, BrokerError):
-            status_code = error.status
+        if isinstance(error, Refused):
+            status_code = status_of(error)
         super().send_error(status_code, **kwargs)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, BrokerError):
+        if isinstance(value, Refused):
             log.info(
                 "refused %s %s for %s: %s",
                 self.request.method,
@@ -109,7 +141,7 @@ class _Handler(tornado.web.RequestHandler):
 def _int_field(data: Any, key: str) -> int:
     value = data.get(key) if isinstance(data, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise BrokerError(400, f"'{key}' must be an integer")
+        raise InvalidRequest(f"'{key}' must be an integer")
     return value
 
 
@@ -150,14 +182,14 @@ class JobActionHandler(_Handler):
         elif action == "cancel":
             self.reply(self.broker.cancel(who, job))
         else:
-            raise BrokerError(404, f"no action {action!r}")
+            raise NotFound(f"no action {action!r}")
 
 
 class EventsHandler(_Handler):
     """A stream of JSON lines: the job's view and the GPU holders, at every change."""
 
     async def get(self, job_id: str) -> None:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         unsubscribe = self.broker.watch(self.identity, int(job_id), queue.put_nowait)
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-store")
@@ -166,7 +198,7 @@ class EventsHandler(_Handler):
                 event = await queue.get()
                 self.write(json.dumps(event) + "\n")
                 await self.flush()
-                if event["job"]["state"] not in ("queued", "running"):
+                if is_finished(event["job"]["state"]):
                     break
         except StreamClosedError:
             pass
@@ -195,7 +227,7 @@ def make_app(broker: Broker, hub_tokens: HubTokens | None = None) -> tornado.web
 class _NotFound(_Handler):
     async def prepare(self) -> None:
         await super().prepare()
-        raise BrokerError(404, f"no such endpoint: {self.request.method} {self.request.path}")
+        raise NotFound(f"no such endpoint: {self.request.method} {self.request.path}")
 
 
 def prepare_socket_dir(path: Path) -> None:

@@ -70,7 +70,7 @@ def render_final(job: JobView, note: str = "") -> CardView:
     lines = [final_words(job) + (f" on GPU {gpus}" if gpus else "")]
     if note:
         lines.append(note)
-    return CardView(head, lines, str(job.get("state")))
+    return CardView(head, lines, job["state"])
 
 
 def message_card(title: str, lines: list[str], state: str = "info") -> CardView:

@@ -1,13 +1,8 @@
 """The one interface every back end implements. The CLI, the magic and the hub use only this.
 
-Views are plain JSON-shaped dicts, the same on every back end, so that a job
-printed by ``gpulane status`` and one shown in a notebook card read alike:
-
-job view: id, user, name, state (queued|running|completed|failed|cancelled|timeout),
-    gpus, slices, time_limit, submitted_at, started_at, ended_at, elapsed, remaining,
-    exit_status, message, assigned_gpus, gpu_memory_limit, ending; while queued also
-    position, eta (epoch seconds or None), reason, reason_text; ``command`` for the owner only.
-holder: job, user, name, gpus, slices, elapsed, remaining.
+Views are JSON-shaped dicts of the shapes in :mod:`gpulane.views`, the same on
+every back end, so that a job printed by ``gpulane status`` and one shown in a
+notebook card read alike.
 """
 
 from __future__ import annotations
@@ -16,15 +11,18 @@ import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
+from gpulane import views
 from gpulane.errors import SchedulerError, SchedulerUnavailable
-from gpulane.jobs import Request
+from gpulane.jobs import Request, is_finished
 
-__all__ = ["SchedulerError", "SchedulerUnavailable"]  # re-exported for the back ends
+# Re-exported: the back ends and readers take them from here.
+__all__ = ["Holder", "JobView", "SchedulerError", "SchedulerUnavailable", "Snapshot"]
 
-JobView = dict[str, Any]
-FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
+JobView = views.JobView
+Holder = views.Holder
+Snapshot = views.Snapshot
 
 
 @dataclass(frozen=True)
@@ -32,16 +30,16 @@ class JobUpdate:
     """One change of a job, with who holds the GPUs at that moment."""
 
     job: JobView
-    holders: list[dict[str, Any]]
+    holders: list[Holder]
     now: float
 
     @property
     def state(self) -> str:
-        return str(self.job["state"])
+        return self.job["state"]
 
     @property
     def finished(self) -> bool:
-        return self.state in FINISHED_STATES
+        return is_finished(self.state)
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class Scheduler(ABC):
     def job(self, job_id: int) -> JobView: ...
 
     @abstractmethod
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         """GPUs, holders and the queue in order, as ``gpulane status --json`` prints it."""
 
     @abstractmethod

@@ -26,6 +26,7 @@ from gpulane.scheduler.base import (
     Scheduler,
     SchedulerError,
     SchedulerUnavailable,
+    Snapshot,
     UpdateCallback,
 )
 from gpulane.scheduler.http import UnixJSONClient
@@ -64,8 +65,8 @@ class BrokerScheduler(Scheduler):
         result: JobView = self.client.request("GET", f"/v1/jobs/{job_id}")
         return result
 
-    def snapshot(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.client.request("GET", "/v1/status")
+    def snapshot(self) -> Snapshot:
+        result: Snapshot = self.client.request("GET", "/v1/status")
         if self.reason:
             result["backend_reason"] = self.reason
         return result

@@ -26,11 +26,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Unpack
 
-from gpulane.jobs import Request, format_duration
+from gpulane.jobs import Request, format_duration, is_finished
 from gpulane.scheduler import slurm_parse as sp
 from gpulane.scheduler.base import (
+    Holder,
     JobUpdate,
     JobView,
     Launcher,
@@ -38,9 +39,11 @@ from gpulane.scheduler.base import (
     Scheduler,
     SchedulerError,
     SchedulerUnavailable,
+    Snapshot,
     UpdateCallback,
 )
 from gpulane.scheduler.spawn import spawn_command
+from gpulane.views import GpuRow, JobDetails
 
 JOB_NAME_PREFIX = "gpulane:"
 BATCH_SCRIPT = '#!/bin/sh\n# written by gpulane: run the job\'s argv as given\nexec "$@"\n'
@@ -106,7 +109,7 @@ class SlurmScheduler(Scheduler):
     def submit(self, request: Request, env: Mapping[str, str] | None = None) -> JobView:
         job_dir = self._new_job_dir()
         job_id = self._sbatch(request, job_dir, env or {})
-        return {"id": job_id, "state": "queued", "name": request.name, "job_dir": str(job_dir)}
+        return _job_view(job_id, "queued", name=request.name, job_dir=str(job_dir))
 
     def _new_job_dir(self) -> Path:
         base = self.settings.job_dir
@@ -144,34 +147,35 @@ class SlurmScheduler(Scheduler):
             raise
         return self.job(job_id)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         now = time.time()
         rows = self._rows()
         holders = [
             self._holder(r) for r in rows if r.state in ("RUNNING", "COMPLETING") and r.gpu_request
         ]
-        nodes: dict[str, list[dict[str, Any]]] = {}
+        nodes: dict[str, list[Holder]] = {}
         for holder in holders:
             nodes.setdefault(holder["node"], []).append(holder)
         pending = [r for r in rows if r.state == "PENDING"]
+        gpus: list[GpuRow] = [
+            {
+                "index": node,
+                "name": f"Slurm node {node}",
+                "memory_total": None,
+                "memory_used": None,
+                "utilization": None,
+                "simulated": False,
+                "slices": 1,
+                "holders": hs,
+            }
+            for node, hs in sorted(nodes.items())
+        ]
         return {
             "backend": "slurm",
             "backend_reason": self.reason,
             "now": now,
             "user": _me(),
-            "gpus": [
-                {
-                    "index": node,
-                    "name": f"Slurm node {node}",
-                    "memory_total": None,
-                    "memory_used": None,
-                    "utilization": None,
-                    "simulated": False,
-                    "slices": 1,
-                    "holders": hs,
-                }
-                for node, hs in sorted(nodes.items())
-            ],
+            "gpus": gpus,
             "running": [
                 self._view(r, rows, now) for r in rows if r.state in ("RUNNING", "COMPLETING")
             ],
@@ -195,7 +199,7 @@ class SlurmScheduler(Scheduler):
                 continue
             now = time.time()
             row = next((r for r in rows if r.job_id == job_id), None)
-            if row is None or sp.gpulane_state(row.state) not in ("queued", "running"):
+            if row is None or is_finished(sp.gpulane_state(row.state)):
                 yield JobUpdate(self._final(job_id), [], now)
                 return
             view = self._view(row, rows, now)
@@ -324,13 +328,13 @@ class SlurmScheduler(Scheduler):
             self._slurm(["scancel", "--signal=INT", "--full", str(job_id)])
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
-                if self.job(job_id)["state"] not in ("queued", "running"):
+                if is_finished(self.job(job_id)["state"]):
                     return
                 time.sleep(0.2)
         with contextlib.suppress(SchedulerError):
             self._slurm(["scancel", str(job_id)])
 
-    def _holder(self, row: sp.SqueueRow) -> dict[str, Any]:
+    def _holder(self, row: sp.SqueueRow) -> Holder:
         kind, count = row.gpu_request or ("gpu", 0)
         return {
             "job": row.job_id,
@@ -346,21 +350,21 @@ class SlurmScheduler(Scheduler):
     def _view(self, row: sp.SqueueRow, rows: list[sp.SqueueRow], now: float) -> JobView:
         state = sp.gpulane_state(row.state)
         kind, count = row.gpu_request or ("gpu", 0)
-        view: JobView = {
-            "id": row.job_id,
-            "user": row.user,
-            "name": row.name.removeprefix(JOB_NAME_PREFIX),
-            "state": state,
-            "gpus": count if kind == "gpu" else 1,
-            "slices": count if kind == "shard" else 0,
-            "time_limit": row.time_limit,
-            "elapsed": row.elapsed,
-            "remaining": row.remaining,
-            "assigned_gpus": [],
-            "node": row.nodes,
-            "message": "",
-            "ending": "stopping" if row.state == "COMPLETING" else None,
-        }
+        view = _job_view(
+            row.job_id,
+            state,
+            user=row.user,
+            name=row.name,
+            gpus=count if kind == "gpu" else 1,
+            slices=count if kind == "shard" else 0,
+            time_limit=row.time_limit,
+            elapsed=row.elapsed,
+            remaining=row.remaining,
+            assigned_gpus=[],
+            node=row.nodes,
+            message="",
+            ending="stopping" if row.state == "COMPLETING" else None,
+        )
         if state == "queued":
             competing = [
                 r
@@ -368,12 +372,10 @@ class SlurmScheduler(Scheduler):
                 if r.state == "PENDING" and r.partition == row.partition and r.gpu_request
             ]
             position = next((i for i, r in enumerate(competing, 1) if r.job_id == row.job_id), None)
-            view.update(
-                position=position,
-                eta=row.start if row.start and row.start >= now - 1 else None,
-                reason=row.reason,
-                reason_text=sp.reason_text(row.reason),
-            )
+            view["position"] = position
+            view["eta"] = row.start if row.start and row.start >= now - 1 else None
+            view["reason"] = row.reason
+            view["reason_text"] = sp.reason_text(row.reason)
         return view
 
     def _final(self, job_id: int) -> JobView:
@@ -397,24 +399,21 @@ class SlurmScheduler(Scheduler):
         exit_code = record.get("ExitCode", "0:0")
         limit = sp.parse_duration(record.get("TimeLimit", ""))
         if not slurm_state:
-            return {
-                "id": job_id,
-                "state": "failed",
-                "message": "Slurm no longer knows this job",
-                "exit_status": 1,
-            }
-        return {
-            "id": job_id,
-            "user": record.get("UserId", "").split("(")[0],
-            "name": record.get("JobName", "").removeprefix(JOB_NAME_PREFIX),
-            "state": sp.gpulane_state(slurm_state),
-            "slurm_state": slurm_state,
-            "exit_status": sp.exit_status(exit_code),
-            "message": sp.final_message(slurm_state, exit_code, format_duration(limit)),
-            "elapsed": sp.parse_duration(record.get("RunTime", "")),
-            "time_limit": limit,
-            "assigned_gpus": [],
-        }
+            return _job_view(
+                job_id, "failed", message="Slurm no longer knows this job", exit_status=1
+            )
+        return _job_view(
+            job_id,
+            sp.gpulane_state(slurm_state),
+            user=record.get("UserId", "").split("(")[0],
+            name=record.get("JobName", ""),
+            slurm_state=slurm_state,
+            exit_status=sp.exit_status(exit_code),
+            message=sp.final_message(slurm_state, exit_code, format_duration(limit)),
+            elapsed=sp.parse_duration(record.get("RunTime", "")),
+            time_limit=limit,
+            assigned_gpus=[],
+        )
 
     def _has_accounting(self) -> bool:
         if self._accounting is None:
@@ -426,6 +425,18 @@ class SlurmScheduler(Scheduler):
                 "accounting_storage/none" not in config and "AccountingStorageType" in config
             )
         return self._accounting
+
+
+def _job_view(job_id: int, state: str, **known: Unpack[JobDetails]) -> JobView:
+    """Every Slurm view is built here: what Slurm told us, with gpulane's prefix off the name.
+
+    Only what is known is set (a bare submission knows its id, name and folder),
+    so a view never claims a value Slurm did not give.
+    """
+    view: JobView = {"id": job_id, "state": state, **known}
+    if "name" in known:
+        view["name"] = known["name"].removeprefix(JOB_NAME_PREFIX)
+    return view
 
 
 class _StderrRelay:

@@ -1,0 +1,98 @@
+"""How the broker knows a job's client is still there: its process, and its heartbeats.
+
+The client's process is watched through a pidfd, so its death is noticed at
+once; heartbeats are the fallback where the broker cannot see the process
+(another pid namespace) and after a broker restart. Either way the broker is
+told through ``on_gone(job_id, why)``; what that means for the job is its business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from gpulane.jobs import format_duration
+
+ClientGone = Callable[[int, str], None]
+
+
+class Leases:
+    """Heartbeats and pidfds of the clients of queued and running jobs. Lives on one loop."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float], on_gone: ClientGone) -> None:
+        self.ttl = ttl  # seconds without a heartbeat before a lease is presumed dead
+        self.clock = clock
+        self.on_gone = on_gone
+        self._last_beat: dict[int, float] = {}
+        self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin expiring silent leases. Call inside the running loop."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        loop = asyncio.get_running_loop()
+        for fd, _ in self._pidfds.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._pidfds.clear()
+
+    def beat(self, job_id: int) -> None:
+        """The job's client is alive now (a submission, a heartbeat, a reattach)."""
+        self._last_beat[job_id] = self.clock()
+
+    def end(self, job_id: int, pid: int | None) -> None:
+        """The job is over: forget its heartbeats and stop watching its client for it."""
+        self._last_beat.pop(job_id, None)
+        self.unwatch_client(pid, job_id)
+
+    def watch_client(self, pid: int, job_id: int) -> None:
+        entry = self._pidfds.get(pid)
+        if entry is None:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                return  # not visible to us (another pid namespace): heartbeats alone keep it
+            asyncio.get_running_loop().add_reader(fd, self._client_exited, pid)
+            entry = self._pidfds[pid] = (fd, set())
+        entry[1].add(job_id)
+
+    def unwatch_client(self, pid: int | None, job_id: int) -> None:
+        entry = self._pidfds.get(pid or 0)
+        if entry is None:
+            return
+        entry[1].discard(job_id)
+        if not entry[1]:
+            asyncio.get_running_loop().remove_reader(entry[0])
+            os.close(entry[0])
+            del self._pidfds[pid or 0]
+
+    def _client_exited(self, pid: int) -> None:
+        entry = self._pidfds.pop(pid, None)
+        if entry is None:
+            return
+        fd, job_ids = entry
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        for job_id in sorted(job_ids):
+            self.on_gone(job_id, f"its client (process {pid}) exited; the GPU was freed")
+
+    def expire(self) -> None:
+        """End every lease whose client sent no heartbeat within the time to live."""
+        now = self.clock()
+        for job_id, last in list(self._last_beat.items()):
+            if now - last > self.ttl:
+                self.on_gone(
+                    job_id,
+                    f"its client sent no heartbeat for {format_duration(self.ttl)}; "
+                    "the GPU was freed",
+                )
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.ttl / 4))
+            self.expire()

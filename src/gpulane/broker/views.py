@@ -1,0 +1,117 @@
+"""What the broker shows of its state: pure functions from job records and settings to views.
+
+The state machine (:mod:`gpulane.broker.core`) decides; these only describe, so
+the wire format (:mod:`gpulane.views`) is built in one place and tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gpulane.broker.gpus import GpuReading
+from gpulane.broker.policy import PolicyConfig, Waiting
+from gpulane.broker.store import JobRecord
+from gpulane.jobs import JobState, format_duration
+from gpulane.views import GpuRow, Holder, JobView
+
+
+def memory_limit(job: JobRecord, config: PolicyConfig, gpu_memory: int) -> int | None:
+    """The bytes of GPU memory a job on slices may use; None for whole GPUs (no cap)."""
+    if not job.slices or config.slices_per_gpu <= 1 or not gpu_memory:
+        return None
+    return gpu_memory * job.slices // config.slices_per_gpu
+
+
+def reason_text(reason: str, config: PolicyConfig) -> str:
+    """A waiting reason (policy's word) in the user's words; an unknown word as it is."""
+    return {
+        "resources": "waiting for a GPU to free up",
+        "priority": "jobs submitted earlier are ahead",
+        "fair_share": "fair share: users with less recent GPU time go first",
+        "user_cap": f"per-user cap: you already run {config.max_running_per_user} job(s)",
+        "reserved": (
+            "GPUs are held for a job that has waited over "
+            f"{format_duration(config.starvation_after)}"
+        ),
+        "never_fits": "this request is larger than any free GPU set here",
+    }.get(reason, reason)
+
+
+def job_view(
+    job: JobRecord,
+    *,
+    viewer: str,
+    now: float,
+    config: PolicyConfig,
+    gpu_memory: int,
+    waiting: Waiting | None = None,
+) -> JobView:
+    """The job as ``viewer`` sees it at ``now``; ``waiting`` where it is queued and explained."""
+    limit = memory_limit(job, config, gpu_memory)
+    view: JobView = {
+        "id": job.id,
+        "user": job.user,
+        "name": job.name,
+        "state": job.state.value,
+        "gpus": job.gpus,
+        "slices": job.slices,
+        "time_limit": job.time_limit,
+        "mem": job.mem,
+        "submitted_at": job.submitted_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "exit_status": job.exit_status,
+        "message": job.message,
+        "assigned_gpus": job.assigned_gpus,
+        "assigned_slices": job.assigned_slices,
+        "gpu_memory_limit": limit,
+        "gpu_memory_fraction": job.slices / config.slices_per_gpu if limit else None,
+        "ending": job.ending_state.value if job.ending_state else None,
+    }
+    if job.started_at is not None:
+        elapsed = (job.ended_at if job.ended_at is not None else now) - job.started_at
+        view["elapsed"] = elapsed
+        view["remaining"] = max(0.0, job.time_limit - elapsed)
+    if waiting is not None:
+        view["position"] = waiting.position
+        view["eta"] = waiting.eta
+        view["reason"] = waiting.reason
+        view["reason_text"] = reason_text(waiting.reason, config)
+    if viewer == job.user:  # only the owner sees what the job runs
+        view["command"] = job.command
+    return view
+
+
+def holders(jobs: Iterable[JobRecord], now: float) -> list[Holder]:
+    """Who holds GPUs now: every running job, as anyone may see it."""
+    result: list[Holder] = []
+    for job in jobs:
+        if job.state is JobState.RUNNING and job.started_at is not None:
+            elapsed = now - job.started_at
+            result.append(
+                {
+                    "job": job.id,
+                    "user": job.user,
+                    "name": job.name,
+                    "gpus": job.assigned_gpus,
+                    "slices": job.assigned_slices,
+                    "elapsed": elapsed,
+                    "remaining": max(0.0, job.time_limit - elapsed),
+                }
+            )
+    return result
+
+
+def gpu_row(reading: GpuReading, slices_per_gpu: int, holders: Iterable[Holder]) -> GpuRow:
+    """One GPU's reading with the holders that use it."""
+    return {
+        "index": reading.index,
+        "name": reading.name,
+        "uuid": reading.uuid,
+        "memory_total": reading.memory_total,
+        "memory_used": reading.memory_used,
+        "utilization": reading.utilization,
+        "simulated": reading.simulated,
+        "slices": slices_per_gpu,
+        "holders": [h for h in holders if reading.index in h["gpus"]],
+    }
