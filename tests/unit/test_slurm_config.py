@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpulane.admin import slurm_commands as deploy
 from gpulane.admin import slurm_config
 from gpulane.admin.slurm_config import ConfigOptions, MachineFacts, render_config
+from gpulane.cli import build_parser, dispatch
 from gpulane.errors import ConfigError
 
 # A GPU server: 2 sockets x 16 cores x 2 threads, 4 GPUs, cgroup v2, systemd.
@@ -264,12 +264,8 @@ def test_cgroup2_controllers(tmp_path: Path):
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    from gpulane.cli import _Parser
-
-    parser = _Parser(prog="gpulane")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    deploy.add_commands(sub)
-    return parser.parse_args(list(argv))
+    """cli.py's parser; run the result with cli.dispatch."""
+    return build_parser().parse_args(list(argv))
 
 
 def fake_devices(folder: Path, count: int) -> list[str]:
@@ -292,7 +288,7 @@ def test_command_writes_files_and_records_how_it_was_generated(tmp_path: Path, c
         "--shards-per-gpu", "3", "--state-dir", str(tmp_path / "state"),
         "--log-dir", str(tmp_path / "log"), "--port", "7100",
     )  # fmt: skip
-    assert deploy.run_command(args) == 0
+    assert dispatch(args) == 0
     conf = (out / "slurm.conf").read_text()
     assert " Gres=gpu:2,shard:6 " in conf
     assert (
@@ -311,7 +307,7 @@ def test_command_writes_files_and_records_how_it_was_generated(tmp_path: Path, c
 
 def test_command_prints_all_three_files_without_out(tmp_path: Path, capsys):
     devices = fake_devices(tmp_path, 1)
-    assert deploy.run_command(parse("slurm", "config", "--gpu-devices", devices[0])) == 0
+    assert dispatch(parse("slurm", "config", "--gpu-devices", devices[0])) == 0
     out = capsys.readouterr().out
     for name in ("slurm.conf", "gres.conf", "cgroup.conf"):
         assert f"# ===== {name} =====" in out
@@ -320,7 +316,7 @@ def test_command_prints_all_three_files_without_out(tmp_path: Path, capsys):
 def test_command_errors_are_one_line(tmp_path: Path, capsys, monkeypatch):
     regular = tmp_path / "notadevice"
     regular.write_text("")
-    assert deploy.run_command(parse("slurm", "config", "--gpu-devices", str(regular))) == 1
+    assert dispatch(parse("slurm", "config", "--gpu-devices", str(regular))) == 1
     err = capsys.readouterr().err.strip()
     assert err == (
         f"gpulane: --gpu-devices: {regular}: not a character device "
@@ -329,7 +325,7 @@ def test_command_errors_are_one_line(tmp_path: Path, capsys, monkeypatch):
     # No NVML, no /dev/nvidia*, no option: the error names the option.
     monkeypatch.setattr(slurm_config, "nvml_gpus", lambda wsl: ([], []))
     monkeypatch.setattr(slurm_config, "dev_nvidia_files", lambda: [])
-    assert deploy.run_command(parse("slurm", "config")) == 1
+    assert dispatch(parse("slurm", "config")) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--gpu-devices" in err
     with pytest.raises(SystemExit) as exit_:

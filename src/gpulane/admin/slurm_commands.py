@@ -1,7 +1,7 @@
 """Admin commands for a Slurm back end: ``gpulane slurm config`` and ``gpulane doctor``.
 
-``cli.py`` registers them with :func:`add_commands` and hands parsed arguments of these
-commands to :func:`run_command`. Importing this package is cheap: the work is imported
+``cli.py`` lists :data:`COMMANDS` (name, help, the function that defines its options and
+names the function that runs it). Importing this module is cheap: the work is imported
 only when a command runs.
 """
 
@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from gpulane.errors import ConfigError
+from gpulane.errors import ConfigError, GpulaneError
 
-COMMANDS = ("slurm", "doctor")
 PYTHON_PREFIXES_ENV = "GPULANE_DOCTOR_PYTHON_PREFIXES"
 
 
@@ -43,9 +41,8 @@ def _name(text: str) -> str:
     return text
 
 
-def add_commands(subparsers: Any) -> None:
-    """Register ``slurm config`` and ``doctor`` on cli.py's subparsers."""
-    slurm = subparsers.add_parser("slurm", help="set up Slurm on this machine")
+def define_slurm(slurm: argparse.ArgumentParser) -> None:
+    """``gpulane slurm config``'s options."""
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, parser_class=type(slurm))
     config = slurm_sub.add_parser(
         "config",
@@ -53,6 +50,7 @@ def add_commands(subparsers: Any) -> None:
         description="Write slurm.conf, gres.conf and cgroup.conf for this one machine "
         "(controller and GPU node). Without --out they are printed.",
     )
+    config.set_defaults(func=slurm_config_command)
     config.add_argument("--out", metavar="DIR", help="write the files into DIR (e.g. /etc/slurm)")
     config.add_argument(
         "--shards-per-gpu",
@@ -95,10 +93,10 @@ def add_commands(subparsers: Any) -> None:
         help="munged's socket, where not the default /run/munge/munge.socket.2",
     )
 
-    doctor = subparsers.add_parser(
-        "doctor",
-        help="check munge, Slurm, GPUs and CUDA libraries; print a fix for each problem",
-    )
+
+def define_doctor(doctor: argparse.ArgumentParser) -> None:
+    """``gpulane doctor``'s options."""
+    doctor.set_defaults(func=doctor_command)
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.add_argument(
         "--python-prefix",
@@ -109,21 +107,7 @@ def add_commands(subparsers: Any) -> None:
     )
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run a command registered by :func:`add_commands`; returns the exit status."""
-    if args.command == "slurm":
-        return _slurm_config(args)
-    if args.command == "doctor":
-        return _doctor(args)
-    raise ValueError(f"not a deploy command: {args.command}")
-
-
-def _fail(message: str) -> int:
-    print(f"gpulane: {message}", file=sys.stderr)
-    return 1
-
-
-def _slurm_config(args: argparse.Namespace) -> int:
+def slurm_config_command(args: argparse.Namespace) -> int:
     from gpulane.admin.slurm_config import (
         ConfigOptions,
         gather_facts,
@@ -147,7 +131,7 @@ def _slurm_config(args: argparse.Namespace) -> int:
         facts = gather_facts([_absolute(d) or d for d in devices] or None, wsl=args.wsl)
         files = render_config(facts, options)
     except ConfigError as error:
-        return _fail(str(error))
+        raise GpulaneError(str(error)) from None
     if not args.out:
         for name, text in files.items():
             sys.stdout.write(f"# ===== {name} =====\n{text}\n")
@@ -161,7 +145,7 @@ def _slurm_config(args: argparse.Namespace) -> int:
             path.chmod(0o644)  # job users' srun/sbatch read slurm.conf
         _make_dirs(options)
     except OSError as error:
-        return _fail(f"cannot write to {out}: {error}")
+        raise GpulaneError(f"cannot write to {out}: {error}") from None
     print(
         f"wrote {', '.join(str(out / n) for n in files)} "
         f"({len(facts.gpu_files)} GPU(s) from {facts.gpu_source}, {facts.cpus} CPUs)",
@@ -172,6 +156,8 @@ def _slurm_config(args: argparse.Namespace) -> int:
 
 def _command_line(args: argparse.Namespace) -> str:
     """The command that regenerates these files (doctor's fixes quote it), with --out."""
+    import shlex
+
     argv = ["gpulane", "slurm", "config", "--out", _absolute(args.out) or "/etc/slurm"]
     defaults: dict[str, object] = {
         "shards_per_gpu": 0,
@@ -226,7 +212,7 @@ def _make_dirs(options: Any) -> None:
             os.chown(d, user.pw_uid, user.pw_gid)
 
 
-def _doctor(args: argparse.Namespace) -> int:
+def doctor_command(args: argparse.Namespace) -> int:
     import json
 
     from gpulane.admin import doctor
@@ -244,3 +230,13 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print(doctor.report(findings))
     return 1 if failed else 0
+
+
+COMMANDS = (
+    ("slurm", "set up Slurm on this machine", define_slurm),
+    (
+        "doctor",
+        "check munge, Slurm, GPUs and CUDA libraries; print a fix for each problem",
+        define_doctor,
+    ),
+)
