@@ -16,9 +16,9 @@ Readers therefore index ``id`` and ``state`` and ``.get()`` the others.
 
 from __future__ import annotations
 
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
-__all__ = ["GpuRow", "Holder", "JobDetails", "JobEvent", "JobView", "Snapshot"]
+__all__ = ["GpuRow", "Holder", "JobDetails", "JobEvent", "JobView", "Snapshot", "UsageReport"]
 
 
 class JobDetails(TypedDict, total=False):
@@ -90,6 +90,14 @@ class GpuRow(TypedDict):
     uuid: NotRequired[str]  # broker only
 
 
+class UsageReport(TypedDict):
+    """GPU use for the dashboard: GPU-seconds per user today, GPU-equivalents per minute."""
+
+    today: dict[str, float]
+    last_hour: list[dict[str, Any]]  # {"t": minute start (epoch), "busy": GPU-equivalents}
+    gpu_count: int
+
+
 class Snapshot(TypedDict):
     """GPUs, holders and the queue in order, as ``gpulane status --json`` prints it."""
 
@@ -102,7 +110,7 @@ class Snapshot(TypedDict):
     queue: list[JobView]
     is_admin: NotRequired[bool]  # broker only
     slices_per_gpu: NotRequired[int]  # broker only
-    usage: NotRequired[dict[str, object]]  # the dashboard's state adds the usage report
+    usage: NotRequired[UsageReport]  # the dashboard's state adds it
 
 
 class JobEvent(TypedDict):

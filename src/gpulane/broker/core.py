@@ -27,10 +27,9 @@ from gpulane.broker.identity import Identity
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.store import JobRecord, Store
-from gpulane.broker.usage import busy_per_minute, gpu_seconds_by_user, local_midnight
 from gpulane.errors import Conflict, Forbidden, InvalidRequest, LimitReached, NotFound
-from gpulane.jobs import JobState, OptionError, Request, format_duration
-from gpulane.views import Holder, JobEvent, JobView, Snapshot
+from gpulane.jobs import JobState, Request, format_duration
+from gpulane.views import Holder, JobEvent, JobView, Snapshot, UsageReport
 
 log = logging.getLogger("gpulane.broker")
 
@@ -187,7 +186,7 @@ class Broker:
         if job.state is not JobState.RUNNING:
             raise Conflict(f"job {job_id} is {job.state.value}, not running")
         # Never trust a client-supplied PID blindly: a root broker kills this group later.
-        if procs.owner_uid(pid) != job.uid or _pgid(pid) != pid:
+        if not procs.leads_group(pid, job.uid):
             raise InvalidRequest(f"process {pid} is not a process group leader owned by {job.user}")
         job.cmd_pid, job.cmd_start = pid, procs.start_time(pid)
         self.store.save(job)
@@ -205,7 +204,7 @@ class Broker:
             elif exit_status == 0:
                 self._finalize(job, JobState.COMPLETED, "", exit_status)
             else:
-                self._finalize(job, JobState.FAILED, _exit_text(exit_status), exit_status)
+                self._finalize(job, JobState.FAILED, views.exit_text(exit_status), exit_status)
         return self.view(job, who)
 
     def lookup(self, who: Identity, job_id: int) -> JobView:
@@ -288,19 +287,14 @@ class Broker:
 
     # ----------------------------------------------------------------- reports
 
-    def usage_report(self, now: float | None = None) -> dict[str, Any]:
+    def usage_report(self, now: float | None = None) -> UsageReport:
         """GPU-seconds per user since local midnight, and GPU use per minute over the last hour."""
         now = self.clock() if now is None else now
-        midnight = local_midnight(now)
-        records = {j.id: j for j in self.store.finished_since(min(now - 3600, midnight))}
+        records = {j.id: j for j in self.store.finished_since(views.usage_since(now))}
         records.update(self.jobs)  # the running ones, as they are now
-        jobs = list(records.values())
-        spg, count = self.config.slices_per_gpu, self.inventory.count
-        return {
-            "today": gpu_seconds_by_user(jobs, midnight, now, spg),
-            "last_hour": busy_per_minute(jobs, count, spg, now, minutes=60),
-            "gpu_count": count,
-        }
+        return views.usage_report(
+            records.values(), now, self.config.slices_per_gpu, self.inventory.count
+        )
 
     def render_metrics(self) -> bytes:
         """Prometheus text for a scrape (``metrics.CONTENT_TYPE``): gauges refreshed from state."""
@@ -507,27 +501,3 @@ class Broker:
                 f"job {job_id} belongs to {job.user}; only they or an admin may do that"
             )
         raise NotFound(f"no job {job_id} of yours")
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _exit_text(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exited with status {status}"
-
-
-def parse_request(data: Any) -> Request:
-    """A posted request; a malformed one is refused with its one-line message."""
-    try:
-        return Request.from_json(data)
-    except OptionError as error:
-        raise InvalidRequest(str(error)) from None

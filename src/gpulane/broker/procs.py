@@ -29,6 +29,14 @@ def owner_uid(pid: int) -> int | None:
         return None
 
 
+def leads_group(pid: int, uid: int) -> bool:
+    """True if ``pid`` leads its own process group and belongs to ``uid``: a group we may signal."""
+    try:
+        return owner_uid(pid) == uid and os.getpgid(pid) == pid
+    except OSError:
+        return False
+
+
 def is_alive(pid: int | None, started: str | None) -> bool:
     """True if the process ``pid`` that started at ``started`` still runs (zombies count as gone)."""
     if not pid or pid <= 0:

@@ -25,7 +25,7 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
-from gpulane.broker.core import Broker, parse_request
+from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import HubTokenError, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
 from gpulane.errors import (
@@ -38,7 +38,7 @@ from gpulane.errors import (
     Refused,
     TooLarge,
 )
-from gpulane.jobs import is_finished
+from gpulane.jobs import OptionError, Request, is_finished
 from gpulane.views import JobEvent
 
 log = logging.getLogger("gpulane.broker")
@@ -136,6 +136,14 @@ class _Handler(tornado.web.RequestHandler):
             )
         else:
             super().log_exception(typ, value, tb)
+
+
+def parse_request(data: Any) -> Request:
+    """A posted request; a malformed one is refused with its one-line message."""
+    try:
+        return Request.from_json(data)
+    except OptionError as error:
+        raise InvalidRequest(str(error)) from None
 
 
 def _int_field(data: Any, key: str) -> int:

@@ -6,13 +6,15 @@ the wire format (:mod:`gpulane.views`) is built in one place and tested alone.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 
 from gpulane.broker.gpus import GpuReading
 from gpulane.broker.policy import PolicyConfig, Waiting
 from gpulane.broker.store import JobRecord
+from gpulane.broker.usage import busy_per_minute, gpu_seconds_by_user, local_midnight
 from gpulane.jobs import JobState, format_duration
-from gpulane.views import GpuRow, Holder, JobView
+from gpulane.views import GpuRow, Holder, JobView, UsageReport
 
 
 def memory_limit(job: JobRecord, config: PolicyConfig, gpu_memory: int) -> int | None:
@@ -114,4 +116,31 @@ def gpu_row(reading: GpuReading, slices_per_gpu: int, holders: Iterable[Holder])
         "simulated": reading.simulated,
         "slices": slices_per_gpu,
         "holders": [h for h in holders if reading.index in h["gpus"]],
+    }
+
+
+def exit_text(status: int) -> str:
+    """Why a command failed, from its exit status (negative: the signal that killed it)."""
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def usage_since(now: float) -> float:
+    """The earliest end time a job may have to count in :func:`usage_report` at ``now``."""
+    return min(now - 3600, local_midnight(now))
+
+
+def usage_report(
+    jobs: Iterable[JobRecord], now: float, slices_per_gpu: int, gpu_count: int
+) -> UsageReport:
+    """GPU-seconds per user since local midnight, and GPU use per minute over the last hour."""
+    records = list(jobs)
+    return {
+        "today": gpu_seconds_by_user(records, local_midnight(now), now, slices_per_gpu),
+        "last_hour": busy_per_minute(records, gpu_count, slices_per_gpu, now, minutes=60),
+        "gpu_count": gpu_count,
     }
