@@ -1,4 +1,4 @@
-"""``gpulane demo``: a working shared-GPU JupyterHub on http://127.0.0.1:8000.
+"""``gpulane demo`` (``gpulane demo hub``): a working shared-GPU JupyterHub on http://127.0.0.1:8000.
 
 Idempotent: state (hub database, broker database, passwords, logs) lives in one
 folder and is reused on the next run. As root, the demo users are real Unix
