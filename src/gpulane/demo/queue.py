@@ -1,4 +1,4 @@
-"""``gpulane demo``: a broker with one simulated GPU and two users queueing with ``gpulane run``.
+"""``gpulane demo queue``: a broker with one simulated GPU and two users queueing with ``gpulane run``.
 
 As root it creates two demo users (gpl-demo-ada, gpl-demo-ben) so the broker
 sees two real identities; otherwise both jobs run as you.

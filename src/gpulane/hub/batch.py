@@ -53,7 +53,7 @@ SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=[A-Za-z0-9_.:,+@%/=-]+)?")
 ABSOLUTE_PATH = re.compile(r"/[A-Za-z0-9_.@+/-]*")
 VARIABLE_NAMES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*")
 
-BATCH_SCRIPT = (
+SERVER_BATCH_TEMPLATE = (
     """#!/bin/bash
 # A JupyterHub server, submitted by gpulane's GpulaneSlurmSpawner. No GPU here:
 # %%gpu cells submit their own short jobs for that.
@@ -113,7 +113,7 @@ class GpulaneSlurmSpawner(SlurmSpawner):  # type: ignore[misc]
     """batchspawner's SlurmSpawner, without a shell and without user-controlled script text."""
 
     batch_script = Unicode(
-        BATCH_SCRIPT,
+        SERVER_BATCH_TEMPLATE,
         help="Jinja template of the batch script. Only checked values reach it: "
         "{{homedir}}, {{keepvars}}, {{partition}}, {{runtime}}, {{memory}}, {{nprocs}}, "
         "{{account}}, {{qos}}, {{sbatch_options}} (a list), {{cmd}}, and the admin's "
