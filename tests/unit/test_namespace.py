@@ -17,14 +17,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
-from gpulane.kernel.namespace import (
+from gpulane.kernel.names import names_assigned, names_used
+from gpulane.kernel.transfer import (
     BufferRef,
     Packed,
     TransferTooLarge,
     cleanup,
     default_spill_dir,
-    names_assigned,
-    names_used,
     pack,
     to_cpu,
     unpack,
@@ -383,7 +382,7 @@ def test_to_cpu_leaves_everything_alone_without_torch() -> None:
     # In a fresh interpreter: another test may already have imported torch here.
     code = (
         "import sys\n"
-        "from gpulane.kernel.namespace import to_cpu\n"
+        "from gpulane.kernel.transfer import to_cpu\n"
         "value = {'a': [1, 2], 'b': (3,)}\n"
         "assert to_cpu(value) is value\n"
         "assert 'torch' not in sys.modules\n"

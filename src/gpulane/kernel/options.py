@@ -1,7 +1,10 @@
-"""Options of ``%%gpu``: argparse through IPython's magic_arguments (so ``%%gpu?`` shows help).
+"""Options of ``%%gpu`` and ``%gpu session start``, through IPython's ``magic_arguments``.
 
-The seed's ``key=value`` form (``%%gpu time=02:00:00 mem=8G``) is accepted too:
-each ``key=value`` word becomes ``--key value`` before parsing.
+:func:`gpu_arguments` puts every option on the magic, so ``%%gpu?`` (and ``%gpu?``)
+lists them with their help. The seed's ``key=value`` form (``%%gpu time=02:00:00
+mem=8G``) is accepted too: each such word becomes ``--key value`` before parsing.
+A bad option raises :class:`~gpulane.errors.OptionError` with one line; the
+magic shows it as IPython's ``UsageError``.
 """
 
 from __future__ import annotations
@@ -10,13 +13,22 @@ import argparse
 import os
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from gpulane.jobs import OptionError, Request, build_request, parse_memory
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import ArgDecorator, argument, magic_arguments
+
+from gpulane.config import MAX_TRANSFER_ENV
+from gpulane.jobs import OptionError, Request, build_request, parse_duration, parse_memory
 
 DEFAULT_MAX_TRANSFER = 2 * 1024**3
+DEFAULT_SESSION_IDLE = 15 * 60.0
 _KEY_VALUE = re.compile(r"^([a-z][a-z_-]*)=(.*)$")
 _KEYS = {"gpus", "slices", "time", "mem", "name", "return", "max-transfer", "max_transfer"}
+
+_Func = TypeVar("_Func", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -28,44 +40,106 @@ class CellOptions:
     max_transfer: int
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise OptionError(f"%%gpu: {message}")
-
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
-        raise OptionError(message or "%%gpu: see %%gpu? for the options")
+@dataclass(frozen=True)
+class SessionOptions:
+    cell: CellOptions  # what the session's job asks for
+    idle: float  # seconds unused before the GPU is given back
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="%%gpu", add_help=False, description="Run this cell on a GPU when it is your turn."
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--gpus", metavar="N", help="whole GPUs (default 1)")
-    group.add_argument("--slices", metavar="K", help="K time-sliced slices of one GPU")
-    parser.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, MM:SS, 90m, 2h")
-    parser.add_argument("--mem", metavar="M", help="host memory: 8G, 512M")
-    parser.add_argument("--name", metavar="NAME", help="the name the queue shows")
-    parser.add_argument(
-        "--bg", action="store_true", help="return at once; the job runs in the background"
-    )
-    returns = parser.add_mutually_exclusive_group()
-    returns.add_argument(
-        "--return",
-        dest="returns",
-        metavar="NAMES",
-        help="only these names come back (comma-separated)",
-    )
-    returns.add_argument("--no-return", action="store_true", help="no names come back")
-    parser.add_argument(
-        "--session", action="store_true", help="run in the GPU session (%%gpu session start)"
-    )
-    parser.add_argument(
+class exclusive(ArgDecorator):
+    """Options of which one at most may be given (magic_arguments has no decorator for this)."""
+
+    def __init__(self, *arguments: argument) -> None:
+        self.arguments = arguments
+
+    def add_to_parser(self, parser: argparse.ArgumentParser, group: Any) -> None:
+        choice = parser.add_mutually_exclusive_group()
+        for option in self.arguments:
+            choice.add_argument(*option.args, **option.kwds)
+
+
+def _option(*flags: str, **settings: Any) -> argument:
+    return argument(*flags, **settings)  # type: ignore[no-untyped-call]
+
+
+_ARGUMENTS: tuple[ArgDecorator, ...] = (
+    exclusive(
+        _option("--gpus", metavar="N", help="whole GPUs (default 1)"),
+        _option("--slices", metavar="K", help="K time-sliced slices of one GPU"),
+    ),
+    _option("--time", metavar="T", help="time limit: HH:MM:SS, MM:SS, 90m, 2h"),
+    _option("--mem", metavar="M", help="host memory: 8G, 512M"),
+    _option("--name", metavar="NAME", help="the name the queue shows (default cell-N)"),
+    _option("--bg", action="store_true", help="return at once; the job runs in the background"),
+    exclusive(
+        _option(
+            "--return",
+            dest="returns",
+            metavar="NAMES",
+            help="only these names come back (comma-separated)",
+        ),
+        _option("--no-return", action="store_true", help="no names come back"),
+    ),
+    _option("--session", action="store_true", help="run in the GPU session (%%gpu session start)"),
+    _option(
         "--max-transfer",
         metavar="SIZE",
-        help="largest total of variables sent or returned (default 2G)",
-    )
-    return parser
+        help="largest total of variables sent or returned (default 2G; or GPULANE_MAX_TRANSFER)",
+    ),
+    _option(
+        "--idle",
+        metavar="T",
+        help="%%gpu session start only: give the GPU back after this long unused (default 15m)",
+    ),
+)
+
+
+def gpu_arguments(func: _Func) -> _Func:
+    """Give ``func`` the options' parser (``func.parser``) and a docstring that lists them."""
+    # magic_arguments builds the parser from the decorators in source order: apply them last first.
+    for decorate in reversed(_ARGUMENTS):
+        func = decorate(func)
+    build = magic_arguments(name="gpu")  # type: ignore[no-untyped-call]
+    return build(func)  # type: ignore[no-any-return]
+
+
+@gpu_arguments
+def _options(line: str) -> None:
+    """Run a cell on a GPU when it is your turn."""
+
+
+def parse_cell_options(line: str, default_name: str = "gpu-cell") -> CellOptions:
+    """Parse the ``%%gpu`` line; raises OptionError with a one-line message."""
+    args = _parse(line, "%%gpu")
+    if args.idle is not None:
+        raise OptionError("%%gpu: --idle goes with %gpu session start, not a cell")
+    return _cell_options(args, default_name, "%%gpu")
+
+
+def parse_session_options(line: str) -> SessionOptions:
+    """Parse what follows ``%gpu session start``; raises OptionError with a one-line message."""
+    prog = "%gpu session start"
+    args = _parse(line, prog)
+    idle = DEFAULT_SESSION_IDLE
+    if args.idle is not None:
+        idle = float(parse_duration(args.idle, "--idle"))
+    return SessionOptions(_cell_options(args, "gpu-session", prog), idle)
+
+
+def help_text() -> str:
+    return _options.__doc__ or ""
+
+
+def _parse(line: str, prog: str) -> argparse.Namespace:
+    try:
+        words = shlex.split(line)
+    except ValueError as error:
+        raise OptionError(f"{prog}: cannot read the options: {error}") from None
+    parser: argparse.ArgumentParser = _options.parser  # type: ignore[attr-defined]
+    try:
+        return parser.parse_args(_normalise(words))
+    except UsageError as error:  # argparse's complaint, already without a traceback
+        raise OptionError(f"{prog}: {' '.join(str(error).split())}") from None
 
 
 def _normalise(words: list[str]) -> list[str]:
@@ -79,38 +153,31 @@ def _normalise(words: list[str]) -> list[str]:
     return out
 
 
-def parse_cell_options(line: str, default_name: str = "gpu-cell") -> CellOptions:
-    """Parse the ``%%gpu`` line; raises OptionError with a one-line message."""
-    try:
-        words = shlex.split(line)
-    except ValueError as error:
-        raise OptionError(f"%%gpu: cannot read the options: {error}") from None
-    args = build_parser().parse_args(_normalise(words))
+def _cell_options(args: argparse.Namespace, default_name: str, prog: str) -> CellOptions:
     if args.returns is not None:
         named = tuple(n.strip() for n in args.returns.split(",") if n.strip())
         bad = [n for n in named if not n.isidentifier()]
         if bad:
             raise OptionError(
-                f"%%gpu: --return {args.returns!r}: {', '.join(bad)} is not a Python name"
+                f"{prog}: --return {args.returns!r}: {', '.join(bad)} is not a Python name"
             )
         returns: tuple[str, ...] | None = named
     else:
         returns = () if args.no_return else None
-    request = build_request(
-        gpus=args.gpus,
-        slices=args.slices,
-        time=args.time,
-        mem=args.mem,
-        name=args.name or default_name,
-    )
-    if args.max_transfer:
-        max_transfer = parse_memory(args.max_transfer, "--max-transfer")
-    elif os.environ.get("GPULANE_MAX_TRANSFER"):
-        max_transfer = parse_memory(os.environ["GPULANE_MAX_TRANSFER"], "GPULANE_MAX_TRANSFER")
-    else:
-        max_transfer = DEFAULT_MAX_TRANSFER
+    try:
+        request = build_request(
+            gpus=args.gpus,
+            slices=args.slices,
+            time=args.time,
+            mem=args.mem,
+            name=args.name or default_name,
+        )
+        if args.max_transfer:
+            max_transfer = parse_memory(args.max_transfer, "--max-transfer")
+        elif os.environ.get(MAX_TRANSFER_ENV):
+            max_transfer = parse_memory(os.environ[MAX_TRANSFER_ENV], MAX_TRANSFER_ENV)
+        else:
+            max_transfer = DEFAULT_MAX_TRANSFER
+    except OptionError as error:
+        raise OptionError(f"{prog}: {error}") from None
     return CellOptions(request, args.bg, returns, args.session, max_transfer)
-
-
-def help_text() -> str:
-    return build_parser().format_help()

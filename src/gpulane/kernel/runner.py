@@ -10,8 +10,7 @@ comes: the grant only sends the cell. It talks over a
   ``GPULANE_RUNNER_KEYFILE``), for a worker that a cluster starts elsewhere.
   The key never travels in argv or the environment of a batch script.
 
-Messages to the worker: ``run`` (env, code, inputs, names to return) and ``stop``.
-Messages from it: ``ready``, ``display``, ``error``, ``warning``, ``done``.
+The messages both ways are defined, and listed, in :mod:`gpulane.kernel.protocol`.
 The worker's stdout and stderr are plain pipes that the kernel relays as they
 are written, so ``print`` and subprocesses (``nvidia-smi``) stream alike.
 """
@@ -32,42 +31,60 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
+from gpulane.config import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV, RUNNER_STREAMS_ENV
 from gpulane.kernel import memory_caps
-
-PROTOCOL = 1
+from gpulane.kernel.protocol import (
+    PROTOCOL,
+    CellError,
+    CellWarning,
+    ClearOutput,
+    Display,
+    Done,
+    FromWorker,
+    Interrupt,
+    ProtocolError,
+    Ready,
+    Result,
+    RunCell,
+    Stop,
+    Stream,
+    decode_to_worker,
+    encode,
+)
 
 
 def connect_channel() -> Connection:
-    fd = os.environ.pop("GPULANE_RUNNER_FD", None)
+    fd = os.environ.pop(RUNNER_FD_ENV, None)
     if fd is not None:
         return Connection(int(fd))
-    address = os.environ.pop("GPULANE_RUNNER_ADDRESS")
-    key = Path(
-        os.environ.pop("GPULANE_RUNNER_KEYFILE")
-    ).read_bytes()  # raw bytes: never strip a key
+    address = os.environ.pop(RUNNER_ADDRESS_ENV)
+    key = Path(os.environ.pop(RUNNER_KEYFILE_ENV)).read_bytes()  # raw bytes: never strip a key
     host, _, port = address.rpartition(":")
     target: Any = (host, int(port)) if host and port.isdigit() else address
     return Client(target, authkey=key)
 
 
-class Worker:
-    """One IPython shell, kept for the worker's life: a session's state persists across cells."""
+class CellRunner:
+    """Runs the kernel's cells in one IPython shell, kept for the worker's life.
+
+    A session's state (a model on the GPU) persists across its cells.
+    """
 
     def __init__(self, channel: Connection) -> None:
         self.channel = channel
         self._send_lock = threading.Lock()
-        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.inbox: queue.Queue[RunCell | Stop] = queue.Queue()
         self.shell = _make_shell(self)
         self.env_applied = False
         self._relayed: list[int] = []  # read ends of fds 1 and 2, when streaming over the channel
         self._relaying = 0
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: FromWorker) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         self._drain()
         with self._send_lock:
-            self.channel.send(message)
+            self.channel.send(encode(message))
 
     def _read_channel(self) -> None:
         """Messages from the kernel, read beside the running cell so an interrupt gets through."""
@@ -77,10 +94,15 @@ class Worker:
             except (EOFError, OSError):
                 # The kernel is gone: no one is left to run cells for. End now, freeing the GPU.
                 os._exit(0)
-            if message.get("op") == "interrupt":
+            try:
+                decoded = decode_to_worker(message)
+            except ProtocolError as error:
+                self.send(CellWarning(f"{error}; ignored"))
+                continue
+            if isinstance(decoded, Interrupt):
                 os.kill(os.getpid(), signal.SIGINT)
             else:
-                self.inbox.put(message)
+                self.inbox.put(decoded)
 
     def stream_over_channel(self) -> None:
         """Send fd 1 and 2 over the channel (a worker on another machine has no pipes to us)."""
@@ -96,7 +118,7 @@ class Worker:
         while chunk := os.read(fd, 65536):
             self._relaying += 1
             with self._send_lock:
-                self.channel.send({"op": "stream", "name": name, "text": decoder.decode(chunk)})
+                self.channel.send(encode(Stream(name, decoder.decode(chunk))))
             self._relaying -= 1
 
     def _drain(self, timeout: float = 1.0) -> None:
@@ -110,54 +132,49 @@ class Worker:
 
     def serve(self) -> int:
         threading.Thread(target=self._read_channel, daemon=True, name="gpulane-channel").start()
-        self.send({"op": "ready", "pid": os.getpid(), "protocol": PROTOCOL})
+        self.send(Ready(os.getpid(), PROTOCOL))
         status = 0
         while True:
             try:
                 message = self.inbox.get()
             except KeyboardInterrupt:
                 continue  # an interrupt between cells has nothing to stop
-            if message.get("op") == "stop":
+            if isinstance(message, Stop):
                 return status
-            if message.get("op") == "run":
-                ok = self.run(message)
-                status = 0 if ok else 1
-                if message.get("once"):
-                    return status
+            ok = self.run(message)
+            status = 0 if ok else 1
+            if message.once:
+                return status
 
-    def run(self, message: dict[str, Any]) -> bool:
-        from gpulane.kernel.namespace import TransferTooLarge, names_assigned, pack, to_cpu, unpack
+    def run(self, message: RunCell) -> bool:
+        from gpulane.kernel.names import names_assigned
+        from gpulane.kernel.transfer import TransferTooLarge, pack, to_cpu, unpack
 
         if not self.env_applied:
-            os.environ.update(message.get("env") or {})
+            os.environ.update(message.env)
             notes = memory_caps.install(os.environ)
             for note in notes:
-                self.send({"op": "warning", "text": note})
+                self.send(CellWarning(note))
             self.env_applied = True
-        values, failures = unpack(message["inputs"])
+        values, failures = unpack(message.inputs)
         for name, reason in failures.items():
-            self.send(
-                {
-                    "op": "warning",
-                    "text": f"{name} could not be restored on the GPU worker: {reason}",
-                }
-            )
+            self.send(CellWarning(f"{name} could not be restored on the GPU worker: {reason}"))
         self.shell.user_ns.update(values)
-        self.shell.execution_count = int(message.get("execution_count") or 1)
-        result = self.shell.run_cell(message["code"], store_history=False)
+        self.shell.execution_count = message.execution_count or 1
+        result = self.shell.run_cell(message.code, store_history=False)
         if not result.success:
-            self.send({"op": "done", "ok": False})
+            self.send(Done(ok=False))
             return False
-        wanted = message.get("returns")
-        names = names_assigned(message["code"]) if wanted is None else list(wanted)
+        wanted = message.returns
+        names = names_assigned(message.code) if wanted is None else list(wanted)
         outputs = {n: to_cpu(self.shell.user_ns[n]) for n in names if n in self.shell.user_ns}
         try:
-            packed = pack(outputs, Path(message["spill_dir"]), int(message["max_transfer"]))
+            packed = pack(outputs, Path(message.spill_dir), message.max_transfer)
         except (TransferTooLarge, OSError) as error:
-            self.send({"op": "warning", "text": f"results not returned: {error}"})
-            self.send({"op": "done", "ok": True, "outputs": None})
+            self.send(CellWarning(f"results not returned: {error}"))
+            self.send(Done(ok=True, outputs=None))
             return True
-        self.send({"op": "done", "ok": True, "outputs": packed})
+        self.send(Done(ok=True, outputs=packed))
         return True
 
 
@@ -165,7 +182,7 @@ def _unread(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
 
 
-def _make_shell(worker: Worker) -> Any:
+def _make_shell(runner: CellRunner) -> Any:
     """An IPython shell whose displays, results and tracebacks go over the channel."""
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
@@ -183,28 +200,23 @@ def _make_shell(worker: Worker) -> Any:
             update: bool = False,
             **kwargs: Any,
         ) -> None:
-            worker.send(
-                {"op": "display", "data": data, "metadata": metadata or {},
-                 "transient": transient or {}, "update": update}
-            )  # fmt: skip
+            runner.send(Display(data, metadata or {}, transient or {}, update))
 
         def clear_output(self, wait: bool = False) -> None:
-            worker.send({"op": "clear_output", "wait": wait})
+            runner.send(ClearOutput(wait))
 
     class ChannelDisplayHook(DisplayHook):
         def write_output_prompt(self) -> None:
             pass
 
         def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
-            worker.send({"op": "result", "data": format_dict, "metadata": md_dict or {}})
+            runner.send(Result(format_dict, md_dict or {}))
 
     class WorkerShell(InteractiveShell):
         def _showtraceback(self, etype: Any, evalue: Any, stb: list[str]) -> None:
             hint = memory_caps.oom_hint(etype, evalue, os.environ)
-            worker.send(
-                {"op": "error", "ename": getattr(etype, "__name__", str(etype)),
-                 "evalue": str(evalue), "traceback": stb, "hint": hint}
-            )  # fmt: skip
+            ename = getattr(etype, "__name__", str(etype))
+            runner.send(CellError(ename, str(evalue), list(stb), hint))
 
     config = Config()
     config.HistoryManager.enabled = False  # no SQLite history file per worker
@@ -223,10 +235,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     channel = connect_channel()
-    worker = Worker(channel)
-    if os.environ.pop("GPULANE_RUNNER_STREAMS", "") == "channel":
-        worker.stream_over_channel()
-    return worker.serve()
+    runner = CellRunner(channel)
+    if os.environ.pop(RUNNER_STREAMS_ENV, "") == "channel":
+        runner.stream_over_channel()
+    return runner.serve()
 
 
 if __name__ == "__main__":

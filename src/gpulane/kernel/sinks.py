@@ -6,6 +6,8 @@ import sys
 import threading
 from typing import Any
 
+from gpulane.kernel.protocol import CellError, CellOutput, CellWarning, ClearOutput, Display, Result
+
 
 def _shell() -> Any:
     from IPython import get_ipython
@@ -17,7 +19,7 @@ class ForegroundSink:
     """Output of a cell the user is waiting on: straight into that cell, as it is written."""
 
     def __init__(self) -> None:
-        self.error: dict[str, Any] | None = None
+        self.error: CellError | None = None
         self.warnings: list[str] = []
 
     def stream(self, name: str, text: str) -> None:
@@ -25,22 +27,24 @@ class ForegroundSink:
         target.write(text)
         target.flush()
 
-    def message(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
+    def message(self, message: CellOutput) -> None:
         publisher = _shell().display_pub
-        if op in ("display", "result"):
-            publisher.publish(
-                data=message["data"],
-                metadata=message.get("metadata") or {},
-                transient=message.get("transient") or None,
-                update=bool(message.get("update")),
-            )
-        elif op == "clear_output":
-            publisher.clear_output(wait=bool(message.get("wait")))
-        elif op == "error":
-            self.error = message
-        elif op == "warning":
-            self.warn(str(message.get("text")))
+        match message:
+            case Display():
+                publisher.publish(
+                    data=message.data,
+                    metadata=message.metadata,
+                    transient=message.transient or None,
+                    update=message.update,
+                )
+            case Result():
+                publisher.publish(data=message.data, metadata=message.metadata)
+            case ClearOutput():
+                publisher.clear_output(wait=message.wait)
+            case CellError():
+                self.error = message
+            case CellWarning():
+                self.warn(message.text)
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -57,7 +61,7 @@ class BackgroundSink(ForegroundSink):
         from IPython.display import display
 
         self.text = ""
-        self.displays: list[dict[str, Any]] = []
+        self.displays: list[Display | Result] = []
         self._lock = threading.Lock()
         self.handle: Any = display({"text/plain": ""}, raw=True, display_id=True)  # type: ignore[no-untyped-call]
 
@@ -67,18 +71,21 @@ class BackgroundSink(ForegroundSink):
             current = self.text
         self.handle.update({"text/plain": current}, raw=True)
 
-    def message(self, message: dict[str, Any]) -> None:
-        if message.get("op") in ("display", "result"):
-            self.displays.append(message)
-        elif message.get("op") == "error":
-            self.error = message
-        elif message.get("op") == "warning":
-            self.warnings.append(str(message.get("text")))
-            self.stream("stderr", f"gpulane: {message.get('text')}\n")
+    def message(self, message: CellOutput) -> None:
+        match message:
+            case Display() | Result():
+                self.displays.append(message)
+            case CellError():
+                self.error = message
+            case CellWarning():
+                self.warnings.append(message.text)
+                self.stream("stderr", f"gpulane: {message.text}\n")
+            case ClearOutput():
+                pass  # its text output is one line updated in place: nothing to clear
 
     def replay(self) -> None:
         """Show the kept rich displays in the cell that asks for them."""
         publisher = _shell().display_pub
         for message in self.displays:
-            publisher.publish(data=message["data"], metadata=message.get("metadata") or {})
+            publisher.publish(data=message.data, metadata=message.metadata)
         self.displays.clear()

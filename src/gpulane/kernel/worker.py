@@ -1,4 +1,17 @@
-"""The kernel's side of a GPU worker: start it early, hand it a cell at grant time, relay its output."""
+"""The kernel's side of a GPU worker: start it early, hand it a cell at grant time, relay its output.
+
+Three names, for three things:
+
+- :class:`LocalWorker`: a worker process this kernel spawns on its own machine before
+  the grant (its output comes through pipes);
+- :class:`CallbackWorker`: a worker that a cluster starts elsewhere and that dials
+  back to this kernel (its output comes over the channel);
+- :class:`WarmPool`: keeps one spare :class:`LocalWorker` ready, so a cell on a free
+  GPU starts at once.
+
+Both kinds share :class:`WorkerHandle`: send a cell, read the worker's messages
+(:mod:`gpulane.kernel.protocol`) into a :class:`Sink`, stop it.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +25,35 @@ import subprocess
 import sys
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Protocol
 
+from gpulane.config import (
+    CALLBACK_HOST_ENV,
+    KEY_DIR_ENV,
+    RUNNER_ADDRESS_ENV,
+    RUNNER_FD_ENV,
+    RUNNER_KEYFILE_ENV,
+    RUNNER_STREAMS_ENV,
+)
+from gpulane.kernel.protocol import (
+    CellOutput,
+    Done,
+    Interrupt,
+    ProtocolError,
+    Ready,
+    RunCell,
+    Stop,
+    Stream,
+    decode_from_worker,
+    encode,
+)
+from gpulane.scheduler.base import Launcher
 from gpulane.scheduler.spawn import spawn_command
 
 RUNNER_COMMAND = (sys.executable, "-m", "gpulane.kernel.runner")
@@ -27,21 +63,90 @@ class Sink(Protocol):
     """Where a cell's output goes: the running cell, or a background job's own outputs."""
 
     def stream(self, name: str, text: str) -> None: ...
-    def message(self, message: dict[str, Any]) -> None: ...
+    def message(self, message: CellOutput) -> None: ...
 
 
-class WarmWorker:
-    """A runner process started before it is needed, waiting on its channel.
+class WorkerHandle(ABC):
+    """The kernel's end of one GPU worker's channel: send it cells, read what it sends back."""
+
+    channel: Connection
+
+    def __init__(self) -> None:
+        self.sink: Sink | None = None
+        self.done = threading.Event()  # set when the worker reports a cell's end, or is gone
+        self.result: Done | None = None
+        self._threads: list[threading.Thread] = []
+        self._send_lock = threading.Lock()
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    def attach(self, sink: Sink) -> None:
+        """Direct the worker's output to ``sink``."""
+        self.sink = sink
+
+    def run(self, grant_env: dict[str, str], message: RunCell) -> None:
+        """Send one cell; ``done`` is set when the worker reports its end."""
+        self.done.clear()
+        self.result = None
+        with self._send_lock:
+            self.channel.send(encode(replace(message, env=grant_env)))
+
+    @abstractmethod
+    def interrupt(self) -> None: ...
+
+    def wait_output(self, timeout: float = 5.0) -> None:
+        """After the worker exits: let the relays deliver the last of its output."""
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _send_quietly(self, message: Interrupt | Stop) -> None:
+        with contextlib.suppress(OSError, ValueError), self._send_lock:
+            self.channel.send(encode(message))
+
+    def _read_channel(self) -> None:
+        while True:
+            try:
+                wire = self.channel.recv()
+            except (EOFError, OSError):
+                self.done.set()
+                return
+            try:
+                message = decode_from_worker(wire)
+            except ProtocolError as error:
+                if self.sink is not None:
+                    self.sink.stream("stderr", f"gpulane: {error}\n")
+                continue
+            if isinstance(message, Done):
+                self.result = message
+                self.done.set()
+            elif isinstance(message, Stream):
+                if self.sink is not None:
+                    self.sink.stream(message.name, message.text)
+            elif not isinstance(message, Ready) and self.sink is not None:
+                self.sink.message(message)
+
+
+class LocalWorker(WorkerHandle):
+    """A worker process spawned on this machine before it is needed, waiting on its channel.
 
     It is spawned from the kernel's main thread: the worker dies with the kernel
     (PR_SET_PDEATHSIG fires when the spawning thread ends).
     """
 
     def __init__(self) -> None:
+        super().__init__()
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env.update(
-            GPULANE_RUNNER_FD=str(child.fileno()),
+            **{RUNNER_FD_ENV: str(child.fileno())},
             CUDA_VISIBLE_DEVICES="",  # no GPU until the grant says which
             PYTHONUNBUFFERED="1",
         )
@@ -50,11 +155,6 @@ class WarmWorker:
         )
         child.close()
         self.channel = Connection(parent.detach())
-        self.sink: Sink | None = None
-        self.done = threading.Event()
-        self.result: dict[str, Any] | None = None
-        self._threads: list[threading.Thread] = []
-        self._send_lock = threading.Lock()
 
     @property
     def alive(self) -> bool:
@@ -77,16 +177,7 @@ class WarmWorker:
             for thread in self._threads:
                 thread.start()
 
-    def run(self, grant_env: dict[str, str], message: dict[str, Any]) -> None:
-        """Send one cell; ``done`` is set when the worker reports its end."""
-        self.done.clear()
-        self.result = None
-        with self._send_lock:
-            self.channel.send({"op": "run", "env": grant_env, **message})
-
-    def launcher(
-        self, message: dict[str, Any]
-    ) -> Callable[[dict[str, str]], subprocess.Popen[bytes]]:
+    def launcher(self, message: RunCell) -> Callable[[dict[str, str]], subprocess.Popen[bytes]]:
         """A scheduler Launcher: at grant time, send the cell and hand back the worker process."""
 
         def launch(grant_env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -99,14 +190,8 @@ class WarmWorker:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGINT)
 
-    def wait_output(self, timeout: float = 5.0) -> None:
-        """After the worker exits: let the relays deliver the last of its output."""
-        for thread in self._threads:
-            thread.join(timeout)
-
     def stop(self) -> None:
-        with contextlib.suppress(OSError, ValueError), self._send_lock:
-            self.channel.send({"op": "stop"})
+        self._send_quietly(Stop())
         try:
             self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
@@ -123,7 +208,7 @@ class WarmWorker:
                 if pipe is not None:
                     pipe.close()
 
-    def _relay(self, name: str, pipe: Any) -> None:
+    def _relay(self, name: str, pipe: IO[bytes]) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         fd = pipe.fileno()
         while True:
@@ -138,24 +223,8 @@ class WarmWorker:
                 pipe.close()
                 return
 
-    def _read_channel(self) -> None:
-        while True:
-            try:
-                message = self.channel.recv()
-            except (EOFError, OSError):
-                self.done.set()
-                return
-            op = message.get("op")
-            if op == "done":
-                self.result = message
-                self.done.set()
-            elif op == "stream" and self.sink is not None:
-                self.sink.stream(str(message.get("name")), str(message.get("text")))
-            elif op != "ready" and self.sink is not None:
-                self.sink.message(message)
 
-
-class RemoteWorker(WarmWorker):
+class CallbackWorker(WorkerHandle):
     """A worker that a cluster starts elsewhere and that connects back to this kernel.
 
     The kernel listens on a TCP port; the worker proves itself with a random key
@@ -163,22 +232,16 @@ class RemoteWorker(WarmWorker):
     the compute node sees). Output comes over the channel, not through pipes.
     """
 
-    def __init__(self, message: dict[str, Any], host: str | None = None) -> None:
-        self.sink = None
-        self.done = threading.Event()
-        self.result = None
-        self._threads = []
-        self._send_lock = threading.Lock()
+    def __init__(self, message: RunCell, host: str | None = None) -> None:
+        super().__init__()
         self._message = message
         self._connected = threading.Event()
         key = secrets.token_bytes(32)
         bind = (
-            host
-            or os.environ.get("GPULANE_CALLBACK_HOST")
-            or socket.gethostbyname(socket.gethostname())
+            host or os.environ.get(CALLBACK_HOST_ENV) or socket.gethostbyname(socket.gethostname())
         )
         self.listener = Listener((bind, 0), authkey=key)
-        folder = Path(os.environ.get("GPULANE_KEY_DIR") or Path.home() / ".gpulane" / "keys")
+        folder = Path(os.environ.get(KEY_DIR_ENV) or Path.home() / ".gpulane" / "keys")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         descriptor, name = tempfile.mkstemp(dir=folder, prefix="worker-")  # created 0600
         with os.fdopen(descriptor, "wb") as handle:
@@ -186,9 +249,9 @@ class RemoteWorker(WarmWorker):
         self.keyfile = Path(name)
         address = self.listener.address
         self.job_env = {
-            "GPULANE_RUNNER_ADDRESS": f"{address[0]}:{address[1]}",
-            "GPULANE_RUNNER_KEYFILE": str(self.keyfile),
-            "GPULANE_RUNNER_STREAMS": "channel",
+            RUNNER_ADDRESS_ENV: f"{address[0]}:{address[1]}",
+            RUNNER_KEYFILE_ENV: str(self.keyfile),
+            RUNNER_STREAMS_ENV: "channel",
             "PYTHONUNBUFFERED": "1",
         }
         threading.Thread(target=self._accept, daemon=True, name="gpulane-accept").start()
@@ -218,14 +281,12 @@ class RemoteWorker(WarmWorker):
         self.run({}, self._message)  # the grant's environment is Slurm's own
 
     def interrupt(self) -> None:
-        if self._connected.is_set():
-            with contextlib.suppress(OSError, ValueError), self._send_lock:
-                self.channel.send({"op": "interrupt"})
+        if self._connected.is_set():  # no signal reaches another machine: ask over the channel
+            self._send_quietly(Interrupt())
 
     def stop(self) -> None:
         if self._connected.is_set():
-            with contextlib.suppress(OSError, ValueError), self._send_lock:
-                self.channel.send({"op": "stop"})
+            self._send_quietly(Stop())
         self.close()
 
     def close(self) -> None:
@@ -237,26 +298,45 @@ class RemoteWorker(WarmWorker):
                 self.channel.close()
 
 
-class WorkerPool:
-    """Keeps one warm worker ready, so a cell on a free GPU starts at once."""
+class WarmPool:
+    """Keeps one spare local worker ready, so a cell on a free GPU starts at once."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.spare: WarmWorker | None = None
+        self.spare: LocalWorker | None = None
 
-    def take(self) -> WarmWorker:
+    def take(self) -> LocalWorker:
         worker, self.spare = self.spare, None
         if worker is None or not worker.alive:
             if worker is not None:
                 worker.close()
-            worker = WarmWorker()
+            worker = LocalWorker()
         return worker
 
     def refill(self) -> None:
         if self.enabled and (self.spare is None or not self.spare.alive):
-            self.spare = WarmWorker()
+            self.spare = LocalWorker()
 
     def shutdown(self) -> None:
         if self.spare is not None:
             self.spare.stop()
             self.spare = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A worker for one job, and what tells the scheduler how to start it."""
+
+    worker: WorkerHandle
+    launcher: Launcher | None = None  # here: at grant time, hand the cell to a warm worker
+    env: dict[str, str] | None = None  # elsewhere: what the cluster's worker needs to dial back
+
+
+def launch_for(message: RunCell, local_launch: bool, pool: WarmPool) -> Launch:
+    """Where the back end starts jobs on this machine, a pre-started worker gets the grant at
+    once; elsewhere a worker started by the cluster connects back."""
+    if local_launch:
+        worker = pool.take()
+        return Launch(worker, launcher=worker.launcher(message))
+    callback = CallbackWorker(message)
+    return Launch(callback, env=callback.job_env)
