@@ -23,10 +23,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpulane.admin.k8s_time_slicing import K8sError, yaml_dump
+from gpulane.config import USER_DIR_ENV
 from gpulane.profiles import IMAGE_RE, ProfileSet
 
 PROFILES_PATH = "/etc/gpulane/profiles.toml"
-USER_DIR_ENV = "GPULANE_USER_DIR"
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _QUANTITY_RE = re.compile(r"\d{1,6}(\.\d{1,3})?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9a-fA-F:.]+\]")

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gpulane.config import DOCTOR_PYTHON_PREFIXES_ENV
 from gpulane.errors import GpulaneError
 
-PYTHON_PREFIXES_ENV = "GPULANE_DOCTOR_PYTHON_PREFIXES"
+PYTHON_PREFIXES_ENV = DOCTOR_PYTHON_PREFIXES_ENV
 
 
 def _non_negative(text: str) -> int:

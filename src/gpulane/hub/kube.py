@@ -25,6 +25,7 @@ import html
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV, PROFILE_ENV
 from gpulane.profiles import (
     CUSTOM_SLUG,
     IMAGE_FORMS,
@@ -49,8 +50,8 @@ from gpulane.profiles import (
 GPU_RESOURCE = "nvidia.com/gpu"
 # Variables a profile sets or clears; cleared ones are None (KubeSpawner drops the key).
 _CAP_VARIABLES = (
-    "GPULANE_GPU_MEMORY_LIMIT",
-    "GPULANE_GPU_MEMORY_FRACTION",
+    GPU_MEMORY_LIMIT_ENV,
+    GPU_MEMORY_FRACTION_ENV,
     "XLA_PYTHON_CLIENT_MEM_FRACTION",
     "TF_FORCE_GPU_ALLOW_GROWTH",
 )
@@ -105,7 +106,7 @@ def kubespawner_override(profile: Profile, pset: ProfileSet) -> dict[str, Any]:
     if profile.image is not None:
         override["image"] = profile.image
     override.update(gpu_override(profile.gpus, profile.slices, pset))
-    override["environment"]["GPULANE_PROFILE"] = profile.slug
+    override["environment"][PROFILE_ENV] = profile.slug
     return override
 
 
@@ -177,7 +178,7 @@ def kubespawner_custom(custom: CustomChoices, pset: ProfileSet, default: bool) -
         "display_name": html.escape(custom.display_name),
         "description": html.escape(custom.description),
         "default": default,
-        "kubespawner_override": {"environment": {"GPULANE_PROFILE": CUSTOM_SLUG}},
+        "kubespawner_override": {"environment": {PROFILE_ENV: CUSTOM_SLUG}},
         "profile_options": options,
     }
 

@@ -21,6 +21,7 @@ from jupyterhub.spawner import LocalProcessSpawner
 from tornado import web
 from traitlets import Integer, Unicode
 
+from gpulane.config import DEFAULT_SOCKET
 from gpulane.display import describe_eta, describe_holders
 from gpulane.hub.forms import options_form_html
 from gpulane.jobs import Request, parse_duration
@@ -44,7 +45,7 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
     ).tag(config=True)
 
     broker_socket = Unicode(
-        "/run/gpulane/broker.sock", help="The broker that leases GPUs to GPU profiles."
+        str(DEFAULT_SOCKET), help="The broker that leases GPUs to GPU profiles."
     ).tag(config=True)
 
     queue_timeout = Integer(

@@ -16,10 +16,11 @@ from collections.abc import Callable, MutableMapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV
 from gpulane.jobs import format_bytes
 
-LIMIT_ENV = "GPULANE_GPU_MEMORY_LIMIT"
-FRACTION_ENV = "GPULANE_GPU_MEMORY_FRACTION"
+LIMIT_ENV = GPU_MEMORY_LIMIT_ENV
+FRACTION_ENV = GPU_MEMORY_FRACTION_ENV
 
 applied: list[str] = []  # what was capped, for the notebook and the tests
 

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV
 from gpulane.errors import GpulaneError
 
 
@@ -214,8 +215,8 @@ def gpu_environment(profile: Profile, pset: ProfileSet) -> dict[str, str]:
             'give the memory of one GPU, such as "32G"'
         )
     return {
-        "GPULANE_GPU_MEMORY_LIMIT": str(int(pset.gpu_memory * fraction)),
-        "GPULANE_GPU_MEMORY_FRACTION": f"{fraction:.4f}",
+        GPU_MEMORY_LIMIT_ENV: str(int(pset.gpu_memory * fraction)),
+        GPU_MEMORY_FRACTION_ENV: f"{fraction:.4f}",
         "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.4f}",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
     }

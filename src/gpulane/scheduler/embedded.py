@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from gpulane import config
+from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV, JOB_ID_ENV, SLICES_ENV
 from gpulane.jobs import Request
 from gpulane.scheduler.base import (
     JobUpdate,
@@ -260,13 +261,13 @@ def job_environment(job: JobView) -> dict[str, str]:
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in job.get("assigned_gpus") or []),
         # NVML numbers GPUs in PCI bus order; make CUDA agree so index N is the same card.
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "GPULANE_JOB_ID": str(job["id"]),
+        JOB_ID_ENV: str(job["id"]),
     }
     if job.get("gpu_memory_limit"):
-        env["GPULANE_GPU_MEMORY_LIMIT"] = str(job["gpu_memory_limit"])
-        env["GPULANE_GPU_MEMORY_FRACTION"] = str(job["gpu_memory_fraction"])
+        env[GPU_MEMORY_LIMIT_ENV] = str(job["gpu_memory_limit"])
+        env[GPU_MEMORY_FRACTION_ENV] = str(job["gpu_memory_fraction"])
     if job.get("slices"):
-        env["GPULANE_SLICES"] = str(job["slices"])
+        env[SLICES_ENV] = str(job["slices"])
     return env
 
 
