@@ -12,7 +12,7 @@
         allowed_groups={"jupyter-users"},
         admin_groups={"jupyter-admins"},
     )
-    configure(c, broker_args=["--gpu-groups", "gpu-users"])
+    configure(c, gpu_groups={"gpu-users"})
 
 The provider's endpoints come from its discovery document, read once when the
 hub loads its config. Each login replaces the user's hub groups with the
