@@ -122,7 +122,10 @@ def parse_session_options(line: str) -> SessionOptions:
     args = _parse(line, prog)
     idle = DEFAULT_SESSION_IDLE
     if args.idle is not None:
-        idle = float(parse_duration(args.idle, "--idle"))
+        try:
+            idle = float(parse_duration(args.idle, "--idle"))
+        except OptionError as error:
+            raise OptionError(f"{prog}: {error}") from None
     return SessionOptions(_cell_options(args, "gpu-session", prog), idle)
 
 

@@ -21,8 +21,8 @@ From the worker (:data:`FromWorker`):
 - ``ready`` (:class:`Ready`): the worker's pid and protocol, once its shell is built.
 - ``stream`` (:class:`Stream`): stdout or stderr text, only where the worker has no
   pipes to the kernel (a worker on another machine).
-- ``display`` (:class:`Display`), ``result`` (:class:`Result`) and ``clear_output``
-  (:class:`ClearOutput`): IPython's rich output, for the notebook to show.
+- ``display`` (:class:`Display`), ``result`` (:class:`Result`),
+  ``clear_output`` (:class:`ClearOutput`): IPython's rich output, for the notebook.
 - ``error`` (:class:`CellError`): the cell raised; its traceback, and a hint (GPU out
   of memory under a slice's cap).
 - ``warning`` (:class:`CellWarning`): a one-line note (a memory cap applied, a variable
