@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.support.kernels",
     "tests.support.slurm",
     "tests.support.hubs",
+    "tests.support.inprocess_broker",
 ]
