@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from traitlets import TraitError, TraitType, Unicode, default
 from traitlets.config import Application, Config
-from traitlets.config.loader import KVArgParseConfigLoader, _KVArgParser
+from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader, _KVArgParser
 
 from gpulane import config
 from gpulane.errors import ConfigError, GpulaneError, OptionError
@@ -156,6 +156,14 @@ class _Loader(KVArgParseConfigLoader):
         # traitlets only warns; a mistyped option must not start a broker without it.
         raise OptionError(f"unknown option --{arg} (see gpulane broker --help)")
 
+    def _convert_to_config(self) -> None:
+        # As argparse did before: a repeated option's last value wins (the hub may pass
+        # a typed option and the same one again in the deprecated broker_args).
+        for key, value in vars(self.parsed_data).items():
+            if key not in ("extra_args", "_flags") and isinstance(value, list) and value:
+                setattr(self.parsed_data, key, value[-1])
+        super()._convert_to_config()
+
     def load_config(self, *args: Any, **kwargs: Any) -> Config:
         loaded = super().load_config(*args, **kwargs)
         known = BrokerApp.class_own_traits(config=True)
@@ -249,6 +257,11 @@ class BrokerApp(Application):
     ) -> KVArgParseConfigLoader:
         return _Loader(argv, aliases, flags, classes=classes, log=self.log)
 
+    def parse_command_line(self, argv: Any = None) -> None:
+        # traitlets' wrapper logs a bad value with its config and exits 1; unwrapped, the
+        # error reaches main(), which reports it in one line with exit status 2.
+        Application.parse_command_line.__wrapped__(self, argv)  # type: ignore[attr-defined]
+
     def initialize(self, argv: Sequence[str] | None = None) -> None:
         self.parse_command_line(list(argv) if argv is not None else None)
         if self.extra_args:
@@ -335,9 +348,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         app.initialize(argv)
         app.start()
-    except (GpulaneError, TraitError) as error:
+    except (GpulaneError, TraitError, ArgumentError) as error:
         print(f"gpulane: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, OptionError | ConfigError | TraitError) else 1
+        usage = isinstance(error, OptionError | ConfigError | TraitError | ArgumentError)
+        return EXIT_USAGE if usage else 1
     except RuntimeError as error:  # no GPUs to read through NVML
         print(f"gpulane: {error}", file=sys.stderr)
         return 1
