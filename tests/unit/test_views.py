@@ -15,7 +15,7 @@ from gpulane.broker.store import JobRecord
 from gpulane.display import status_table
 from gpulane.jobs import JobState, is_finished
 from gpulane.scheduler.base import JobUpdate
-from gpulane.scheduler.slurm import _job_view
+from gpulane.scheduler.slurm_parse import job_view as slurm_view
 from gpulane.views import JobView, Snapshot
 
 NOW = 1_000_000.0
@@ -138,19 +138,19 @@ def test_exit_text_names_the_signal_or_the_status() -> None:
 
 
 def test_slurm_views_carry_only_what_slurm_said_without_the_name_prefix() -> None:
-    assert _job_view(5, "queued", name="gpulane:train", job_dir="/j") == {
+    assert slurm_view(5, "queued", name="gpulane:train", job_dir="/j") == {
         "id": 5,
         "state": "queued",
         "name": "train",
         "job_dir": "/j",
     }
-    assert _job_view(6, "failed", message="gone", exit_status=1) == {
+    assert slurm_view(6, "failed", message="gone", exit_status=1) == {
         "id": 6,
         "state": "failed",
         "message": "gone",
         "exit_status": 1,
     }
-    assert _job_view(7, "running", name="plain")["name"] == "plain"  # not ours: kept
+    assert slurm_view(7, "running", name="plain")["name"] == "plain"  # not ours: kept
 
 
 @pytest.mark.parametrize("state", list(JobState))

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Unpack
+from typing import IO, Any
 
 from gpulane.jobs import Request, format_duration, is_finished
 from gpulane.scheduler import slurm_parse as sp
@@ -42,10 +42,10 @@ from gpulane.scheduler.base import (
     Snapshot,
     UpdateCallback,
 )
+from gpulane.scheduler.slurm_parse import JOB_NAME_PREFIX
 from gpulane.scheduler.spawn import spawn_command
-from gpulane.views import GpuRow, JobDetails
+from gpulane.views import GpuRow
 
-JOB_NAME_PREFIX = "gpulane:"
 BATCH_SCRIPT = '#!/bin/sh\n# written by gpulane: run the job\'s argv as given\nexec "$@"\n'
 OUTAGE_WINDOW = 180.0  # keep waiting this long while slurmctld restarts
 
@@ -109,7 +109,7 @@ class SlurmScheduler(Scheduler):
     def submit(self, request: Request, env: Mapping[str, str] | None = None) -> JobView:
         job_dir = self._new_job_dir()
         job_id = self._sbatch(request, job_dir, env or {})
-        return _job_view(job_id, "queued", name=request.name, job_dir=str(job_dir))
+        return sp.job_view(job_id, "queued", name=request.name, job_dir=str(job_dir))
 
     def _new_job_dir(self) -> Path:
         base = self.settings.job_dir
@@ -151,7 +151,7 @@ class SlurmScheduler(Scheduler):
         now = time.time()
         rows = self._rows()
         holders = [
-            self._holder(r) for r in rows if r.state in ("RUNNING", "COMPLETING") and r.gpu_request
+            sp.holder(r) for r in rows if r.state in ("RUNNING", "COMPLETING") and r.gpu_request
         ]
         nodes: dict[str, list[Holder]] = {}
         for holder in holders:
@@ -204,7 +204,7 @@ class SlurmScheduler(Scheduler):
                 return
             view = self._view(row, rows, now)
             holders = [
-                self._holder(r)
+                sp.holder(r)
                 for r in rows
                 if r.state == "RUNNING" and r.gpu_request and r.partition == row.partition
             ]
@@ -334,23 +334,10 @@ class SlurmScheduler(Scheduler):
         with contextlib.suppress(SchedulerError):
             self._slurm(["scancel", str(job_id)])
 
-    def _holder(self, row: sp.SqueueRow) -> Holder:
-        kind, count = row.gpu_request or ("gpu", 0)
-        return {
-            "job": row.job_id,
-            "user": row.user,
-            "name": row.name.removeprefix(JOB_NAME_PREFIX),
-            "gpus": [],
-            "node": row.nodes,
-            "slices": count if kind == "shard" else None,
-            "elapsed": row.elapsed,
-            "remaining": row.remaining,
-        }
-
     def _view(self, row: sp.SqueueRow, rows: list[sp.SqueueRow], now: float) -> JobView:
         state = sp.gpulane_state(row.state)
         kind, count = row.gpu_request or ("gpu", 0)
-        view = _job_view(
+        view = sp.job_view(
             row.job_id,
             state,
             user=row.user,
@@ -399,10 +386,10 @@ class SlurmScheduler(Scheduler):
         exit_code = record.get("ExitCode", "0:0")
         limit = sp.parse_duration(record.get("TimeLimit", ""))
         if not slurm_state:
-            return _job_view(
+            return sp.job_view(
                 job_id, "failed", message="Slurm no longer knows this job", exit_status=1
             )
-        return _job_view(
+        return sp.job_view(
             job_id,
             sp.gpulane_state(slurm_state),
             user=record.get("UserId", "").split("(")[0],
@@ -425,18 +412,6 @@ class SlurmScheduler(Scheduler):
                 "accounting_storage/none" not in config and "AccountingStorageType" in config
             )
         return self._accounting
-
-
-def _job_view(job_id: int, state: str, **known: Unpack[JobDetails]) -> JobView:
-    """Every Slurm view is built here: what Slurm told us, with gpulane's prefix off the name.
-
-    Only what is known is set (a bare submission knows its id, name and folder),
-    so a view never claims a value Slurm did not give.
-    """
-    view: JobView = {"id": job_id, "state": state, **known}
-    if "name" in known:
-        view["name"] = known["name"].removeprefix(JOB_NAME_PREFIX)
-    return view
 
 
 class _StderrRelay:

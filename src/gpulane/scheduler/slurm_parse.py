@@ -8,6 +8,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Unpack
+
+from gpulane.views import Holder, JobDetails, JobView
+
+JOB_NAME_PREFIX = "gpulane:"  # on every job gpulane submits; the user's name follows
 
 # One squeue call per refresh: every job of the partition, highest priority first.
 SQUEUE_FIELDS = ("%i", "%T", "%u", "%Q", "%b", "%M", "%L", "%l", "%S", "%r", "%N", "%P", "%k", "%j")
@@ -181,3 +186,30 @@ def final_message(slurm_state: str, exit_code: str, limit_text: str) -> str:
 def reason_text(reason: str) -> str:
     key = reason.strip("()").split(",")[0].strip()
     return REASONS.get(key, key)
+
+
+def job_view(job_id: int, state: str, **known: Unpack[JobDetails]) -> JobView:
+    """Every Slurm view is built here: what Slurm told us, with gpulane's prefix off the name.
+
+    Only what is known is set (a bare submission knows its id, name and folder),
+    so a view never claims a value Slurm did not give.
+    """
+    view: JobView = {"id": job_id, "state": state, **known}
+    if "name" in known:
+        view["name"] = known["name"].removeprefix(JOB_NAME_PREFIX)
+    return view
+
+
+def holder(row: SqueueRow) -> Holder:
+    """A running job of the partition as others see it: Slurm reports its node, not its card."""
+    kind, count = row.gpu_request or ("gpu", 0)
+    return {
+        "job": row.job_id,
+        "user": row.user,
+        "name": row.name.removeprefix(JOB_NAME_PREFIX),
+        "gpus": [],
+        "node": row.nodes,
+        "slices": count if kind == "shard" else None,
+        "elapsed": row.elapsed,
+        "remaining": row.remaining,
+    }
