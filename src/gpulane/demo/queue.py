@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpulane.config import SOCKET_ENV
 from gpulane.demo.users import ensure_user
 
 DEMO_USERS = ("gpl-demo-ada", "gpl-demo-ben")
@@ -43,7 +44,7 @@ def _first(prefix: str) -> int:
 
 
 def _start(label: str, user: str | None, sock: Path, args: list[str]) -> subprocess.Popen[str]:
-    env = dict(os.environ, GPULANE_SOCKET=str(sock), HOME="/tmp", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **{SOCKET_ENV: str(sock)}, HOME="/tmp", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         _client(user, sock, args),
         env=env,
@@ -104,7 +105,7 @@ def run_demo(seconds: float = 3.0) -> int:
         )
         time.sleep(0.6)
         print("\n$ gpulane status", flush=True)
-        status = subprocess.run(_client(None, sock, ["status"]), env=dict(os.environ, GPULANE_SOCKET=str(sock)),
+        status = subprocess.run(_client(None, sock, ["status"]), env=dict(os.environ, **{SOCKET_ENV: str(sock)}),
                                 capture_output=True, text=True)  # fmt: skip
         print(status.stdout or status.stderr, flush=True)
         codes = [p.wait(timeout=60 + 3 * seconds) for p in (ada1, ada2, ben)]

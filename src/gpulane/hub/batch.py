@@ -43,6 +43,8 @@ from jupyterhub.apihandlers import APIHandler
 from tornado import web
 from traitlets import Bool, Float, List, Unicode, default
 
+from gpulane.config import BACKEND_ENV, SOCKET_ENV
+
 SERVER_JOB_NAME = "jupyterhub-server"
 
 # What may appear in the batch script or on a Slurm command line. None of them
@@ -201,8 +203,8 @@ class GpulaneSlurmSpawner(SlurmSpawner):  # type: ignore[misc]
             self.ip = "127.0.0.1"  # read by the base class for JUPYTERHUB_SERVICE_URL
         env = dict(super().get_env())
         # %%gpu inside the server uses Slurm: GPUs on a Slurm cluster are Slurm's to give.
-        env.pop("GPULANE_SOCKET", None)
-        env["GPULANE_BACKEND"] = "slurm"
+        env.pop(SOCKET_ENV, None)
+        env[BACKEND_ENV] = "slurm"
         if os.environ.get("SLURM_CONF"):
             env.setdefault("SLURM_CONF", os.environ["SLURM_CONF"])
         return env
@@ -330,6 +332,6 @@ def configure_slurm_spawner(
     # The broker's socket (from gpulane.hub.configure) does not reach compute nodes, and
     # would win over GPULANE_BACKEND: drop it for these servers.
     environment = dict(c.Spawner.get("environment", {}))
-    environment.pop("GPULANE_SOCKET", None)
-    environment["GPULANE_BACKEND"] = "slurm"
+    environment.pop(SOCKET_ENV, None)
+    environment[BACKEND_ENV] = "slurm"
     c.Spawner.environment = environment
