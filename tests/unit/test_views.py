@@ -10,7 +10,7 @@ from gpulane import errors
 from gpulane.broker import views
 from gpulane.broker.gpus import GpuReading
 from gpulane.broker.policy import PolicyConfig, Waiting
-from gpulane.broker.server import STATUS_OF, status_of
+from gpulane.broker.statuses import STATUS_OF, status_of
 from gpulane.broker.store import JobRecord
 from gpulane.display import status_table
 from gpulane.jobs import JobState, is_finished

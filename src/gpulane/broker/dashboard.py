@@ -21,7 +21,7 @@ from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import ADMIN_SCOPE
 from gpulane.broker.identity import Identity
 from gpulane.broker.metrics import CONTENT_TYPE
-from gpulane.broker.server import status_of
+from gpulane.broker.statuses import status_of
 from gpulane.errors import Forbidden, NotFound, Refused
 
 

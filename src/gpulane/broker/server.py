@@ -3,7 +3,7 @@
 Identity comes from the socket's peer credentials, never from the request.
 Bodies are bounded and parsed into a fixed schema; anything else is answered
 with a one-line JSON error, and the broker keeps serving. The core refuses with
-:mod:`gpulane.errors`' kinds; :data:`STATUS_OF` alone turns them into HTTP statuses.
+:mod:`gpulane.errors`' kinds; :mod:`gpulane.broker.statuses` alone turns them into HTTP statuses.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from gpulane import __version__
 from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import HubTokenError, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
+from gpulane.broker.statuses import status_of
 from gpulane.errors import (
-    Conflict,
-    Forbidden,
     InvalidRequest,
-    LimitReached,
     NotAuthenticated,
     NotFound,
     Refused,
@@ -44,25 +42,6 @@ from gpulane.views import JobEvent
 log = logging.getLogger("gpulane.broker")
 
 MAX_BODY_BYTES = 256 * 1024
-
-# The HTTP status of each kind of refusal: the one place the broker's answers meet HTTP.
-STATUS_OF: dict[type[Refused], int] = {
-    InvalidRequest: 400,
-    NotAuthenticated: 401,
-    Forbidden: 403,
-    NotFound: 404,
-    Conflict: 409,
-    TooLarge: 413,
-    LimitReached: 429,
-}
-
-
-def status_of(error: Refused) -> int:
-    """The status for ``error``: its own kind's, else the nearest base's; 400 for a bare refusal."""
-    for kind in type(error).__mro__:
-        if kind in STATUS_OF:
-            return STATUS_OF[kind]
-    return 400
 
 
 @tornado.web.stream_request_body
