@@ -101,7 +101,9 @@ def test_socket_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         (["--bogus", "1"], "unknown option --bogus"),
         (["--BrokerApp.bogus=1"], "unknown option --BrokerApp.bogus"),
         (["stray"], "unexpected argument 'stray'"),
-        (["--slices"], "expected one argument"),
+        (["--slices"], "--slices needs a value"),
+        (["--simulate-gpus", "1", "--lease-ttl"], "--lease-ttl needs a value"),
+        (["--bogus"], "unknown option --bogus"),
     ],
 )
 def test_a_bad_command_line_is_one_line_and_status_2(

@@ -9,6 +9,7 @@ accepted forms, exit status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -146,6 +147,13 @@ class _OneLineArgParser(_KVArgParser):
     """traitlets' parser, reporting a malformed command line as one line, not usage and help."""
 
     def error(self, message: str) -> NoReturn:
+        # traitlets accepts any --name=value and so reads a lone unknown --name as an option
+        # missing its value: name it as unknown, the way argparse would.
+        match = re.fullmatch(r"argument --([\w.-]+): expected one argument", message)
+        if match:
+            name = match.group(1).removeprefix("BrokerApp.").replace("_", "-")
+            known = name in BrokerApp.aliases
+            message = f"--{name} needs a value" if known else f"unknown option --{name}"
         raise OptionError(f"{message} (see gpulane broker --help)")
 
 
