@@ -47,7 +47,7 @@ def test_squeue_rows() -> None:
     ],
 )
 def test_durations(text: str, seconds: float | None) -> None:
-    assert sp.parse_duration(text) == seconds
+    assert sp.parse_slurm_time(text) == seconds
 
 
 def test_scontrol_job_record() -> None:

@@ -384,7 +384,7 @@ class SlurmScheduler(Scheduler):
                 )
         slurm_state = record.get("JobState", "")
         exit_code = record.get("ExitCode", "0:0")
-        limit = sp.parse_duration(record.get("TimeLimit", ""))
+        limit = sp.parse_slurm_time(record.get("TimeLimit", ""))
         if not slurm_state:
             return sp.job_view(
                 job_id, "failed", message="Slurm no longer knows this job", exit_status=1
@@ -397,7 +397,7 @@ class SlurmScheduler(Scheduler):
             slurm_state=slurm_state,
             exit_status=sp.exit_status(exit_code),
             message=sp.final_message(slurm_state, exit_code, format_duration(limit)),
-            elapsed=sp.parse_duration(record.get("RunTime", "")),
+            elapsed=sp.parse_slurm_time(record.get("RunTime", "")),
             time_limit=limit,
             assigned_gpus=[],
         )

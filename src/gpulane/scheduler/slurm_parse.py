@@ -94,7 +94,7 @@ class SqueueRow:
         return (match.group(1), 1) if match else None
 
 
-def parse_duration(text: str) -> float | None:
+def parse_slurm_time(text: str) -> float | None:
     """Slurm's ``[D-]HH:MM:SS``, ``MM:SS``, ``UNLIMITED``, ``N/A``, ``INVALID``."""
     text = text.strip()
     match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
@@ -127,9 +127,9 @@ def parse_squeue(text: str) -> list[SqueueRow]:
                 user=user.strip(),
                 priority=int(priority) if priority.strip().isdigit() else 0,
                 tres=tres.strip(),
-                elapsed=parse_duration(used),
-                remaining=parse_duration(left),
-                time_limit=parse_duration(limit),
+                elapsed=parse_slurm_time(used),
+                remaining=parse_slurm_time(left),
+                time_limit=parse_slurm_time(limit),
                 start=parse_timestamp(start),
                 reason=reason.strip(),
                 nodes=nodes.strip(),
