@@ -69,10 +69,10 @@ def test_wait_lands_in_its_bucket() -> None:
 
 def test_gpu_seconds_per_user() -> None:
     metrics = BrokerMetrics()
-    metrics.finished("ann", 10.0)
-    metrics.finished("ann", 2.5)
-    metrics.finished("bob", 4.0)
-    metrics.finished("cid", 0.0)  # a job that never ran adds no label
+    metrics.used("ann", 10.0)
+    metrics.used("ann", 2.5)
+    metrics.used("bob", 4.0)
+    metrics.used("cid", 0.0)  # a job that never ran adds no label
     data = metrics.render()
     assert value(data, "gpulane_gpu_seconds_total", user="ann") == 12.5
     assert value(data, "gpulane_gpu_seconds_total", user="bob") == 4.0

@@ -290,7 +290,7 @@ class Broker:
     def usage_report(self, now: float | None = None) -> UsageReport:
         """GPU-seconds per user since local midnight, and GPU use per minute over the last hour."""
         now = self.clock() if now is None else now
-        records = {j.id: j for j in self.store.finished_since(views.usage_since(now))}
+        records = {j.id: j for j in self.store.ended_since(views.usage_since(now))}
         records.update(self.jobs)  # the running ones, as they are now
         return views.usage_report(
             records.values(), now, self.config.slices_per_gpu, self.inventory.count
@@ -455,7 +455,7 @@ class Broker:
             )
             self.usage[job.user] = used
             self.store.save_usage(job.user, used.value, used.at)
-            self.metrics.finished(job.user, gpu_seconds)
+            self.metrics.used(job.user, gpu_seconds)
         job.state, job.message, job.ended_at = state, message, now
         job.exit_status = exit_status
         job.ending_state = None

@@ -64,7 +64,8 @@ class BrokerMetrics:
     def timed_out(self) -> None:
         self.timeouts.inc()
 
-    def finished(self, user: str, gpu_seconds: float) -> None:
+    def used(self, user: str, gpu_seconds: float) -> None:
+        """Count the GPU time of a job that ended."""
         if gpu_seconds > 0:
             self.gpu_seconds.labels(user=user).inc(gpu_seconds)
 

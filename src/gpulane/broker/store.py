@@ -138,7 +138,7 @@ class Store:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _from_row(row) if row else None
 
-    def finished_since(self, since: float) -> list[JobRecord]:
+    def ended_since(self, since: float) -> list[JobRecord]:
         rows = self._db.execute(
             "SELECT * FROM jobs WHERE ended_at >= ? ORDER BY ended_at", (since,)
         ).fetchall()
