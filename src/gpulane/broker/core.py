@@ -18,12 +18,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpulane.broker import policy, procs, views
 from gpulane.broker.gpus import Inventory
-from gpulane.broker.identity import Identity
+from gpulane.broker.identity import NO_UID, Identity
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.store import JobRecord, Store
@@ -154,6 +154,7 @@ class Broker:
             submitted_at=now,
             client_pid=who.pid,
             client_start=procs.start_time(who.pid) if who.pid else None,
+            source=who.source,
         )
         self.store.insert(job)
         self.jobs[job.id] = job
@@ -186,10 +187,18 @@ class Broker:
         if job.state is not JobState.RUNNING:
             raise Conflict(f"job {job_id} is {job.state.value}, not running")
         # Never trust a client-supplied PID blindly: a root broker kills this group later.
-        if not procs.leads_group(pid, job.uid):
-            raise InvalidRequest(f"process {pid} is not a process group leader owned by {job.user}")
-        job.cmd_pid, job.cmd_start = pid, procs.start_time(pid)
-        self.store.save(job)
+        # Only the client's own command qualifies: a group leader below the process that
+        # submitted the job (a root client, such as the hub, may start it as any user).
+        owner = None if job.uid == 0 else job.uid
+        if not job.client_pid or not procs.is_command_of(
+            pid, job.client_pid, job.client_start, owner
+        ):
+            raise InvalidRequest(
+                f"process {pid} is not a command of this job's client: it must lead its own "
+                "process group, descend from the process that submitted the job"
+                + ("" if owner is None else f" and belong to {job.user}")
+            )
+        self._save_changes(job, cmd_pid=pid, cmd_start=procs.start_time(pid))
         if job.ending_state is not None:
             self._signal_job(job, signal.SIGTERM)
         return self.view(job, who)
@@ -208,10 +217,7 @@ class Broker:
         return self.view(job, who)
 
     def lookup(self, who: Identity, job_id: int) -> JobView:
-        job = self.jobs.get(job_id) or self.store.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        return self.view(job, who)
+        return self.view(self._own_job(who, job_id, admin_ok=True), who)
 
     def watch(self, who: Identity, job_id: int, watcher: Watcher) -> Callable[[], None]:
         """Call ``watcher`` with the job's view now and at every change; returns the unsubscribe."""
@@ -270,7 +276,8 @@ class Broker:
     ) -> JobView:
         return views.job_view(
             job,
-            viewer=who.user,
+            # Only the owner (the same name from the same source) sees what the job runs.
+            viewer=who.user if self._owns(who, job) else "",
             now=self.clock() if now is None else now,
             config=self.config,
             gpu_memory=self.inventory.memory,
@@ -342,11 +349,13 @@ class Broker:
                 grants = policy.decide(state, now, self.config)
         for grant in grants:
             job = self.jobs[grant.job_id]
-            job.state = JobState.RUNNING
-            job.started_at = now
-            job.assigned_gpus = list(grant.assignment.gpus)
-            job.assigned_slices = grant.assignment.slices
-            self.store.save(job)
+            self._save_changes(
+                job,
+                state=JobState.RUNNING,
+                started_at=now,
+                assigned_gpus=list(grant.assignment.gpus),
+                assigned_slices=grant.assignment.slices,
+            )
             self.metrics.granted(now - job.submitted_at)
             self._arm(job.id, job.time_limit, self._time_limit_reached, job.id)
             log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
@@ -404,8 +413,7 @@ class Broker:
         """Take a running job's GPU back: its client is told, its processes get SIGTERM, then SIGKILL."""
         if job.ending_state is not None:
             return
-        job.ending_state, job.message, job.ending_at = state, message, self.clock()
-        self.store.save(job)
+        self._save_changes(job, ending_state=state, message=message, ending_at=self.clock())
         log.info("job %d of %s revoked: %s", job.id, job.user, message)
         self._signal_job(job, signal.SIGTERM)
         self._arm(job.id, self.settings.kill_grace, self._force_end, job.id)
@@ -444,6 +452,8 @@ class Broker:
         self, job: JobRecord, state: JobState, message: str, exit_status: int | None = None
     ) -> None:
         now = self.clock()
+        used: policy.Usage | None = None
+        gpu_seconds = 0.0
         if job.state is JobState.RUNNING and job.started_at is not None:
             share = policy.gpu_share(
                 policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0),
@@ -453,13 +463,23 @@ class Broker:
             used = self.usage.get(job.user, policy.Usage()).add(
                 gpu_seconds, now, self.config.half_life
             )
+        changes = {
+            "state": state,
+            "message": message,
+            "ended_at": now,
+            "exit_status": exit_status,
+            "ending_state": None,
+        }
+        # The usage and the end in one transaction, saved before either is applied here:
+        # a failure (an integer SQLite cannot hold) leaves the job running, its lease and
+        # timer in place, instead of half-finished.
+        with self.store.transaction():
+            if used is not None:
+                self.store.save_usage(job.user, used.value, used.at)
+            self._save_changes(job, **changes)
+        if used is not None:
             self.usage[job.user] = used
-            self.store.save_usage(job.user, used.value, used.at)
             self.metrics.used(job.user, gpu_seconds)
-        job.state, job.message, job.ended_at = state, message, now
-        job.exit_status = exit_status
-        job.ending_state = None
-        self.store.save(job)
         self.jobs.pop(job.id, None)
         self.leases.end(job.id, job.client_pid)
         timer = self._timers.pop(job.id, None)
@@ -476,6 +496,12 @@ class Broker:
 
     # ----------------------------------------------------------------- helpers
 
+    def _save_changes(self, job: JobRecord, **changes: Any) -> None:
+        """Save ``job`` with ``changes``, then apply them: a failed save leaves it as it was."""
+        self.store.save(replace(job, **changes))
+        for name, value in changes.items():
+            setattr(job, name, value)
+
     def _arm(self, job_id: int, delay: float, callback: Callable[[int], None], arg: int) -> None:
         old = self._timers.pop(job_id, None)
         if old:
@@ -487,17 +513,29 @@ class Broker:
             return who.admin or bool(self.config.admin_groups & who.groups)
         return policy.is_admin(who.uid, who.groups, self.config)
 
+    def _owns(self, who: Identity, job: JobRecord, lease: bool = False) -> bool:
+        """True if ``who`` is the job's owner: its name, from the source it was submitted
+        with, and (for the lease's own calls, ``lease``) from the same uid.
+
+        Names alone are not enough: a hub name and a Unix name may coincide, and hub users
+        may share one Unix uid (so the name is checked, not only the uid).
+        """
+        if job.user != who.user or (job.source and job.source != who.source):
+            return False
+        if job.uid == who.uid:
+            return True
+        # A hub login without a process (the dashboard) may see and cancel its hub jobs,
+        # never speak for their client.
+        return not lease and who.source == "hub" and who.uid == NO_UID and who.pid is None
+
     def _own_job(self, who: Identity, job_id: int, admin_ok: bool = False) -> JobRecord:
-        """The job, if ``who`` owns it (or is an admin, where allowed); NotFound otherwise."""
+        """The job, if ``who`` drives it (or, where ``admin_ok``, owns it or is an admin).
+
+        Anything else reads as no job at all: another user's jobs are unseen, not forbidden.
+        """
         job = self.jobs.get(job_id) or self.store.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        if job.user == who.user:  # the name: hub users may share one Unix uid
+        if job is not None and self._owns(who, job, lease=not admin_ok):
             return job
-        if admin_ok and self._is_admin(who):
+        if job is not None and admin_ok and self._is_admin(who):
             return job
-        if admin_ok:
-            raise Forbidden(
-                f"job {job_id} belongs to {job.user}; only they or an admin may do that"
-            )
-        raise NotFound(f"no job {job_id} of yours")
+        raise NotFound(f"no job {job_id}")

@@ -13,11 +13,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import tornado.web
 from tornado.httpserver import HTTPServer
@@ -42,6 +43,24 @@ from gpulane.views import JobEvent
 log = logging.getLogger("gpulane.broker")
 
 MAX_BODY_BYTES = 256 * 1024
+# The schema is flat (an object, its command a list): more lists or objects than this,
+# outside strings, is never a request, and refusing it first keeps the parser shallow.
+MAX_NESTING = 32
+# What a client reports: 0..255 from exit(), minus the signal's number when one killed it
+# (subprocess's returncode); the shell's 128+N also fits.
+EXIT_STATUS_MIN, EXIT_STATUS_MAX = -255, 255
+# A JSON string, closed or cut off (possessive, so one linear pass): skipped when counting.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+"?', re.DOTALL)
+
+
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 2**22  # Linux's PID_MAX_LIMIT: no PID is ever larger
+
+
+PID_MAX = _pid_max()
 
 
 @tornado.web.stream_request_body
@@ -75,13 +94,13 @@ class _Handler(tornado.web.RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         self._body.extend(chunk)
 
-    def json_body(self) -> Any:
-        if not self._body:
-            return {}
-        try:
-            return json.loads(self._body)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("the request body is not valid JSON") from None
+    def json_body(self, known: set[str] | None = None) -> dict[str, Any]:
+        """The posted object (empty: ``{}``); with ``known``, other keys are refused."""
+        data = parse_body(bytes(self._body))
+        unknown = sorted(set(data) - known) if known is not None else []
+        if unknown:
+            raise InvalidRequest(f"unknown field(s) in request: {', '.join(map(ascii, unknown))}")
+        return data
 
     def reply(self, data: Any) -> None:
         self.set_header("Content-Type", "application/json")
@@ -125,10 +144,40 @@ def parse_request(data: Any) -> Request:
         raise InvalidRequest(str(error)) from None
 
 
-def _int_field(data: Any, key: str) -> int:
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be an integer")
+def _refuse_constant(name: str) -> NoReturn:
+    raise InvalidRequest(f"the request body is not valid JSON: {name} is not a number")
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; anything else is refused in one line."""
+    if not body:
+        return {}
+    try:
+        text = body.decode("utf-8")  # strictly: json.loads would also guess UTF-16 or -32
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid UTF-8") from None
+    # Cheap first: most bodies have a bracket or two, and need no closer look.
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING:
+        outside = _JSON_STRING.sub(b"", body)
+        if outside.count(b"[") + outside.count(b"{") > MAX_NESTING:
+            raise InvalidRequest(
+                f"the request body is nested too deeply: at most {MAX_NESTING} lists or objects"
+            )
+    try:
+        # NaN and Infinity are not JSON; huge integers raise ValueError (over 4300 digits).
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return data
+
+
+def _int_field(data: dict[str, Any], key: str, low: int, high: int) -> int:
+    """An integer in its real range: SQLite and the kernel take no more (2**64 once was a 500)."""
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRequest(f"'{key}' must be an integer from {low} to {high}")
     return value
 
 
@@ -144,7 +193,7 @@ class StatusHandler(_Handler):
 
 class JobsHandler(_Handler):
     def post(self) -> None:
-        request = parse_request(self.json_body())
+        request = parse_request(self.json_body())  # Request.from_json names unknown keys
         self.set_status(201)
         self.reply(self.broker.submit(self.identity, request))
 
@@ -159,14 +208,21 @@ class JobHandler(_Handler):
 
 class JobActionHandler(_Handler):
     def post(self, job_id: str, action: str) -> None:
+        # The route's 1-18 digits keep a job id inside SQLite's 2**63-1.
         who, job = self.identity, int(job_id)
+        # Every body is checked, also where no field is taken: a malformed one changes nothing.
         if action == "heartbeat":
+            self.json_body(known=set())
             self.reply(self.broker.heartbeat(who, job))
         elif action == "started":
-            self.reply(self.broker.started(who, job, _int_field(self.json_body(), "pid")))
+            pid = _int_field(self.json_body(known={"pid"}), "pid", 1, PID_MAX)
+            self.reply(self.broker.started(who, job, pid))
         elif action == "finish":
-            self.reply(self.broker.finish(who, job, _int_field(self.json_body(), "exit_status")))
+            data = self.json_body(known={"exit_status"})
+            status = _int_field(data, "exit_status", EXIT_STATUS_MIN, EXIT_STATUS_MAX)
+            self.reply(self.broker.finish(who, job, status))
         elif action == "cancel":
+            self.json_body(known=set())
             self.reply(self.broker.cancel(who, job))
         else:
             raise NotFound(f"no action {action!r}")

@@ -6,8 +6,10 @@ jobs and the users' decayed usage from here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     assigned_gpus TEXT,
     assigned_slices INTEGER,
     ending_state TEXT,
-    ending_at REAL
+    ending_at REAL,
+    source TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running');
 CREATE TABLE IF NOT EXISTS usage (
@@ -47,6 +50,12 @@ CREATE TABLE IF NOT EXISTS usage (
     at REAL NOT NULL
 );
 """
+
+# Columns added after the first release, with their definitions: a database made before
+# gains them on open (ALTER TABLE ... ADD COLUMN), its rows taking the default.
+_ADDED_COLUMNS = {
+    "source": "TEXT NOT NULL DEFAULT ''",
+}
 
 
 @dataclass
@@ -75,6 +84,9 @@ class JobRecord:
     assigned_slices: int | None = None
     ending_state: JobState | None = None  # set while a revoked job is being stopped
     ending_at: float | None = None
+    # Where the submitter's identity came from ("peercred" or "hub"); '' for a job saved
+    # before this was kept, which then answers to its uid from either source.
+    source: str = ""
     id: int = 0
 
 
@@ -112,7 +124,25 @@ class Store:
         # the last transactions, which the clients' reconnects then resubmit or report.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
         path.chmod(0o600)
+
+    def _add_missing_columns(self) -> None:
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Saves inside commit together, or not at all."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def insert(self, record: JobRecord) -> int:
         placeholders = ", ".join("?" for _ in _COLUMNS)
