@@ -28,7 +28,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
 
 MAX_TIME_SECONDS = 366 * 86400
 MAX_COMMAND_ARGS = 4096
-MAX_COMMAND_BYTES = 128 * 1024
+# A command's arguments, all together, in UTF-8: the broker stores each job's command, so
+# this bounds what one submission may make it keep. Typical commands are a few hundred
+# bytes (a script belongs in a file); 32 KiB is below Linux's 128 KiB for one argument
+# (MAX_ARG_STRLEN), so it is also the bound on each argument, and any command accepted runs.
+MAX_COMMAND_BYTES = 32 * 1024
 
 
 def parse_duration(text: str, option: str = "--time") -> int:

@@ -104,6 +104,29 @@ class Duration(_Typed):
         raise OptionError(f"{option} {value!r} is not a time limit; use {TIME_FORMS}")
 
 
+class Retention(Duration):
+    """How long ended jobs are kept: at least :data:`MIN_RETENTION`."""
+
+    info_text = f"at least 2d, in the forms {TIME_FORMS}"
+
+    def parse(self, text: str, option: str) -> int:
+        return self._at_least(super().parse(text, option), text, option)
+
+    def check(self, value: Any, option: str) -> int:
+        return self._at_least(super().check(value, option), value, option)
+
+    @staticmethod
+    def _at_least(seconds: int, given: Any, option: str) -> int:
+        # The usage report and the dashboard read ended jobs back to local midnight (up to
+        # 25 hours on a clock change): a shorter retention would empty them.
+        if seconds < MIN_RETENTION:
+            raise OptionError(f"{option} {given!r} is too short: keep ended jobs at least 2d")
+        return seconds
+
+
+MIN_RETENTION = 2 * 86400
+
+
 class Size(_Typed):
     """Bytes, typed as a size (``512M``, ``16G``)."""
 
@@ -223,6 +246,18 @@ class BrokerApp(Application):
         config=True
     )
     kill_grace = Duration("10s", help="SIGTERM to SIGKILL grace for revoked jobs.").tag(config=True)
+    max_submits_per_minute = Cap(
+        "60",
+        help="Submissions one user may make in any minute (0: no cap); more answer 429.",
+    ).tag(config=True)
+    retention = Retention(
+        "30d", help="Keep ended jobs this long (at least 2d); usage totals are kept apart."
+    ).tag(config=True)
+    max_ended_per_user = Cap(
+        "10000",
+        maximum=10_000_000,
+        help="Ended jobs kept per user, the oldest pruned first (0: no cap).",
+    ).tag(config=True)
     dashboard_port = Count(
         None,
         maximum=65535,
@@ -239,6 +274,7 @@ class BrokerApp(Application):
             "socket", "state_dir", "simulate_gpus", "gpu_memory", "slices",
             "max_running_per_user", "default_time", "max_time", "half_life",
             "starvation_after", "gpu_groups", "admin_groups", "lease_ttl", "kill_grace",
+            "max_submits_per_minute", "retention", "max_ended_per_user",
             "dashboard_port", "log_level",
         )
     }  # fmt: skip
@@ -309,6 +345,9 @@ class BrokerApp(Application):
             ),
             lease_ttl=float(self.lease_ttl),
             kill_grace=float(self.kill_grace),
+            max_submits_per_minute=self.max_submits_per_minute,
+            retention=float(self.retention),
+            max_ended_per_user=self.max_ended_per_user,
         )
         if self.simulate_gpus is not None:
             inventory = Inventory.simulate(self.simulate_gpus, self.gpu_memory)

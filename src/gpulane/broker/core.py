@@ -13,6 +13,7 @@ It knows nothing of HTTP: a refusal is one of :mod:`gpulane.errors`' kinds
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -43,6 +44,11 @@ class BrokerSettings:
     kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL of a revoked job
     max_queued_per_user: int = 1000
     publish_interval: float = 0.1  # at most this often, queue positions are pushed again
+    max_submits_per_minute: int = 60  # per user, over a sliding minute; 0: no cap
+    retention: float = 30 * 86400.0  # seconds an ended job is kept (usage totals stay)
+    max_ended_per_user: int = 10_000  # ended jobs kept per user, oldest pruned first; 0: no cap
+    prune_interval: float = 60.0  # seconds between prunes of ended jobs
+    prune_batch: int = 500  # rows deleted at most per prune step, so one never holds the loop
 
 
 class Broker:
@@ -69,6 +75,9 @@ class Broker:
         self._explain_cost = 0.0  # seconds the last queue replay took
         self._sent: dict[tuple[int, int], dict[str, Any]] = {}
         self._watcher_identity: dict[int, Identity] = {}
+        self._submits: dict[str, collections.deque[float]] = {}  # accepted, per user, last minute
+        self._ended: dict[str, int] = {}  # ended jobs the store keeps, per user
+        self._prune_handle: asyncio.TimerHandle | None = None
         self.can_kill_any = os.geteuid() == 0
 
     # ----------------------------------------------------------------- life cycle
@@ -77,6 +86,7 @@ class Broker:
         """Reload state (reattaching live jobs), then schedule. Call inside the running loop."""
         now = self.clock()
         self.usage = {u: policy.Usage(v, at) for u, (v, at) in self.store.usage().items()}
+        self._ended = self.store.finished_per_user()
         for job in self.store.active():
             self.jobs[job.id] = job
             self.leases.beat(job.id)
@@ -106,9 +116,12 @@ class Broker:
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
         self.leases.start()
         self._schedule()
+        self._prune()
 
     def stop(self) -> None:
         self.leases.stop()
+        if self._prune_handle is not None:
+            self._prune_handle.cancel()
         for handle in self._timers.values():
             handle.cancel()
         self.store.close()
@@ -142,6 +155,7 @@ class Broker:
                 f"{who.user} already has {queued} queued jobs, the most allowed; wait or cancel some",
             )
         now = self.clock()
+        self._check_submit_rate(who.user, now)
         job = JobRecord(
             uid=who.uid,
             user=who.user,
@@ -157,6 +171,8 @@ class Broker:
             source=who.source,
         )
         self.store.insert(job)
+        if self.settings.max_submits_per_minute:
+            self._submits.setdefault(who.user, collections.deque()).append(now)
         self.jobs[job.id] = job
         self.leases.beat(job.id)
         self.metrics.submitted()
@@ -165,6 +181,23 @@ class Broker:
         log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
         self._schedule()
         return self.view(job, who)
+
+    def _check_submit_rate(self, user: str, now: float) -> None:
+        """Refuse a user's submission past their allowance for the last minute."""
+        cap = self.settings.max_submits_per_minute
+        recent = self._submits.get(user)
+        if not cap or recent is None:
+            return
+        while recent and recent[0] <= now - 60:
+            recent.popleft()
+        if not recent:
+            del self._submits[user]  # the table holds only users active this minute
+        elif len(recent) >= cap:
+            wait = max(1, round(recent[0] + 60 - now))
+            raise LimitReached(
+                f"{user} submitted {len(recent)} jobs in the last minute, the most allowed; "
+                f"try again in {wait} s"
+            )
 
     def cancel(self, who: Identity, job_id: int) -> JobView:
         job = self._own_job(who, job_id, admin_ok=True)
@@ -481,6 +514,7 @@ class Broker:
             self.usage[job.user] = used
             self.metrics.used(job.user, gpu_seconds)
         self.jobs.pop(job.id, None)
+        self._ended[job.user] = self._ended.get(job.user, 0) + 1
         self.leases.end(job.id, job.client_pid)
         timer = self._timers.pop(job.id, None)
         if timer:
@@ -493,6 +527,33 @@ class Broker:
         # Only where the broker may: as root, or when the job runs as the broker's own user.
         if job.cmd_pid and (self.can_kill_any or job.uid == os.geteuid()):
             procs.signal_group(job.cmd_pid, job.cmd_start, sig)
+
+    # ----------------------------------------------------------------- retention
+
+    def _prune(self) -> None:
+        """Delete ended jobs past the retention or past a user's cap, one small batch a step.
+
+        Runs on the loop between requests; a full batch asks for another step soon, so a
+        backlog drains without one long delete. Usage totals live in their own table and
+        stay; the usage report reads only jobs since midnight, inside any retention allowed.
+        """
+        settings = self.settings
+        budget = settings.prune_batch
+        for user in self.store.prune_ended_before(self.clock() - settings.retention, budget):
+            self._ended[user] = self._ended.get(user, 1) - 1
+            budget -= 1
+        cap = settings.max_ended_per_user
+        for user, kept in list(self._ended.items()):
+            if cap and kept > cap and budget > 0:
+                gone = self.store.prune_oldest_of(user, min(kept - cap, budget))
+                self._ended[user] = kept - gone
+                budget -= gone
+            if self._ended[user] <= 0:
+                del self._ended[user]
+        if budget < settings.prune_batch:
+            log.info("pruned %d ended jobs", settings.prune_batch - budget)
+        again = 1.0 if budget <= 0 else settings.prune_interval
+        self._prune_handle = asyncio.get_running_loop().call_later(again, self._prune)
 
     # ----------------------------------------------------------------- helpers
 

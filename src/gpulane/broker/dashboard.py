@@ -19,7 +19,7 @@ from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 
 from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import ADMIN_SCOPE
-from gpulane.broker.identity import Identity
+from gpulane.broker.identity import NO_UID, Identity
 from gpulane.broker.metrics import CONTENT_TYPE
 from gpulane.broker.statuses import status_of
 from gpulane.errors import Forbidden, NotFound, Refused
@@ -32,7 +32,7 @@ class _Base(HubOAuthenticated, tornado.web.RequestHandler):  # type: ignore[misc
     def identity(self) -> Identity:
         model = self.current_user
         return Identity(
-            uid=-1,  # a browser has no Unix process: it may never be matched to one
+            uid=NO_UID,  # a browser has no Unix process: it may never be matched to one
             user=str(model["name"]),
             groups=frozenset(model.get("groups") or []),
             pid=None,

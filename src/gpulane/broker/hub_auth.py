@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from gpulane.broker.identity import Identity
@@ -19,11 +20,31 @@ from gpulane.broker.identity import Identity
 log = logging.getLogger("gpulane.broker")
 
 ADMIN_SCOPE = "custom:gpulane:admin"
+SERVICE_NAME = "gpulane"  # the service name gpulane's hub configuration registers
 CACHE_SECONDS = 60
 
 
 class HubTokenError(Exception):
     """The token is not valid (forged, expired, revoked), or the hub cannot be asked."""
+
+
+class HubTokenNotForUs(HubTokenError):
+    """A valid token issued for another audience (another service, a shared server)."""
+
+
+def service_name() -> str:
+    """The name this broker has at the hub (the hub tells a managed service)."""
+    return os.environ.get("JUPYTERHUB_SERVICE_NAME") or SERVICE_NAME
+
+
+def grants_gpulane(scopes: Iterable[str], service: str = SERVICE_NAME) -> bool:
+    """True if a token with these scopes was meant for gpulane: access to this service
+    (or to every service), or gpulane's own admin scope. As the dashboard requires."""
+    return not {
+        "access:services",
+        f"access:services!service={service}",
+        ADMIN_SCOPE,
+    }.isdisjoint(scopes)
 
 
 class HubTokens:
@@ -56,6 +77,14 @@ class HubTokens:
         if not model or model.get("kind", "user") != "user" or not model.get("name"):
             raise HubTokenError("this JupyterHub token is not valid (forged, expired or revoked)")
         scopes = set(model.get("scopes") or [])
+        # A token the hub made for someone else (another service, a server opened by
+        # sharing) must not act here as its owner.
+        service = service_name()
+        if not grants_gpulane(scopes, service):
+            raise HubTokenNotForUs(
+                f"this JupyterHub token is not for gpulane: it lacks the "
+                f"access:services!service={service} scope; use your server's own token"
+            )
         return Identity(
             uid=peer.uid,  # the Unix uid still decides whose processes may be signalled
             user=str(model["name"]),

@@ -1,9 +1,11 @@
 """Who is asking: identity from something a client cannot forge.
 
-The broker's only source today is the Unix socket's peer credentials
-(SO_PEERCRED): the kernel fills them in, so a client cannot claim another uid.
-A JupyterHub API token, checked against the hub, is the planned second source;
-it plugs in as another function returning an :class:`Identity`.
+The first source is the Unix socket's peer credentials (SO_PEERCRED): the
+kernel fills them in, so a client cannot claim another uid. The second is a
+JupyterHub API token checked against the hub (:mod:`gpulane.broker.hub_auth`),
+which names a hub user while the peer's uid and pid stay those of the socket.
+A job keeps the source and uid it was submitted with, and only a caller with
+both may act on it as its owner.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+
+# The uid of a hub login that has no Unix process behind it (the dashboard in a
+# browser): no process has it, so it never matches a job's client.
+NO_UID = -1
 
 _GROUP_CACHE_SECONDS = 30.0
 _group_cache: dict[int, tuple[float, str, frozenset[str]]] = {}

@@ -37,6 +37,56 @@ def leads_group(pid: int, uid: int) -> bool:
         return False
 
 
+# How many parents :func:`descends_from` reads at most: a job's command is its client's
+# child, or a few levels below it; a walk never runs unbounded on a crafted tree.
+MAX_ANCESTRY = 32
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` from /proc/PID/stat (0 for the root of a namespace), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def descends_from(pid: int, ancestor: int, ancestor_start: str | None) -> bool:
+    """True if ``pid`` is a proper descendant of ``ancestor``, the process that started at
+    ``ancestor_start`` (so not a later process that reused its PID)."""
+    if ancestor <= 1 or ancestor_start is None:
+        return False
+    current = pid
+    for _ in range(MAX_ANCESTRY):
+        parent = parent_pid(current)
+        if parent is None or parent <= 0:
+            return False
+        if parent == ancestor:
+            return start_time(ancestor) == ancestor_start
+        current = parent
+    return False
+
+
+def is_command_of(pid: int, client_pid: int, client_start: str | None, uid: int | None) -> bool:
+    """True if ``pid`` may be signalled as the command of a job whose client is ``client_pid``:
+    it leads its own process group, descends from that client and, where ``uid`` is given
+    (a client that is not root), belongs to it."""
+    started = start_time(pid)
+    if started is None or pid == client_pid:
+        return False
+    try:
+        leads = os.getpgid(pid) == pid
+    except OSError:
+        return False
+    if not leads or (uid is not None and owner_uid(pid) != uid):
+        return False
+    if not descends_from(pid, client_pid, client_start):
+        return False
+    return start_time(pid) == started  # still the process all of this was checked on
+
+
 def is_alive(pid: int | None, started: str | None) -> bool:
     """True if the process ``pid`` that started at ``started`` still runs (zombies count as gone)."""
     if not pid or pid <= 0:

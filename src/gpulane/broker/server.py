@@ -27,10 +27,11 @@ from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
 from gpulane.broker.core import Broker
-from gpulane.broker.hub_auth import HubTokenError, HubTokens
+from gpulane.broker.hub_auth import HubTokenError, HubTokenNotForUs, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
 from gpulane.broker.statuses import status_of
 from gpulane.errors import (
+    Forbidden,
     InvalidRequest,
     NotAuthenticated,
     NotFound,
@@ -84,6 +85,8 @@ class _Handler(tornado.web.RequestHandler):
                 raise InvalidRequest("Authorization must be 'token <JupyterHub API token>'")
             try:
                 self.identity = await self.hub_tokens.identity(token.strip(), self.identity)
+            except HubTokenNotForUs as error:
+                raise Forbidden(str(error)) from None
             except HubTokenError as error:
                 raise NotAuthenticated(str(error)) from None
         length = self.request.headers.get("Content-Length")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gpulane.errors import ConfigError
 from gpulane.jobs import JobState
 
 _SCHEMA = """
@@ -44,6 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     source TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended_at) WHERE ended_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_ended_by_user ON jobs(user, id) WHERE ended_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS usage (
     user TEXT PRIMARY KEY,
     value REAL NOT NULL,
@@ -114,18 +119,48 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**data)
 
 
+# The WAL is cut back to this after a checkpoint (every ~4 MiB of writes): it never keeps
+# the high-water mark of a burst.
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+
+
+def prepare_state_dir(folder: Path) -> None:
+    """Make the state folder ours alone (0700), refusing one another user owns.
+
+    The database holds every user's command lines; a folder another user owns could be
+    read, or its files swapped, by them.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ConfigError(f"state folder {folder} is not a folder owned by us; refusing")
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable against a process crash (kill -9); only a power cut may lose
-        # the last transactions, which the clients' reconnects then resubmit or report.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._add_missing_columns()
-        path.chmod(0o600)
+        prepare_state_dir(path.parent)
+        # SQLite creates the -wal and -shm files with the database's mode; the umask makes
+        # all three private from the moment they exist (a chmod afterwards leaves a window).
+        # Process-wide, so only here, before the broker serves anyone.
+        old_umask = os.umask(0o077)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against a process crash (kill -9); only a power cut may lose
+            # the last transactions, which the clients' reconnects then resubmit or report.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
+        finally:
+            os.umask(old_umask)
+        # Files from an older broker, made before the umask was set, are closed too.
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (path.parent / name).chmod(0o600)
 
     def _add_missing_columns(self) -> None:
         present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
@@ -173,6 +208,31 @@ class Store:
             "SELECT * FROM jobs WHERE ended_at >= ? ORDER BY ended_at", (since,)
         ).fetchall()
         return [_from_row(row) for row in rows]
+
+    def finished_per_user(self) -> dict[str, int]:
+        """How many ended jobs the store keeps for each user."""
+        rows = self._db.execute(
+            "SELECT user, COUNT(*) AS n FROM jobs WHERE ended_at IS NOT NULL GROUP BY user"
+        ).fetchall()
+        return {row["user"]: int(row["n"]) for row in rows}
+
+    def prune_ended_before(self, before: float, limit: int) -> list[str]:
+        """Delete up to ``limit`` jobs that ended before ``before``, oldest first; their users."""
+        rows = self._db.execute(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE ended_at < ? "
+            "ORDER BY ended_at LIMIT ?) RETURNING user",
+            (before, limit),
+        ).fetchall()
+        return [row["user"] for row in rows]
+
+    def prune_oldest_of(self, user: str, count: int) -> int:
+        """Delete ``user``'s ``count`` oldest ended jobs; how many went."""
+        rows = self._db.execute(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE user = ? "
+            "AND ended_at IS NOT NULL ORDER BY id LIMIT ?) RETURNING id",
+            (user, count),
+        ).fetchall()
+        return len(rows)
 
     def usage(self) -> dict[str, tuple[float, float]]:
         rows = self._db.execute("SELECT user, value, at FROM usage").fetchall()

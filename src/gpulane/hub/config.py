@@ -269,7 +269,14 @@ class GpulaneHub(LoggingConfigurable):
             "access:servers!server",
             "users:activity!user",
         }
-        scopes |= {"read:users:groups!user", "read:users:name!user", ADMIN_SCOPE}
+        # The broker accepts only tokens meant for it (access to the gpulane service); the
+        # hub keeps each scope only where the server's owner holds it (the user role does).
+        scopes |= {
+            "read:users:groups!user",
+            "read:users:name!user",
+            f"access:services!service={SERVICE_NAME}",
+            ADMIN_SCOPE,
+        }
         c.Spawner.server_token_scopes = sorted(scopes)
         # Safe defaults: loopback unless the admin says otherwise, no shared admin rights.
         if "ip" not in c.JupyterHub and "bind_url" not in c.JupyterHub:
