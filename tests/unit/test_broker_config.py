@@ -77,6 +77,17 @@ def test_the_forms_users_type_today() -> None:
     assert (app.dashboard_port, app.log_level, app.socket) == (9873, "DEBUG", "/tmp/x.sock")
 
 
+def test_the_storage_limits_and_their_defaults() -> None:
+    app = app_from()
+    assert (app.max_submits_per_minute, app.retention, app.max_ended_per_user) == (
+        60,
+        30 * 86400,
+        10_000,
+    )
+    app = app_from("--max-submits-per-minute", "0", "--retention", "2d", "--max-ended-per-user=0")
+    assert (app.max_submits_per_minute, app.retention, app.max_ended_per_user) == (0, 172800, 0)
+
+
 def test_a_repeated_option_keeps_its_last_value() -> None:
     assert app_from("--gpu-groups", "a", "--gpu-groups", "b").gpu_groups == {"b"}
 
@@ -98,6 +109,13 @@ def test_socket_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         (["--gpu-memory", "12X"], "--gpu-memory '12X' is not a size; use a size such as 512M"),
         (["--log-level", "LOUD"], "--log-level 'LOUD' is not a level; use DEBUG, INFO"),
         (["--dashboard-port", "70000"], "--dashboard-port '70000' must be a whole number"),
+        (["--retention", "1d"], "--retention '1d' is too short: keep ended jobs at least 2d"),
+        (["--retention", "later"], "--retention 'later' is not a time limit"),
+        (
+            ["--max-submits-per-minute", "-1"],
+            "--max-submits-per-minute '-1' must be 0 (no cap) or a whole number from 1 to 10000",
+        ),
+        (["--max-ended-per-user", "1e9"], "--max-ended-per-user '1e9' must be 0 (no cap)"),
         (["--bogus", "1"], "unknown option --bogus"),
         (["--BrokerApp.bogus=1"], "unknown option --BrokerApp.bogus"),
         (["stray"], "unexpected argument 'stray'"),
