@@ -29,14 +29,6 @@ def owner_uid(pid: int) -> int | None:
         return None
 
 
-def leads_group(pid: int, uid: int) -> bool:
-    """True if ``pid`` leads its own process group and belongs to ``uid``: a group we may signal."""
-    try:
-        return owner_uid(pid) == uid and os.getpgid(pid) == pid
-    except OSError:
-        return False
-
-
 # How many parents :func:`descends_from` reads at most: a job's command is its client's
 # child, or a few levels below it; a walk never runs unbounded on a crafted tree.
 MAX_ANCESTRY = 32
