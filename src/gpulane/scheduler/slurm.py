@@ -305,12 +305,15 @@ class SlurmScheduler(Scheduler):
         return options
 
     def _find_job(self, marker: str, proc: subprocess.Popen[bytes], relay: _StderrRelay) -> int:
-        """The job number of our srun, from its comment in squeue."""
+        """The job number of our srun, from its comment in squeue (our own jobs only)."""
         delay = 0.02
+        me = _me()
         while True:
             with contextlib.suppress(SchedulerUnavailable):
                 for row in self._rows():
-                    if row.comment == marker:
+                    # Comments are anyone's to read and to copy: another user's job with
+                    # our marker (sorted first by a higher priority) is never ours.
+                    if row.comment == marker and row.user == me:
                         return row.job_id
             if proc.poll() is not None:
                 relay.join()
