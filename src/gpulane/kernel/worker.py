@@ -25,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -230,24 +231,50 @@ class CallbackWorker(WorkerHandle):
     The kernel listens on a TCP port; the worker proves itself with a random key
     read from a private file (0600 in a 0700 folder under the user's home, which
     the compute node sees). Output comes over the channel, not through pipes.
+
+    Any local user can find the port (``/proc/net/tcp``) and connect, so a peer that
+    fails or never finishes the key check must cost the real worker nothing: each peer's
+    handshake runs on its own thread under a deadline (``handshake_timeout``), at most
+    ``max_handshakes`` at once (further peers wait in the listen queue, in order), and
+    the kernel keeps listening until the worker with the key is in or the job ends.
+    Nothing a peer sends is unpickled before it has passed the HMAC challenge.
     """
 
-    def __init__(self, message: RunCell, host: str | None = None) -> None:
+    handshake_timeout = 5.0  # seconds a peer has to pass the challenge (two round trips)
+    max_handshakes = 64  # peers in the challenge at once: bounds threads and fds
+
+    def __init__(
+        self,
+        message: RunCell,
+        host: str | None = None,
+        handshake_timeout: float | None = None,
+        max_handshakes: int | None = None,
+    ) -> None:
         super().__init__()
         self._message = message
         self._connected = threading.Event()
-        key = secrets.token_bytes(32)
+        self._closed = threading.Event()
+        self._lock = threading.Lock()  # guards _pending, _failures and the one winner
+        self._pending: set[socket.socket] = set()
+        self._failures = 0
+        if handshake_timeout is not None:
+            self.handshake_timeout = handshake_timeout
+        if max_handshakes is not None:
+            self.max_handshakes = max_handshakes
+        self._slots = threading.BoundedSemaphore(self.max_handshakes)
+        self._key = secrets.token_bytes(32)
         bind = (
             host or os.environ.get(CALLBACK_HOST_ENV) or socket.gethostbyname(socket.gethostname())
         )
-        self.listener = Listener((bind, 0), authkey=key)
+        self.listener = socket.create_server((bind, 0), backlog=socket.SOMAXCONN)
+        self.listener.settimeout(0.5)  # wake to notice close() (closing alone may not wake accept)
         folder = Path(os.environ.get(KEY_DIR_ENV) or Path.home() / ".gpulane" / "keys")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         descriptor, name = tempfile.mkstemp(dir=folder, prefix="worker-")  # created 0600
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(key)
+            handle.write(self._key)
         self.keyfile = Path(name)
-        address = self.listener.address
+        address = self.listener.getsockname()
         self.job_env = {
             RUNNER_ADDRESS_ENV: f"{address[0]}:{address[1]}",
             RUNNER_KEYFILE_ENV: str(self.keyfile),
@@ -264,21 +291,104 @@ class CallbackWorker(WorkerHandle):
         self.sink = sink  # the channel reader starts once the worker connects
 
     def _accept(self) -> None:
-        while True:
+        while not self._closed.is_set() and not self._connected.is_set():
+            # Wait for a free handshake slot first: peers beyond the bound stay queued in order.
+            if not self._slots.acquire(timeout=0.5):
+                continue
             try:
-                self.channel = self.listener.accept()
-                break
-            except AuthenticationError:
-                continue  # not our worker: keep listening for the one with the key
-            except (OSError, EOFError):
-                self.keyfile.unlink(missing_ok=True)
-                return  # closed before the job started
-        self.keyfile.unlink(missing_ok=True)
+                peer, _ = self.listener.accept()
+            except TimeoutError:
+                self._slots.release()
+                continue
+            except OSError:
+                self._slots.release()
+                if self._closed.is_set():
+                    return
+                time.sleep(0.1)  # out of fds or the like: back off, keep listening
+                continue
+            peer.setblocking(True)
+            with self._lock:
+                self._pending.add(peer)
+            threading.Thread(
+                target=self._handshake, args=(peer,), daemon=True, name="gpulane-handshake"
+            ).start()
+
+    def _handshake(self, peer: socket.socket) -> None:
+        # Past the deadline, shutdown() ends any read or write the challenge is blocked in.
+        timer = threading.Timer(self.handshake_timeout, self._end_pending, args=(peer,))
+        timer.start()
+        channel: Connection | None = None
+        try:
+            channel = Connection(os.dup(peer.fileno()))
+            deliver_challenge(channel, self._key)  # reads only raw bytes: nothing unpickled
+            answer_challenge(channel, self._key)
+        except (AuthenticationError, EOFError, OSError, ValueError):
+            if channel is not None:
+                with contextlib.suppress(OSError):
+                    channel.close()
+            self._settle(peer, failed=True)
+            return
+        finally:
+            timer.cancel()
+        with self._lock:
+            # Still pending: neither the deadline nor close() ended it while it answered.
+            won = (
+                peer in self._pending and not self._connected.is_set() and not self._closed.is_set()
+            )
+            self._pending.discard(peer)
+            if won:
+                self._connected.set()
+                self.channel = channel
+        self._settle(peer, failed=False)  # the dup'd fd lives on in the channel
+        if not won:
+            with contextlib.suppress(OSError):
+                channel.close()
+            return
+        self._worker_in()
+
+    def _end_pending(self, peer: socket.socket) -> None:
+        with self._lock:
+            if peer not in self._pending:
+                return  # it already passed, or failed
+            self._pending.discard(peer)
+        _shutdown(peer)
+
+    def _settle(self, peer: socket.socket, failed: bool) -> None:
+        with self._lock:
+            self._pending.discard(peer)
+            self._failures += failed
+            first = failed and self._failures == 1
+        with contextlib.suppress(OSError):
+            peer.close()
+        self._slots.release()
+        if first and not self._connected.is_set() and not self._closed.is_set():
+            # Said once: a stranger knocking must not flood the cell's output.
+            self._notice(
+                f"gpulane: a connection to this kernel's worker port {self.job_env[RUNNER_ADDRESS_ENV]} "
+                "failed the key check (not your worker; ignored); still waiting for the worker\n"
+            )
+
+    def _notice(self, text: str) -> None:
+        if self.sink is not None:
+            self.sink.stream("stderr", text)
+        else:
+            sys.stderr.write(text)
+
+    def _worker_in(self) -> None:
+        self.keyfile.unlink(missing_ok=True)  # only now: until the worker is in it may need it
+        self._stop_listening()
         reader = threading.Thread(target=self._read_channel, daemon=True, name="gpulane-remote")
         self._threads = [reader]
         reader.start()
-        self._connected.set()
         self.run({}, self._message)  # the grant's environment is Slurm's own
+
+    def _stop_listening(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        for peer in pending:  # strangers still in the challenge: end them now
+            _shutdown(peer)
 
     def interrupt(self) -> None:
         if self._connected.is_set():  # no signal reaches another machine: ask over the channel
@@ -290,12 +400,18 @@ class CallbackWorker(WorkerHandle):
         self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.close()
+        with self._lock:
+            self._closed.set()
+        self._stop_listening()
         self.keyfile.unlink(missing_ok=True)
         if self._connected.is_set():
             with contextlib.suppress(OSError):
                 self.channel.close()
+
+
+def _shutdown(peer: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        peer.shutdown(socket.SHUT_RDWR)
 
 
 class WarmPool:
