@@ -44,6 +44,7 @@ from tornado import web
 from traitlets import Bool, Float, List, Unicode, default
 
 from gpulane.config import BACKEND_ENV, SOCKET_ENV
+from gpulane.hub.accounts import AccountRefused, check_unix_account
 
 SERVER_JOB_NAME = "jupyterhub-server"
 
@@ -170,6 +171,11 @@ class GpulaneSlurmSpawner(SlurmSpawner):  # type: ignore[misc]
     def get_req_subvars(self) -> dict[str, Any]:
         subvars: dict[str, Any] = super().get_req_subvars()
         check_value("user name", subvars["username"], USERNAME)
+        # The script runs as the Unix user of this name (setpriv --reuid / sudo -u).
+        try:
+            check_unix_account(subvars["username"])
+        except AccountRefused as error:
+            raise web.HTTPError(403, str(error)) from None
         check_value("home folder", subvars["homedir"], ABSOLUTE_PATH)
         check_value("exported variable names", subvars["keepvars"], VARIABLE_NAMES)
         for key in _CHECKED_SUBVARS:

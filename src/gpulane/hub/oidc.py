@@ -162,6 +162,7 @@ def configure_oidc(
     admin_groups: set[str] | None = None,
     scope: Iterable[str] = DEFAULT_SCOPE,
     callback_url: str | None = None,
+    username_claim: str = "preferred_username",
 ) -> dict[str, Any]:
     """Make the hub log users in through the OIDC provider ``issuer``.
 
@@ -171,6 +172,9 @@ def configure_oidc(
     when the provider's application already restricts who may use it).
     ``callback_url``: the redirect URI registered at the provider, where the hub
     cannot guess it from the request (behind a proxy that rewrites the host).
+    ``username_claim``: the claim that becomes the hub (and Unix) user name. Use one
+    users cannot edit at the provider: a spawner runs servers as the Unix user of that
+    name. Root and system accounts are refused whatever the claim says.
 
     Returns the provider's discovery document.
     """
@@ -189,7 +193,9 @@ def configure_oidc(
     section.token_url = document["token_endpoint"]
     section.userdata_url = document["userinfo_endpoint"]
     section.scope = scope.split() if isinstance(scope, str) else list(scope)
-    section.username_claim = "preferred_username"
+    if not username_claim:
+        raise OIDCConfigError("configure_oidc needs username_claim, the claim that names users")
+    section.username_claim = username_claim
     # Hub groups are replaced by the claim at every login: the provider is the source of truth.
     section.manage_groups = True
     # The claim is read from the userinfo answer, kept in auth_state under "oauth_user"

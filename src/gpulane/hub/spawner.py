@@ -23,6 +23,7 @@ from traitlets import Integer, Unicode
 
 from gpulane.config import DEFAULT_SOCKET
 from gpulane.display import describe_eta, describe_holders
+from gpulane.hub.accounts import AccountRefused, check_unix_account
 from gpulane.hub.forms import options_form_html
 from gpulane.jobs import Request, parse_duration
 from gpulane.profiles import (
@@ -119,6 +120,11 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
             await hooked
 
     async def start(self) -> Any:
+        # LocalProcessSpawner becomes the Unix user of the hub user's name: never root.
+        try:
+            check_unix_account(self.user.name)
+        except AccountRefused as error:
+            raise web.HTTPError(403, str(error)) from None
         profile = self.chosen_profile()
         self._grant_env = dict(gpu_environment(profile, self.profile_set()))
         if not profile.uses_gpu:
