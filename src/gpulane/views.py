@@ -111,6 +111,8 @@ class Snapshot(TypedDict):
     is_admin: NotRequired[bool]  # broker only
     slices_per_gpu: NotRequired[int]  # broker only
     usage: NotRequired[UsageReport]  # the dashboard's state adds it
+    queue_total: NotRequired[int]  # broker only: the whole queue's length (``queue`` is a page)
+    queue_offset: NotRequired[int]  # broker only: the page's first place (0-based)
 
 
 class JobEvent(TypedDict):

@@ -187,6 +187,23 @@ def test_a_silent_queued_job_is_cancelled(broker_house: House) -> None:
     assert house.state(ALICE, running["id"]) == "running"
 
 
+def test_a_busy_broker_does_not_expire_the_leases_it_could_not_read(
+    broker_house: House,
+) -> None:
+    house = broker_house(gpus=1, lease_ttl=10.0)
+    running = submit(house, ALICE)
+    house.advance(2)
+    house.call(house.broker.heartbeat, ALICE, running["id"])
+    house.loop.stall(30)  # one long callback: heartbeats sent meanwhile wait unread
+    house.advance(0.5)  # the late sweep runs before the waiting heartbeat is read
+    assert house.state(ALICE, running["id"]) == "running"
+    house.call(house.broker.heartbeat, ALICE, running["id"])
+    house.advance(6)
+    assert house.state(ALICE, running["id"]) == "running"
+    house.advance(6)  # silent for 12 s of the broker's own attention: the lease ends
+    assert house.state(ALICE, running["id"]) == "failed"
+
+
 # ---------------------------------------------------------------------- restart
 
 

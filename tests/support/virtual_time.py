@@ -50,6 +50,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         """Let ``seconds`` of virtual time pass, running everything that falls due meanwhile."""
         self.run_until_complete(asyncio.sleep(seconds))
 
+    def stall(self, seconds: float) -> None:
+        """The loop is busy for ``seconds``: the clock moves and nothing runs meanwhile."""
+        self._virtual.now += seconds
+
     def call(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` inside the running loop (as a request handler would) and return it."""
 

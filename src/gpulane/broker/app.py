@@ -266,6 +266,28 @@ class BrokerApp(Application):
     ).tag(config=True)
     # Replaces Application's numeric log_level: the broker logs through the root logger.
     log_level = LogLevel("INFO", help="How much the broker logs.").tag(config=True)
+    # Load limits: what one user's connections and requests may take of the shared broker.
+    max_connections_per_user = Cap(
+        "128",
+        maximum=100_000,
+        help="Connections one uid may hold at once (0: no cap; root is never capped).",
+    ).tag(config=True)
+    max_requests_per_second = Cap(
+        "20",
+        maximum=100_000,
+        help="Requests per second per user past the burst (0: no limit); lease calls "
+        "(heartbeat, started, finish) and root are exempt. More answer 429.",
+    ).tag(config=True)
+    request_burst = Count(
+        "100", maximum=100_000, help="Requests a user may send at once before the rate applies."
+    ).tag(config=True)
+    idle_timeout = Duration(
+        "60s",
+        help="Close a connection that sends no request this long (event streams are not idle).",
+    ).tag(config=True)
+    write_timeout = Duration(
+        "30s", help="Close a connection whose answer goes unread this long."
+    ).tag(config=True)
 
     # Application declares these as instance attributes, so they cannot be ClassVars here.
     aliases: dict[Any, Any] = {  # noqa: RUF012
@@ -276,6 +298,8 @@ class BrokerApp(Application):
             "starvation_after", "gpu_groups", "admin_groups", "lease_ttl", "kill_grace",
             "max_submits_per_minute", "retention", "max_ended_per_user",
             "dashboard_port", "log_level",
+            "max_connections_per_user", "max_requests_per_second", "request_burst",
+            "idle_timeout", "write_timeout",
         )
     }  # fmt: skip
     flags: dict[Any, Any] = {}  # noqa: RUF012
@@ -345,6 +369,11 @@ class BrokerApp(Application):
             ),
             lease_ttl=float(self.lease_ttl),
             kill_grace=float(self.kill_grace),
+            max_connections_per_user=self.max_connections_per_user,
+            max_requests_per_second=self.max_requests_per_second,
+            request_burst=self.request_burst,
+            idle_timeout=float(self.idle_timeout),
+            write_timeout=float(self.write_timeout),
             max_submits_per_minute=self.max_submits_per_minute,
             retention=float(self.retention),
             max_ended_per_user=self.max_ended_per_user,

@@ -44,11 +44,36 @@ class BrokerSettings:
     kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL of a revoked job
     max_queued_per_user: int = 1000
     publish_interval: float = 0.1  # at most this often, queue positions are pushed again
+    status_page: int = 100  # queue entries in a status answer when the client names no limit
+    max_status_page: int = 1000  # the most queue entries one status answer carries
+    # The server's limits (broker/connections.py): per uid, per identity, per connection.
+    max_connections_per_user: int = 128  # 0: no cap; root is never capped
+    max_requests_per_second: int = 20  # per identity, past a burst; 0: no limit
+    request_burst: int = 100
+    idle_timeout: float = 60.0  # seconds a connection may wait between requests
+    write_timeout: float = 30.0  # seconds an answer may go unread before its connection closes
     max_submits_per_minute: int = 60  # per user, over a sliding minute; 0: no cap
     retention: float = 30 * 86400.0  # seconds an ended job is kept (usage totals stay)
     max_ended_per_user: int = 10_000  # ended jobs kept per user, oldest pruned first; 0: no cap
     prune_interval: float = 60.0  # seconds between prunes of ended jobs
     prune_batch: int = 500  # rows deleted at most per prune step, so one never holds the loop
+
+
+# A queue explanation is reused while the state is unchanged, for at most this long,
+# or 25 times its cost where that is longer (time alone reorders a queue slowly:
+# decaying usage, jobs becoming overdue) ...
+EXPLAIN_MAX_AGE = 1.0
+# ... and never recomputed more often than this many times its own cost, so that a
+# stream of changes spends at most a tenth of the loop replaying the queue.
+EXPLAIN_COST_FACTOR = 10.0
+
+
+def _loop_time() -> float:
+    """The running loop's clock (a virtual one in the specs), else the monotonic clock."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 class Broker:
@@ -73,6 +98,11 @@ class Broker:
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
         self._explain_cost = 0.0  # seconds the last queue replay took
+        # Bumped on every change of the queued or running jobs or of usage (all pass
+        # through _schedule): the explanation and the queue's order are kept per version.
+        self._version = 0
+        self._explained: tuple[int, float, dict[int, policy.Waiting]] | None = None
+        self._ordered: tuple[int, dict[int, policy.Waiting], list[JobRecord]] | None = None
         self._sent: dict[tuple[int, int], dict[str, Any]] = {}
         self._watcher_identity: dict[int, Identity] = {}
         self._submits: dict[str, collections.deque[float]] = {}  # accepted, per user, last minute
@@ -274,15 +304,29 @@ class Broker:
 
     # ----------------------------------------------------------------- views
 
-    def status(self, who: Identity) -> Snapshot:
+    def status(self, who: Identity, offset: int = 0, limit: int | None = None) -> Snapshot:
+        """GPUs, running jobs and one page of the queue (``limit`` entries from ``offset``).
+
+        Pages keep an answer's size bounded whatever the queue's length; queue entries
+        carry no command (it can be large: a job's own view has it).
+        """
+        page = self.settings.status_page if limit is None else limit
+        if not 0 <= page <= self.settings.max_status_page:
+            raise InvalidRequest(
+                f"limit must be from 0 to {self.settings.max_status_page}; page through with offset"
+            )
+        if offset < 0:
+            raise InvalidRequest("offset must be 0 or more")
         now = self.clock()
         waiting = self._explain(now)
         holders = self.holders(now)
         spg = self.config.slices_per_gpu
-        queue = sorted(
-            (j for j in self.jobs.values() if j.state is JobState.QUEUED),
-            key=lambda j: waiting[j.id].position if j.id in waiting else 0,
-        )
+        queue = self._queue_order(waiting)
+        entries = []
+        for job in queue[offset : offset + page]:
+            entry = self.view(job, who, now, waiting.get(job.id))
+            entry.pop("command", None)
+            entries.append(entry)
         return {
             "backend": "broker",
             "backend_reason": "embedded broker on this machine",
@@ -294,8 +338,25 @@ class Broker:
             "running": [
                 self.view(j, who, now) for j in self.jobs.values() if j.state is JobState.RUNNING
             ],
-            "queue": [self.view(j, who, now, waiting.get(j.id)) for j in queue],
+            "queue": entries,
+            "queue_total": len(queue),
+            "queue_offset": offset,
         }
+
+    def _queue_order(self, waiting: dict[int, policy.Waiting]) -> list[JobRecord]:
+        """Queued jobs by position (jobs newer than the explanation last), kept per version."""
+        cached = self._ordered
+        if cached is not None and cached[0] == self._version and cached[1] is waiting:
+            return cached[2]
+        queue = sorted(
+            (j for j in self.jobs.values() if j.state is JobState.QUEUED),
+            key=lambda j: (
+                j.id not in waiting,
+                waiting[j.id].position if j.id in waiting else j.id,
+            ),
+        )
+        self._ordered = (self._version, waiting, queue)
+        return queue
 
     def holders(self, now: float) -> list[Holder]:
         return views.holders(self.jobs.values(), now)
@@ -365,9 +426,31 @@ class Broker:
         return policy.State(self.inventory.count, tuple(queued), tuple(running), self.usage)
 
     def _explain(self, now: float) -> dict[int, policy.Waiting]:
-        return policy.explain(self._policy_state(), now, self.config)
+        """Every queued job's position, reason and estimate: a replay of the queue, reused.
+
+        A status or a new watch asks for it; replaying a long queue for each one would
+        block the loop that also reads heartbeats. So it is kept per state version and
+        recomputed when the state changed (at most once per ten times its cost: in
+        between, the last one is served and watchers get the fresh one soon after) or
+        when it is over a second old.
+        """
+        started = _loop_time()
+        cached = self._explained
+        if cached is not None:
+            version, at, waiting = cached
+            age = started - at
+            if version == self._version and age < max(EXPLAIN_MAX_AGE, 25 * self._explain_cost):
+                return waiting
+            if version != self._version and age < EXPLAIN_COST_FACTOR * self._explain_cost:
+                self._publish()  # watchers are sent the next, fresh explanation
+                return waiting
+        waiting = policy.explain(self._policy_state(), now, self.config)
+        self._explain_cost = _loop_time() - started
+        self._explained = (self._version, started, waiting)
+        return waiting
 
     def _schedule(self) -> None:
+        self._version += 1  # every change of jobs or usage ends here
         now = self.clock()
         grants: list[policy.Grant] = []
         # Cheap test first: with every slice taken, a submission or a cancel changes nothing.
@@ -412,7 +495,6 @@ class Broker:
         waiting: dict[int, policy.Waiting] = {}
         if any(self.jobs.get(i) and self.jobs[i].state is JobState.QUEUED for i in self.watchers):
             waiting = self._explain(self.clock())
-            self._explain_cost = loop.time() - self._last_publish
         for job_id in list(self.watchers):
             self._notify(job_id, waiting)
 

@@ -92,7 +92,23 @@ class Leases:
                     "the GPU was freed",
                 )
 
+    def forgive(self, seconds: float) -> None:
+        """The broker could read no heartbeat for ``seconds`` (its loop was busy): every
+        lease's silence is counted from after that stretch, not from before it."""
+        now = self.clock()
+        for job_id, last in self._last_beat.items():
+            self._last_beat[job_id] = min(now, last + seconds)
+
     async def _sweep(self) -> None:
+        interval = min(1.0, self.ttl / 4)
+        last = self.clock()
         while True:
-            await asyncio.sleep(min(1.0, self.ttl / 4))
+            await asyncio.sleep(interval)
+            now = self.clock()
+            # A sweep that comes late shows the loop was blocked: heartbeats sent meanwhile
+            # are still unread, and a lease must not end because the broker itself was busy.
+            lag = now - last - interval
+            if lag > interval:
+                self.forgive(lag)
+            last = now
             self.expire()

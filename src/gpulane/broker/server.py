@@ -26,6 +26,7 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
+from gpulane.broker.connections import Acceptor, RequestRates
 from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import HubTokenError, HubTokenNotForUs, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
@@ -33,6 +34,7 @@ from gpulane.broker.statuses import status_of
 from gpulane.errors import (
     Forbidden,
     InvalidRequest,
+    LimitReached,
     NotAuthenticated,
     NotFound,
     Refused,
@@ -69,9 +71,12 @@ class _Handler(tornado.web.RequestHandler):
     broker: Broker
     identity: Identity
 
-    def initialize(self, broker: Broker, hub_tokens: HubTokens | None = None) -> None:
+    def initialize(
+        self, broker: Broker, hub_tokens: HubTokens | None = None, rates: RequestRates | None = None
+    ) -> None:
         self.broker = broker
         self.hub_tokens = hub_tokens
+        self.rates = rates or RequestRates(0, 0)
         self._body = bytearray()
 
     async def prepare(self) -> None:
@@ -93,6 +98,20 @@ class _Handler(tornado.web.RequestHandler):
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             raise TooLarge(f"request body over {MAX_BODY_BYTES} bytes; refused")
         self.request.connection.set_max_body_size(MAX_BODY_BYTES)  # type: ignore[union-attr]
+        self._admit()
+
+    def rate_limited(self) -> bool:
+        """Whether this request counts against its sender's rate (lease calls do not)."""
+        return True
+
+    def _admit(self) -> None:
+        who = self.identity
+        # Root (the hub's spawner, the admin) is not limited; everyone else by identity.
+        if not self.rate_limited() or (who.uid == 0 and who.source == "peercred"):
+            return
+        if not self.rates.admit((who.source, who.uid, who.user)):
+            rate = self.broker.settings.max_requests_per_second
+            raise LimitReached(f"{who.user} sent over {rate} requests a second; slow down")
 
     def data_received(self, chunk: bytes) -> None:
         self._body.extend(chunk)
@@ -191,7 +210,17 @@ class HealthHandler(_Handler):
 
 class StatusHandler(_Handler):
     def get(self) -> None:
-        self.reply(self.broker.status(self.identity))
+        offset = _query_count(self, "offset")
+        self.reply(self.broker.status(self.identity, offset or 0, _query_count(self, "limit")))
+
+
+def _query_count(handler: tornado.web.RequestHandler, name: str) -> int | None:
+    value = handler.get_query_argument(name, None)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 9:
+        raise InvalidRequest(f"{name} must be a whole number")
+    return int(value)
 
 
 class JobsHandler(_Handler):
@@ -210,6 +239,10 @@ class JobHandler(_Handler):
 
 
 class JobActionHandler(_Handler):
+    def rate_limited(self) -> bool:
+        # A running job's own lease calls are O(1) and must never wait behind its user's flood.
+        return self.path_args[1] not in ("heartbeat", "started", "finish")
+
     def post(self, job_id: str, action: str) -> None:
         # The route's 1-18 digits keep a job id inside SQLite's 2**63-1.
         who, job = self.identity, int(job_id)
@@ -235,13 +268,23 @@ class EventsHandler(_Handler):
     """A stream of JSON lines: the job's view and the GPU holders, at every change."""
 
     async def get(self, job_id: str) -> None:
-        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-        unsubscribe = self.broker.watch(self.identity, int(job_id), queue.put_nowait)
+        # Each event is the job's whole state: while a slow reader is sent one, only the
+        # newest is kept, so an unread stream holds one event, never a growing queue.
+        latest: list[JobEvent] = []
+        ready = asyncio.Event()
+
+        def deliver(event: JobEvent) -> None:
+            latest[:] = [event]
+            ready.set()
+
+        unsubscribe = self.broker.watch(self.identity, int(job_id), deliver)
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-store")
         try:
             while True:
-                event = await queue.get()
+                await ready.wait()
+                ready.clear()
+                event = latest.pop()
                 self.write(json.dumps(event) + "\n")
                 await self.flush()
                 if is_finished(event["job"]["state"]):
@@ -255,7 +298,9 @@ class EventsHandler(_Handler):
 
 
 def make_app(broker: Broker, hub_tokens: HubTokens | None = None) -> tornado.web.Application:
-    args = {"broker": broker, "hub_tokens": hub_tokens}
+    settings = broker.settings
+    rates = RequestRates(settings.max_requests_per_second, settings.request_burst)
+    args = {"broker": broker, "hub_tokens": hub_tokens, "rates": rates}
     return tornado.web.Application(
         [
             (r"/v1/health", HealthHandler, args),
@@ -300,9 +345,17 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
         make_app(broker, hub_tokens),
         max_body_size=4 * MAX_BODY_BYTES,  # handlers refuse past MAX_BODY_BYTES with a clear 413
         body_timeout=10,
-        idle_connection_timeout=3600,
+        # Between requests only: an event stream being answered is not idle.
+        idle_connection_timeout=broker.settings.idle_timeout,
     )
-    server.add_socket(sock)
+    # Our own accept loop: per-uid caps, and no log spin when descriptors run out.
+    acceptor = Acceptor(
+        server,
+        sock,
+        broker.settings.max_connections_per_user,
+        broker.settings.write_timeout,
+    )
+    acceptor.start()
     broker.start()
     if dashboard_port:
         from gpulane.broker.dashboard import make_dashboard
@@ -316,6 +369,8 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
         loop.add_signal_handler(sig, stop.set)
     log.info("gpulane broker listening on %s", socket_path)
     await stop.wait()
+    acceptor.stop()
+    sock.close()
     server.stop()
     broker.stop()
     with contextlib.suppress(FileNotFoundError):

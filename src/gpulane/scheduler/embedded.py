@@ -35,6 +35,8 @@ from gpulane.scheduler.spawn import spawn_command
 
 RECONNECT_WINDOW = 60.0  # how long a client keeps trying while the broker restarts
 STOP_GRACE = 5.0  # SIGINT, then SIGTERM after half of this, then SIGKILL
+STATUS_PAGE = 1000  # queue entries asked for per status request (the broker's maximum)
+MAX_STATUS_PAGES = 100  # a status read stops after this many pages
 
 
 class BrokerScheduler(Scheduler):
@@ -67,7 +69,17 @@ class BrokerScheduler(Scheduler):
         return result
 
     def snapshot(self) -> Snapshot:
-        result: Snapshot = self.client.request("GET", "/v1/status")
+        """The whole state: the broker answers the queue in pages; this reads them all."""
+        result: Snapshot = self.client.request("GET", f"/v1/status?limit={STATUS_PAGE}")
+        queue = result["queue"]
+        # Bounded: a queue that keeps growing while we read is cut at MAX_STATUS_PAGES.
+        for _ in range(MAX_STATUS_PAGES):
+            if not result["queue"] or len(queue) >= result.get("queue_total", 0):
+                break
+            path = f"/v1/status?limit={STATUS_PAGE}&offset={len(queue)}"
+            result = self.client.request("GET", path)
+            queue.extend(result["queue"])
+        result["queue"], result["queue_offset"] = queue, 0
         if self.reason:
             result["backend_reason"] = self.reason
         return result
