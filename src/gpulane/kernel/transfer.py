@@ -16,6 +16,8 @@ import mmap
 import os
 import pickle
 import secrets
+import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -226,13 +228,89 @@ def cleanup(packed: Packed) -> None:
         _remove_files(refs)
 
 
+SPILL_PREFIX = "gpulane-"
+
+
 def default_spill_dir() -> Path:
-    """A fresh private (0700) folder, in memory (/dev/shm) when that is available."""
+    """A fresh private (0700) folder, in memory (/dev/shm) when that is available.
+
+    Its name says whose it is and which process made it (``gpulane-UID-PIDNS-PID-START-…``),
+    so that the next kernel of the same user can remove the folders of kernels that were
+    killed before they cleaned up (SIGKILL, OOM): a leftover in /dev/shm holds memory.
+    """
     shm = Path("/dev/shm")
+    me = os.getpid()
+    prefix = f"{SPILL_PREFIX}{os.getuid()}-{_pid_namespace()}-{me}-{_start_time(me) or 0}-"
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        remove_stale_spill_dirs(shm)
         with contextlib.suppress(OSError):
-            return Path(tempfile.mkdtemp(prefix="gpulane-", dir=shm))
-    return Path(tempfile.mkdtemp(prefix="gpulane-"))
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))  # mkdtemp: 0700 at creation
+    base = Path(tempfile.gettempdir())
+    remove_stale_spill_dirs(base)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def remove_stale_spill_dirs(base: Path) -> list[Path]:
+    """Remove this user's spill folders in ``base`` whose creating process is gone.
+
+    Only folders that are ours by name and by owner, and not symlinks, are touched:
+    /dev/shm is shared, and anyone may plant a name there.
+    """
+    uid, namespace = os.getuid(), _pid_namespace()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = _spill_owner(entry.name)
+        # Another PID namespace (a container sharing /dev/shm) has PIDs we cannot check.
+        if owner is None or owner[0] != uid or owner[1] != namespace:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+            continue  # a symlink or another user's plant: never follow or remove it
+        _, _, pid, started = owner
+        if _start_time(pid) == started:
+            continue  # its kernel still runs
+        path = Path(entry.path)
+        shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside
+        removed.append(path)
+    return removed
+
+
+def _spill_owner(name: str) -> tuple[int, int, int, str] | None:
+    """(uid, PID namespace, pid, start time) from a spill folder's name, or None for any
+    other name."""
+    if not name.startswith(SPILL_PREFIX):
+        return None
+    parts = name[len(SPILL_PREFIX) :].split("-", 4)
+    if len(parts) != 5 or not all(part.isdigit() and part.isascii() for part in parts[:4]):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 where /proc does not say)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone:
+    with the PID it names one process for good (PIDs are reused, start times differ)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()  # the command name may hold ')' and spaces
+    return fields[19].decode() if len(fields) > 19 else None
 
 
 # --------------------------------------------------------------------------- results
