@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,11 @@ def test_a_gpu_profile_spawn_queues_shows_its_place_and_starts_in_turn(profile_h
         while not server_ready(ada):
             assert time.monotonic() < deadline, "ada's GPU server never started"
             time.sleep(0.5)
+        # The hub (root, the lease's client) reported the server it started as the user:
+        # the broker accepts it as the job's command (a descendant of its client).
+        log = (state / "jupyterhub.log").read_text(errors="replace")
+        assert f"granted to {ADA}" in log, hub_log(state)  # the broker logs here
+        assert not re.search(r"refused POST /v1/jobs/\d+/started", log), hub_log(state)
         assert ben.api("POST", f"/users/{BEN}/server", json={"profile": "gpu"}).status_code == 202
         messages = progress_messages(ben, "position 1 in the queue")
         assert f"GPU 0: {ADA}, running" in messages[-1]
