@@ -4,6 +4,7 @@
 #   bash scripts/bench.sh --n 10 --no-slurm       # both; --n and --[no-]slurm go to each
 #   bash scripts/bench.sh broker --handoff-n 5    # only benchmarks/broker_bench.py, with its options
 #   bash scripts/bench.sh cell --warmup 1         # only benchmarks/cell_bench.py, with its options
+#   bash scripts/bench.sh load --samples 200      # only benchmarks/load_bench.py (root): the broker under load
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -11,12 +12,16 @@ source scripts/lib.sh
 
 which=both
 case "${1:-}" in
-    broker | cell) which=$1; shift ;;
+    broker | cell | load) which=$1; shift ;;
 esac
 
 ensure_system_python
 venv=$(choose_venv "$repo")
 make_venv "$venv" "."
+if [ "$which" = load ]; then
+    echo "== benchmark: broker under load (benchmarks/load_bench.py)"
+    exec "$venv/bin/python" benchmarks/load_bench.py "$@"
+fi
 if [ "$which" != broker ] && ! "$venv/bin/python" -c "import ipykernel, jupyter_client" 2>/dev/null; then
     echo "== installing ipykernel and jupyter_client into $venv (the cell benchmark drives a kernel)"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "ipykernel>=6.25" "jupyter_client>=8.3"

@@ -228,7 +228,9 @@ def test_status_flood_does_not_delay_another_users_heartbeats(make_broker) -> No
     assert statistics.median(beats) < 0.1, f"median heartbeat {statistics.median(beats):.3f} s"
     assert max(beats) < 2.0, f"slowest heartbeat {max(beats):.3f} s"
     assert counts.get("429", 0) > 0, f"the flood was never rate-limited: {counts}"
-    assert "Traceback" not in broker.log_text()
+    log = broker.log_text()
+    assert "Traceback" not in log
+    assert log.count("refused requests of gpl-alice") <= 1, "refusals logged more than once"
 
 
 def test_unread_status_answers_do_not_grow_broker_memory(make_broker) -> None:

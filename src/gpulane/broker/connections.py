@@ -29,6 +29,8 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 
+from gpulane.errors import LimitReached
+
 log = logging.getLogger("gpulane.broker")
 
 ACCEPT_BATCH = 128  # connections accepted per wake-up, so one burst cannot hog the loop
@@ -223,6 +225,14 @@ class Acceptor:
                 stream.close()
 
 
+class TooFast(LimitReached):
+    """A sender is over its request rate (429); ``key`` names the sender's bucket."""
+
+    def __init__(self, key: tuple[str, int, str], message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class RequestRates:
     """A token bucket per identity: ``rate`` requests a second, up to ``burst`` at once."""
 
@@ -231,6 +241,17 @@ class RequestRates:
     ) -> None:
         self.rate, self.burst, self.clock = rate, burst, clock
         self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, as of)
+        self._logged: dict[Hashable, float] = {}
+
+    def should_log(self, key: Hashable) -> bool:
+        """Whether a refusal of ``key`` is worth a log line (at most one a minute each)."""
+        now = self.clock()
+        if now - self._logged.get(key, -LOG_EVERY) < LOG_EVERY:
+            return False
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged[key] = now
+        return True
 
     def admit(self, key: Hashable) -> bool:
         """Take a token for ``key``; False when it has none left (0 rate: always True)."""

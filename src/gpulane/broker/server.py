@@ -26,7 +26,7 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
-from gpulane.broker.connections import Acceptor, RequestRates
+from gpulane.broker.connections import Acceptor, RequestRates, TooFast
 from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import HubTokenError, HubTokenNotForUs, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
@@ -34,7 +34,6 @@ from gpulane.broker.statuses import status_of
 from gpulane.errors import (
     Forbidden,
     InvalidRequest,
-    LimitReached,
     NotAuthenticated,
     NotFound,
     Refused,
@@ -109,9 +108,10 @@ class _Handler(tornado.web.RequestHandler):
         # Root (the hub's spawner, the admin) is not limited; everyone else by identity.
         if not self.rate_limited() or (who.uid == 0 and who.source == "peercred"):
             return
-        if not self.rates.admit((who.source, who.uid, who.user)):
+        key = (who.source, who.uid, who.user)
+        if not self.rates.admit(key):
             rate = self.broker.settings.max_requests_per_second
-            raise LimitReached(f"{who.user} sent over {rate} requests a second; slow down")
+            raise TooFast(key, f"{who.user} sent over {rate} requests a second; slow down")
 
     def data_received(self, chunk: bytes) -> None:
         self._body.extend(chunk)
@@ -146,7 +146,11 @@ class _Handler(tornado.web.RequestHandler):
         super().send_error(status_code, **kwargs)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, Refused):
+        if isinstance(value, TooFast):
+            # A flood is thousands of these a second: one line a minute per sender.
+            if self.rates.should_log(value.key):
+                log.info("refused requests of %s: %s (logged once a minute)", value.key[2], value)
+        elif isinstance(value, Refused):
             log.info(
                 "refused %s %s for %s: %s",
                 self.request.method,
