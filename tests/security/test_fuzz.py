@@ -39,7 +39,7 @@ BOB = "gpl-bob"
 RAW = r'''
 import socket
 
-def exchange(path, data, half_close=False, timeout=5.0):
+def exchange(path, data, half_close=False, timeout=3.0):
     """(status or None, headers, body bytes) for raw request bytes on the socket at path."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
@@ -49,7 +49,7 @@ def exchange(path, data, half_close=False, timeout=5.0):
             s.sendall(data)
             if half_close:  # a promised body that never comes: say so, don't wait for a timeout
                 s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             pass  # refused before it was all sent (too large): the answer may still be there
         buf = b""
         while b"\r\n\r\n" not in buf:
@@ -82,8 +82,8 @@ def exchange(path, data, half_close=False, timeout=5.0):
         return status, headers, body
     except socket.timeout:
         return None, {}, b"timeout"
-    except ConnectionResetError:
-        return None, {}, b"reset"
+    except OSError as error:  # reset, or refused: no answer, which counts as a refusal
+        return None, {}, repr(error).encode()
     finally:
         s.close()
 '''
@@ -195,7 +195,10 @@ def world(unix_users: tuple[str, ...]) -> Iterator[World]:
         folder,
         [
             "--simulate-gpus", "4",
-            "--lease-ttl", "1h",  # nothing expires on its own while the pass runs
+            # Nothing changes on its own while the pass runs: no lease expires, and a job
+            # cancelled or past its time limit stays running (ending) for its grace.
+            "--lease-ttl", "1h",
+            "--kill-grace", "1h",
             "--max-requests-per-second", "0",  # fuzz the handlers, not only the 429
             "--max-submits-per-minute", "0",
         ],
@@ -213,7 +216,12 @@ def world(unix_users: tuple[str, ...]) -> Iterator[World]:
         broker.stop()
         log = broker.log_text()
         shutil.rmtree(folder, ignore_errors=True)
-    assert "Traceback" not in log, log[-4000:]
+    assert "Traceback" not in log, around_traceback(log)
+
+
+def around_traceback(log: str) -> str:
+    start = log.find("Traceback")
+    return log[max(0, start - 600) : start + 3000]
 
 
 # ------------------------------------------------------------------ the schema
@@ -346,6 +354,7 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, bool, str]:
     elif length == "junk":
         junk = ["abc", "-1", "1e3", " 5", "99999999999999999999", "", "0x10", "1,2"]
         headers.append(("Content-Length", draw(st.sampled_from(junk))))
+        cut = True  # where the server reads a number past the body (" 5"), it waits for more
     if not draw(st.integers(0, 3)):
         token = draw(st.text(string.printable.strip("\r\n\x0b\x0c"), max_size=40))
         scheme = draw(st.sampled_from(["token ", "Bearer ", "Basic ", "", "token"]))
@@ -382,4 +391,5 @@ def test_generated_requests_never_break_the_broker(
 
 def test_the_broker_still_answers_after_the_pass(world: World) -> None:
     assert world.call(BOB, "GET", "/v1/health")["ok"] is True
-    assert "Traceback" not in world.broker.log_text()
+    log = world.broker.log_text()
+    assert "Traceback" not in log, around_traceback(log)
