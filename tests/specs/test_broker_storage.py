@@ -97,4 +97,4 @@ def test_a_users_ended_jobs_beyond_the_cap_go_oldest_first(broker_house: House) 
     assert kept == ended[-3:]
     assert house.state(BOB, holder["id"]) == "running"  # active jobs are never pruned
     house.restart()  # the count is read back from the store, not lost
-    assert house.broker._ended["alice"] == 3
+    assert house.broker.pruner.ended["alice"] == 3

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from gpulane.broker.core import Broker, BrokerSettings
+from gpulane.broker.core import Broker
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.identity import Identity
+from gpulane.broker.settings import BrokerSettings
 from gpulane.broker.store import Store
 from tests.support.virtual_time import VirtualTimeLoop
 

@@ -8,11 +8,12 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpulane.broker.core import Broker, BrokerSettings
+from gpulane.broker.core import Broker
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.identity import Identity
 from gpulane.broker.metrics import CONTENT_TYPE, BrokerMetrics
 from gpulane.broker.policy import PolicyConfig
+from gpulane.broker.settings import BrokerSettings
 from gpulane.broker.store import Store
 from gpulane.jobs import Request
 

@@ -344,10 +344,11 @@ class BrokerApp(Application):
         import asyncio
         import logging
 
-        from gpulane.broker.core import Broker, BrokerSettings
+        from gpulane.broker.core import Broker
         from gpulane.broker.gpus import Inventory
         from gpulane.broker.policy import PolicyConfig
         from gpulane.broker.server import serve
+        from gpulane.broker.settings import BrokerSettings
         from gpulane.broker.store import Store
 
         logging.getLogger("tornado.access").setLevel(logging.WARNING)

@@ -13,67 +13,29 @@ It knows nothing of HTTP: a refusal is one of :mod:`gpulane.errors`' kinds
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from gpulane.broker import policy, procs, views
+from gpulane.broker import access, policy, procs, views
+from gpulane.broker.explain import QueueExplainer, policy_state
 from gpulane.broker.gpus import Inventory
-from gpulane.broker.identity import NO_UID, Identity
+from gpulane.broker.identity import Identity
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
+from gpulane.broker.quotas import Pruner, SubmitRate
+from gpulane.broker.settings import BrokerSettings
 from gpulane.broker.store import JobRecord, Store
+from gpulane.broker.watchers import Watcher, Watchers
 from gpulane.errors import Conflict, Forbidden, InvalidRequest, LimitReached, NotFound
 from gpulane.jobs import JobState, Request, format_duration
 from gpulane.views import Holder, JobEvent, JobView, Snapshot, UsageReport
 
 log = logging.getLogger("gpulane.broker")
-
-Watcher = Callable[[JobEvent], None]
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    policy: policy.PolicyConfig = field(default_factory=policy.PolicyConfig)
-    lease_ttl: float = 10.0  # seconds without heartbeat before a lease is presumed dead
-    kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL of a revoked job
-    max_queued_per_user: int = 1000
-    publish_interval: float = 0.1  # at most this often, queue positions are pushed again
-    status_page: int = 100  # queue entries in a status answer when the client names no limit
-    max_status_page: int = 1000  # the most queue entries one status answer carries
-    # The server's limits (broker/connections.py): per uid, per identity, per connection.
-    max_connections_per_user: int = 128  # 0: no cap; root is never capped
-    max_requests_per_second: int = 20  # per identity, past a burst; 0: no limit
-    request_burst: int = 100
-    idle_timeout: float = 60.0  # seconds a connection may wait between requests
-    write_timeout: float = 30.0  # seconds an answer may go unread before its connection closes
-    max_submits_per_minute: int = 60  # per user, over a sliding minute; 0: no cap
-    retention: float = 30 * 86400.0  # seconds an ended job is kept (usage totals stay)
-    max_ended_per_user: int = 10_000  # ended jobs kept per user, oldest pruned first; 0: no cap
-    prune_interval: float = 60.0  # seconds between prunes of ended jobs
-    prune_batch: int = 500  # rows deleted at most per prune step, so one never holds the loop
-
-
-# A queue explanation is reused while the state is unchanged, for at most this long,
-# or 25 times its cost where that is longer (time alone reorders a queue slowly:
-# decaying usage, jobs becoming overdue) ...
-EXPLAIN_MAX_AGE = 1.0
-# ... and never recomputed more often than this many times its own cost, so that a
-# stream of changes spends at most a tenth of the loop replaying the queue.
-EXPLAIN_COST_FACTOR = 10.0
-
-
-def _loop_time() -> float:
-    """The running loop's clock (a virtual one in the specs), else the monotonic clock."""
-    try:
-        return asyncio.get_running_loop().time()
-    except RuntimeError:
-        return time.monotonic()
 
 
 class Broker:
@@ -91,22 +53,19 @@ class Broker:
         self.clock = clock
         self.jobs: dict[int, JobRecord] = {}  # queued and running only
         self.usage: dict[str, policy.Usage] = {}
-        self.watchers: dict[int, set[Watcher]] = {}
+        self.watchers = Watchers()
         self.metrics = BrokerMetrics()
         self.leases = Leases(settings.lease_ttl, clock, self._client_gone)
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
-        self._explain_cost = 0.0  # seconds the last queue replay took
-        # Bumped on every change of the queued or running jobs or of usage (all pass
-        # through _schedule): the explanation and the queue's order are kept per version.
-        self._version = 0
-        self._explained: tuple[int, float, dict[int, policy.Waiting]] | None = None
-        self._ordered: tuple[int, dict[int, policy.Waiting], list[JobRecord]] | None = None
-        self._sent: dict[tuple[int, int], dict[str, Any]] = {}
-        self._watcher_identity: dict[int, Identity] = {}
-        self._submits: dict[str, collections.deque[float]] = {}  # accepted, per user, last minute
-        self._ended: dict[str, int] = {}  # ended jobs the store keeps, per user
+        # The explanation and the queue's order, kept per state version (every change of
+        # jobs or usage passes through _schedule, which bumps it).
+        self.explainer = QueueExplainer()
+        self.submit_rate = SubmitRate(settings.max_submits_per_minute)
+        self.pruner = Pruner(
+            store, settings.retention, settings.max_ended_per_user, settings.prune_batch
+        )
         self._prune_handle: asyncio.TimerHandle | None = None
         self.can_kill_any = os.geteuid() == 0
 
@@ -116,7 +75,7 @@ class Broker:
         """Reload state (reattaching live jobs), then schedule. Call inside the running loop."""
         now = self.clock()
         self.usage = {u: policy.Usage(v, at) for u, (v, at) in self.store.usage().items()}
-        self._ended = self.store.finished_per_user()
+        self.pruner.load()
         for job in self.store.active():
             self.jobs[job.id] = job
             self.leases.beat(job.id)
@@ -185,7 +144,7 @@ class Broker:
                 f"{who.user} already has {queued} queued jobs, the most allowed; wait or cancel some",
             )
         now = self.clock()
-        self._check_submit_rate(who.user, now)
+        self.submit_rate.check(who.user, now)
         job = JobRecord(
             uid=who.uid,
             user=who.user,
@@ -201,8 +160,7 @@ class Broker:
             source=who.source,
         )
         self.store.insert(job)
-        if self.settings.max_submits_per_minute:
-            self._submits.setdefault(who.user, collections.deque()).append(now)
+        self.submit_rate.accepted(who.user, now)
         self.jobs[job.id] = job
         self.leases.beat(job.id)
         self.metrics.submitted()
@@ -211,23 +169,6 @@ class Broker:
         log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
         self._schedule()
         return self.view(job, who)
-
-    def _check_submit_rate(self, user: str, now: float) -> None:
-        """Refuse a user's submission past their allowance for the last minute."""
-        cap = self.settings.max_submits_per_minute
-        recent = self._submits.get(user)
-        if not cap or recent is None:
-            return
-        while recent and recent[0] <= now - 60:
-            recent.popleft()
-        if not recent:
-            del self._submits[user]  # the table holds only users active this minute
-        elif len(recent) >= cap:
-            wait = max(1, round(recent[0] + 60 - now))
-            raise LimitReached(
-                f"{user} submitted {len(recent)} jobs in the last minute, the most allowed; "
-                f"try again in {wait} s"
-            )
 
     def cancel(self, who: Identity, job_id: int) -> JobView:
         job = self._own_job(who, job_id, admin_ok=True)
@@ -288,19 +229,7 @@ class Broker:
         watcher(self._event(job, who))
         if job.state.finished:
             return lambda: None
-        viewers = self.watchers.setdefault(job_id, set())
-        viewers.add(watcher)
-        # Remember who watches to render views for them; cheap, and dropped with the watcher.
-        self._watcher_identity[id(watcher)] = who
-
-        def unsubscribe() -> None:
-            viewers.discard(watcher)
-            self._watcher_identity.pop(id(watcher), None)
-            self._sent.pop((job_id, id(watcher)), None)
-            if not viewers:
-                self.watchers.pop(job_id, None)
-
-        return unsubscribe
+        return self.watchers.add(job_id, watcher, who)
 
     # ----------------------------------------------------------------- views
 
@@ -321,7 +250,7 @@ class Broker:
         waiting = self._explain(now)
         holders = self.holders(now)
         spg = self.config.slices_per_gpu
-        queue = self._queue_order(waiting)
+        queue = self.explainer.order(self.jobs.values(), waiting)
         entries = []
         for job in queue[offset : offset + page]:
             entry = self.view(job, who, now, waiting.get(job.id))
@@ -343,21 +272,6 @@ class Broker:
             "queue_offset": offset,
         }
 
-    def _queue_order(self, waiting: dict[int, policy.Waiting]) -> list[JobRecord]:
-        """Queued jobs by position (jobs newer than the explanation last), kept per version."""
-        cached = self._ordered
-        if cached is not None and cached[0] == self._version and cached[1] is waiting:
-            return cached[2]
-        queue = sorted(
-            (j for j in self.jobs.values() if j.state is JobState.QUEUED),
-            key=lambda j: (
-                j.id not in waiting,
-                waiting[j.id].position if j.id in waiting else j.id,
-            ),
-        )
-        self._ordered = (self._version, waiting, queue)
-        return queue
-
     def holders(self, now: float) -> list[Holder]:
         return views.holders(self.jobs.values(), now)
 
@@ -371,7 +285,7 @@ class Broker:
         return views.job_view(
             job,
             # Only the owner (the same name from the same source) sees what the job runs.
-            viewer=who.user if self._owns(who, job) else "",
+            viewer=who.user if access.owns(who, job) else "",
             now=self.clock() if now is None else now,
             config=self.config,
             gpu_memory=self.inventory.memory,
@@ -410,47 +324,14 @@ class Broker:
     # ----------------------------------------------------------------- scheduling
 
     def _policy_state(self) -> policy.State:
-        queued, running = [], []
-        for job in self.jobs.values():
-            if job.state is JobState.QUEUED:
-                queued.append(
-                    policy.Pending(
-                        job.id, job.user, job.gpus, job.slices, job.time_limit, job.submitted_at
-                    )
-                )
-            elif job.state is JobState.RUNNING and job.started_at is not None:
-                assignment = policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0)
-                running.append(
-                    policy.Active(job.id, job.user, assignment, job.started_at, job.time_limit)
-                )
-        return policy.State(self.inventory.count, tuple(queued), tuple(running), self.usage)
+        return policy_state(self.jobs.values(), self.inventory.count, self.usage)
 
     def _explain(self, now: float) -> dict[int, policy.Waiting]:
-        """Every queued job's position, reason and estimate: a replay of the queue, reused.
-
-        A status or a new watch asks for it; replaying a long queue for each one would
-        block the loop that also reads heartbeats. So it is kept per state version and
-        recomputed when the state changed (at most once per ten times its cost: in
-        between, the last one is served and watchers get the fresh one soon after) or
-        when it is over a second old.
-        """
-        started = _loop_time()
-        cached = self._explained
-        if cached is not None:
-            version, at, waiting = cached
-            age = started - at
-            if version == self._version and age < max(EXPLAIN_MAX_AGE, 25 * self._explain_cost):
-                return waiting
-            if version != self._version and age < EXPLAIN_COST_FACTOR * self._explain_cost:
-                self._publish()  # watchers are sent the next, fresh explanation
-                return waiting
-        waiting = policy.explain(self._policy_state(), now, self.config)
-        self._explain_cost = _loop_time() - started
-        self._explained = (self._version, started, waiting)
-        return waiting
+        """Every queued job's position, reason and estimate (see broker/explain.py)."""
+        return self.explainer.explain(self._policy_state, now, self.config, self._publish)
 
     def _schedule(self) -> None:
-        self._version += 1  # every change of jobs or usage ends here
+        self.explainer.changed()  # every change of jobs or usage ends here
         now = self.clock()
         grants: list[policy.Grant] = []
         # Cheap test first: with every slice taken, a submission or a cancel changes nothing.
@@ -484,7 +365,7 @@ class Broker:
         if self._publish_handle is None and self.watchers:
             loop = asyncio.get_running_loop()
             # Replaying a long queue costs time: never spend more than a fifth of it there.
-            interval = max(self.settings.publish_interval, 5 * self._explain_cost)
+            interval = max(self.settings.publish_interval, 5 * self.explainer.cost)
             wait = max(0.0, self._last_publish + interval - loop.time())
             self._publish_handle = loop.call_later(wait, self._publish_all)
 
@@ -493,34 +374,20 @@ class Broker:
         self._publish_handle = None
         self._last_publish = loop.time()
         waiting: dict[int, policy.Waiting] = {}
-        if any(self.jobs.get(i) and self.jobs[i].state is JobState.QUEUED for i in self.watchers):
+        watched = list(self.watchers.by_job)
+        if any(self.jobs.get(i) and self.jobs[i].state is JobState.QUEUED for i in watched):
             waiting = self._explain(self.clock())
-        for job_id in list(self.watchers):
+        for job_id in watched:
             self._notify(job_id, waiting)
 
     def _notify(self, job_id: int, waiting: dict[int, policy.Waiting] | None = None) -> None:
         job = self.jobs.get(job_id) or self.store.get(job_id)
         if job is None:
             return
-        for watcher in list(self.watchers.get(job_id, ())):
-            who = self._watcher_identity.get(id(watcher))
-            if who is None:
-                continue
-            event = self._event(job, who, (waiting or {}).get(job_id))
-            key = (job_id, id(watcher))
-            # Skip repeats: elapsed times change every call, the rest rarely.
-            signature: dict[str, Any] = {
-                k: v for k, v in event["job"].items() if k not in ("elapsed", "remaining")
-            }
-            signature["holders"] = [(h["job"], h["user"]) for h in event["holders"]]
-            if self._sent.get(key) == signature:
-                continue
-            self._sent[key] = signature
-            watcher(event)
-        if job.state.finished:
-            for watcher in list(self.watchers.pop(job_id, ())):
-                self._watcher_identity.pop(id(watcher), None)
-                self._sent.pop((job_id, id(watcher)), None)
+        waited = (waiting or {}).get(job_id)
+        self.watchers.deliver(
+            job_id, lambda who: self._event(job, who, waited), finished=job.state.finished
+        )
 
     # ----------------------------------------------------------------- endings
 
@@ -596,7 +463,7 @@ class Broker:
             self.usage[job.user] = used
             self.metrics.used(job.user, gpu_seconds)
         self.jobs.pop(job.id, None)
-        self._ended[job.user] = self._ended.get(job.user, 0) + 1
+        self.pruner.job_ended(job.user)
         self.leases.end(job.id, job.client_pid)
         timer = self._timers.pop(job.id, None)
         if timer:
@@ -613,28 +480,10 @@ class Broker:
     # ----------------------------------------------------------------- retention
 
     def _prune(self) -> None:
-        """Delete ended jobs past the retention or past a user's cap, one small batch a step.
-
-        Runs on the loop between requests; a full batch asks for another step soon, so a
-        backlog drains without one long delete. Usage totals live in their own table and
-        stay; the usage report reads only jobs since midnight, inside any retention allowed.
-        """
-        settings = self.settings
-        budget = settings.prune_batch
-        for user in self.store.prune_ended_before(self.clock() - settings.retention, budget):
-            self._ended[user] = self._ended.get(user, 1) - 1
-            budget -= 1
-        cap = settings.max_ended_per_user
-        for user, kept in list(self._ended.items()):
-            if cap and kept > cap and budget > 0:
-                gone = self.store.prune_oldest_of(user, min(kept - cap, budget))
-                self._ended[user] = kept - gone
-                budget -= gone
-            if self._ended[user] <= 0:
-                del self._ended[user]
-        if budget < settings.prune_batch:
-            log.info("pruned %d ended jobs", settings.prune_batch - budget)
-        again = 1.0 if budget <= 0 else settings.prune_interval
+        """Delete a batch of ended jobs; a full batch asks for another step soon, so a
+        backlog drains without one long delete holding up leases or requests."""
+        backlog = self.pruner.step(self.clock())
+        again = 1.0 if backlog else self.settings.prune_interval
         self._prune_handle = asyncio.get_running_loop().call_later(again, self._prune)
 
     # ----------------------------------------------------------------- helpers
@@ -652,24 +501,7 @@ class Broker:
         self._timers[job_id] = asyncio.get_running_loop().call_later(delay, callback, arg)
 
     def _is_admin(self, who: Identity) -> bool:
-        if who.admin is not None:  # the hub said so (its admin flag or custom:gpulane:admin)
-            return who.admin or bool(self.config.admin_groups & who.groups)
-        return policy.is_admin(who.uid, who.groups, self.config)
-
-    def _owns(self, who: Identity, job: JobRecord, lease: bool = False) -> bool:
-        """True if ``who`` is the job's owner: its name, from the source it was submitted
-        with, and (for the lease's own calls, ``lease``) from the same uid.
-
-        Names alone are not enough: a hub name and a Unix name may coincide, and hub users
-        may share one Unix uid (so the name is checked, not only the uid).
-        """
-        if job.user != who.user or (job.source and job.source != who.source):
-            return False
-        if job.uid == who.uid:
-            return True
-        # A hub login without a process (the dashboard) may see and cancel its hub jobs,
-        # never speak for their client.
-        return not lease and who.source == "hub" and who.uid == NO_UID and who.pid is None
+        return access.is_admin(who, self.config)
 
     def _own_job(self, who: Identity, job_id: int, admin_ok: bool = False) -> JobRecord:
         """The job, if ``who`` drives it (or, where ``admin_ok``, owns it or is an admin).
@@ -677,7 +509,7 @@ class Broker:
         Anything else reads as no job at all: another user's jobs are unseen, not forbidden.
         """
         job = self.jobs.get(job_id) or self.store.get(job_id)
-        if job is not None and self._owns(who, job, lease=not admin_ok):
+        if job is not None and access.owns(who, job, lease=not admin_ok):
             return job
         if job is not None and admin_ok and self._is_admin(who):
             return job

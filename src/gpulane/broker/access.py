@@ -1,0 +1,33 @@
+"""Who may act on a job: its owner (the same name, source and uid), or an admin.
+
+Pure functions of an :class:`~gpulane.broker.identity.Identity` and a job record;
+the core turns a "no" into "no job N", so another user's jobs are unseen.
+"""
+
+from __future__ import annotations
+
+from gpulane.broker import policy
+from gpulane.broker.identity import NO_UID, Identity
+from gpulane.broker.store import JobRecord
+
+
+def is_admin(who: Identity, config: policy.PolicyConfig) -> bool:
+    if who.admin is not None:  # the hub said so (its admin flag or custom:gpulane:admin)
+        return who.admin or bool(config.admin_groups & who.groups)
+    return policy.is_admin(who.uid, who.groups, config)
+
+
+def owns(who: Identity, job: JobRecord, lease: bool = False) -> bool:
+    """True if ``who`` is the job's owner: its name, from the source it was submitted
+    with, and (for the lease's own calls, ``lease``) from the same uid.
+
+    Names alone are not enough: a hub name and a Unix name may coincide, and hub users
+    may share one Unix uid (so the name is checked, not only the uid).
+    """
+    if job.user != who.user or (job.source and job.source != who.source):
+        return False
+    if job.uid == who.uid:
+        return True
+    # A hub login without a process (the dashboard) may see and cancel its hub jobs,
+    # never speak for their client.
+    return not lease and who.source == "hub" and who.uid == NO_UID and who.pid is None
