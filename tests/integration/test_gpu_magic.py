@@ -146,7 +146,8 @@ def test_time_limit_stops_the_cell_with_a_clear_message(broker, kernels):
         "%%gpu --time 2s\nimport time\nprint('working', flush=True)\ntime.sleep(60)", timeout=30
     )
     assert "working" in cell.stream()
-    assert "GPU time limit 00:02 reached; ask for more with --time" in cell.stream("stderr")
+    assert cell.status == "error" and cell.reply["ename"] == "GPUTimeLimit"
+    assert "GPU time limit 00:02 reached; ask for more with --time" in cell.reply["evalue"]
     assert any("timeout" in text for text in cell.texts())
     assert running(broker) == []
 

@@ -22,6 +22,7 @@ from gpulane.config import WARM_WORKER_ENV
 from gpulane.display import status_table
 from gpulane.jobs import OptionError, parse_count
 from gpulane.kernel.card import Card, message_card, render_final
+from gpulane.kernel.failures import GPUCellFailed, WorkerExited, job_failure
 from gpulane.kernel.names import names_used
 from gpulane.kernel.options import (
     CellOptions,
@@ -81,7 +82,7 @@ class GpuMagics(Magics):
         self.background: list[BackgroundJob] = []  # this notebook's --bg jobs, oldest first
         self.session: GpuSession | None = None
         self._scheduler: Scheduler | None = None
-        shell.set_custom_exc((RemoteCellError,), _show_remote_error)
+        shell.set_custom_exc((RemoteCellError, GPUCellFailed), _show_remote_error)
         shell.events.register("pre_run_cell", self._apply_background_results)
         atexit.register(self.shutdown)
         self.pool.refill()
@@ -195,8 +196,8 @@ class GpuMagics(Magics):
         self._finish(outcome.job, worker.result, sink, card)
 
     def _finish(self, job: JobView, result: Done | None, sink: ForegroundSink, card: Card) -> None:
-        """Show how the job ended and bring its names into the notebook."""
-        state = job.get("state")
+        """Show how the job ended and bring its names into the notebook; a job that ended without
+        the cell finishing is an error to Jupyter, so Run All and papermill stop there."""
         note = ""
         if result and result.ok and result.outputs is not None:
             names = self._receive(result.outputs)
@@ -206,8 +207,9 @@ class GpuMagics(Magics):
         card.show(render_final(job, note))
         if sink.error is not None:
             raise RemoteCellError(sink.error)
-        if state not in ("completed", "failed"):
-            _print_notice(f"job {job['id']} {state}: {job.get('message') or 'ended'}")
+        failure = job_failure(job, finished=result is not None)
+        if failure is not None:
+            raise failure
 
     def _receive(self, outputs: Packed) -> list[str]:
         values, failures = unpack(outputs)
@@ -301,7 +303,7 @@ class GpuMagics(Magics):
         if result and result.ok and result.outputs is not None:
             self._receive(result.outputs)
         elif result is None:
-            _print_notice(
+            raise WorkerExited(
                 f"the GPU session ended during the cell: {session.ended_reason or 'worker exited'}"
             )
 
@@ -412,7 +414,11 @@ def hoist_gpu_magic(lines: list[str]) -> list[str]:
 
 
 def _show_remote_error(shell: Any, etype: Any, evalue: Any, tb: Any, tb_offset: Any = None) -> None:
-    """Show the worker's traceback (pointing at the user's cell), under the user's exception name."""
+    """Show the worker's traceback (pointing at the user's cell), under the user's exception name;
+    a job that ended without the cell finishing, as one line."""
+    if isinstance(evalue, GPUCellFailed):
+        shell._showtraceback(etype, str(evalue), [f"{etype.__name__}: {evalue}"])
+        return
     if not isinstance(evalue, RemoteCellError):
         shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
         return
