@@ -100,6 +100,8 @@ def test_no_broker_is_one_line_and_exit_status_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GPULANE_CONFIG", str(tmp_path / "none.toml"))
+    # No wait for a restarting broker here (tests/faults/test_restart.py covers the wait).
+    monkeypatch.setattr("gpulane.scheduler.embedded.CONNECT_WINDOW", 0.0)
     (tmp_path / "none.toml").write_text("")
     socket = str(tmp_path / "nobody.sock")
     for argv in (
@@ -132,6 +134,7 @@ def test_the_run_path_imports_only_what_run_uses(tmp_path: Path) -> None:
     code = (
         "import sys, json\n"
         "from gpulane.cli import main\n"
+        "import gpulane.scheduler.embedded as embedded; embedded.CONNECT_WINDOW = 0.0\n"
         f"status = main(['run', '--socket', {str(tmp_path / 'nobody.sock')!r}, '--', 'true'])\n"
         "print(json.dumps([status, sorted(sys.modules)]))\n"
     )

@@ -34,6 +34,8 @@ from gpulane.scheduler.http import UnixJSONClient
 from gpulane.scheduler.spawn import spawn_command
 
 RECONNECT_WINDOW = 60.0  # how long a client keeps trying while the broker restarts
+# How long a new submit or cancel dials a broker that is not answering (a restart takes ~1 s).
+CONNECT_WINDOW = 30.0
 STOP_GRACE = 5.0  # SIGINT, then SIGTERM after half of this, then SIGKILL
 STATUS_PAGE = 1000  # queue entries asked for per status request (the broker's maximum)
 MAX_STATUS_PAGES = 100  # a status read stops after this many pages
@@ -57,11 +59,15 @@ class BrokerScheduler(Scheduler):
     # ------------------------------------------------------------------ the interface
 
     def submit(self, request: Request) -> JobView:
-        result: JobView = self.client.request("POST", "/v1/jobs", request.to_json())
+        result: JobView = self.client.request(
+            "POST", "/v1/jobs", request.to_json(), connect_wait=CONNECT_WINDOW
+        )
         return result
 
     def cancel(self, job_id: int) -> JobView:
-        result: JobView = self.client.request("DELETE", f"/v1/jobs/{job_id}")
+        result: JobView = self.client.request(
+            "DELETE", f"/v1/jobs/{job_id}", connect_wait=CONNECT_WINDOW
+        )
         return result
 
     def job(self, job_id: int) -> JobView:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,8 +59,11 @@ class UnixJSONClient:
         # Inside a JupyterHub server: its API token names the hub user to the broker.
         self._auth = {"Authorization": f"token {token}"} if token else {}
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """The decoded JSON answer; an error status raises SchedulerError with its message."""
+    def request(self, method: str, path: str, body: Any = None, connect_wait: float = 0.0) -> Any:
+        """The decoded JSON answer; an error status raises SchedulerError with its message.
+
+        ``connect_wait``: for how many seconds to keep dialling a socket that refuses or is
+        missing (the broker restarts); only the connection is retried, never a request sent."""
         headers = dict(self._auth)
         payload = None
         if body is not None:
@@ -67,9 +72,9 @@ class UnixJSONClient:
         for attempt in (1, 2):
             conn: UnixHTTPConnection | None = getattr(self._local, "conn", None)
             reused = conn is not None
-            if conn is None:
-                conn = self._local.conn = UnixHTTPConnection(self.path, self.timeout)
             try:
+                if conn is None:
+                    conn = self._local.conn = self._dial(connect_wait)
                 conn.request(method, path, body=payload, headers=headers)
                 response = conn.getresponse()
                 return _decode(response.status, response.read())
@@ -81,6 +86,27 @@ class UnixJSONClient:
                 self.close()
                 raise self._unavailable(error) from None
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _dial(self, wait: float) -> UnixHTTPConnection:
+        """A connected connection; a refused or missing socket is dialled again for ``wait`` s."""
+        conn = UnixHTTPConnection(self.path, self.timeout)
+        deadline: float | None = None
+        while True:
+            try:
+                conn.connect()
+                return conn
+            except (ConnectionRefusedError, FileNotFoundError):
+                now = time.monotonic()
+                if deadline is None and wait > 0:
+                    deadline = now + wait
+                    sys.stderr.write(
+                        f"[gpulane] the broker at {self.path} is not answering; "
+                        f"retrying for up to {wait:.0f} s\n"
+                    )
+                    sys.stderr.flush()
+                if deadline is None or now >= deadline:
+                    raise
+                time.sleep(0.2)
 
     def stream(self, path: str) -> Iterator[Any]:
         """Each JSON line of a streamed (NDJSON) answer, as it comes; no timeout, since
@@ -127,5 +153,8 @@ def _decode(status: int, data: bytes) -> Any:
         document = {"error": data.decode(errors="replace")[:200]}
     if status >= 400:
         message = document.get("error") if isinstance(document, dict) else None
-        raise SchedulerError(message or f"the broker answered HTTP {status}")
+        text = message or f"the broker answered HTTP {status}"
+        # 503: the broker cannot save now (its state folder is full); callers that must
+        # get through (a finish) retry it as they retry a broker that is restarting.
+        raise SchedulerUnavailable(text) if status == 503 else SchedulerError(text)
     return document
