@@ -59,3 +59,11 @@ class LimitReached(Refused):
 
 class TooLarge(Refused):
     """The request body is over the bound."""
+
+
+class Unavailable(Refused):
+    """The broker cannot do this now (its state folder is full); the same request may work later."""
+
+
+class StateFolderFull(Unavailable):
+    """A write to the broker's state folder found no room: nothing of it was saved."""

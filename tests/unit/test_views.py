@@ -174,6 +174,8 @@ def test_every_kind_of_refusal_has_its_status() -> None:
         errors.Conflict: 409,
         errors.TooLarge: 413,
         errors.LimitReached: 429,
+        errors.Unavailable: 503,
+        errors.StateFolderFull: 503,
     }
     for kind, status in expected.items():
         assert status_of(kind("no")) == status

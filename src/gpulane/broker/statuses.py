@@ -14,7 +14,9 @@ from gpulane.errors import (
     NotAuthenticated,
     NotFound,
     Refused,
+    StateFolderFull,
     TooLarge,
+    Unavailable,
 )
 
 STATUS_OF: dict[type[Refused], int] = {
@@ -25,6 +27,8 @@ STATUS_OF: dict[type[Refused], int] = {
     Conflict: 409,
     TooLarge: 413,
     LimitReached: 429,
+    Unavailable: 503,
+    StateFolderFull: 503,
 }
 
 

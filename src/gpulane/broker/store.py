@@ -7,7 +7,9 @@ jobs and the users' decayed usage from here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gpulane.errors import ConfigError
+from gpulane.errors import ConfigError, StateFolderFull
 from gpulane.jobs import JobState
 
 _SCHEMA = """
@@ -61,6 +63,16 @@ CREATE TABLE IF NOT EXISTS usage (
 _ADDED_COLUMNS = {
     "source": "TEXT NOT NULL DEFAULT ''",
 }
+
+log = logging.getLogger("gpulane.broker")
+
+
+def _is_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or the file system's quota) has no room left."""
+    if isinstance(error, sqlite3.OperationalError):
+        code = getattr(error, "sqlite_errorcode", None)
+        return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -141,6 +153,8 @@ def prepare_state_dir(folder: Path) -> None:
 class Store:
     def __init__(self, path: Path) -> None:
         prepare_state_dir(path.parent)
+        self.folder = path.parent
+        self.full = False  # the last write found no room (logged once, until one lands)
         # SQLite creates the -wal and -shm files with the database's mode; the umask makes
         # all three private from the moment they exist (a chmod afterwards leaves a window).
         # Process-wide, so only here, before the broker serves anyone.
@@ -169,29 +183,54 @@ class Store:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Saves inside commit together, or not at all."""
-        self._db.execute("BEGIN")
+    def _writing(self) -> Iterator[None]:
+        """One write (or transaction): a full disk becomes :class:`StateFolderFull`, logged once."""
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        except (sqlite3.OperationalError, OSError) as error:
+            if not _is_full(error):
+                raise
+            if not self.full:
+                log.warning(
+                    "the state folder %s is full: writes are refused until there is room",
+                    self.folder,
+                )
+            self.full = True
+            raise StateFolderFull(f"the broker's state folder is full ({self.folder})") from error
+        if self.full and not self._db.in_transaction:
+            log.info("the state folder %s has room again", self.folder)
+            self.full = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Saves inside commit together, or not at all."""
+        with self._writing():
+            self._db.execute("BEGIN")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back already (a full disk can do that).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def insert(self, record: JobRecord) -> int:
         placeholders = ", ".join("?" for _ in _COLUMNS)
-        cursor = self._db.execute(
-            f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", _to_row(record)
-        )
+        with self._writing():
+            cursor = self._db.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                _to_row(record),
+            )
         record.id = int(cursor.lastrowid or 0)
         return record.id
 
     def save(self, record: JobRecord) -> None:
         assignments = ", ".join(f"{name} = ?" for name in _COLUMNS)
-        self._db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ?", [*_to_row(record), record.id]
-        )
+        with self._writing():
+            self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ?", [*_to_row(record), record.id]
+            )
 
     def active(self) -> list[JobRecord]:
         rows = self._db.execute(
@@ -218,20 +257,22 @@ class Store:
 
     def prune_ended_before(self, before: float, limit: int) -> list[str]:
         """Delete up to ``limit`` jobs that ended before ``before``, oldest first; their users."""
-        rows = self._db.execute(
-            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE ended_at < ? "
-            "ORDER BY ended_at LIMIT ?) RETURNING user",
-            (before, limit),
-        ).fetchall()
+        with self._writing():
+            rows = self._db.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE ended_at < ? "
+                "ORDER BY ended_at LIMIT ?) RETURNING user",
+                (before, limit),
+            ).fetchall()
         return [row["user"] for row in rows]
 
     def prune_oldest_of(self, user: str, count: int) -> int:
         """Delete ``user``'s ``count`` oldest ended jobs; how many went."""
-        rows = self._db.execute(
-            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE user = ? "
-            "AND ended_at IS NOT NULL ORDER BY id LIMIT ?) RETURNING id",
-            (user, count),
-        ).fetchall()
+        with self._writing():
+            rows = self._db.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE user = ? "
+                "AND ended_at IS NOT NULL ORDER BY id LIMIT ?) RETURNING id",
+                (user, count),
+            ).fetchall()
         return len(rows)
 
     def usage(self) -> dict[str, tuple[float, float]]:
@@ -239,11 +280,12 @@ class Store:
         return {row["user"]: (row["value"], row["at"]) for row in rows}
 
     def save_usage(self, user: str, value: float, at: float) -> None:
-        self._db.execute(
-            "INSERT INTO usage (user, value, at) VALUES (?, ?, ?) "
-            "ON CONFLICT(user) DO UPDATE SET value = excluded.value, at = excluded.at",
-            (user, value, at),
-        )
+        with self._writing():
+            self._db.execute(
+                "INSERT INTO usage (user, value, at) VALUES (?, ?, ?) "
+                "ON CONFLICT(user) DO UPDATE SET value = excluded.value, at = excluded.at",
+                (user, value, at),
+            )
 
     def close(self) -> None:
         self._db.close()
