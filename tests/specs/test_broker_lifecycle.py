@@ -280,3 +280,31 @@ def test_usage_survives_a_restart_and_orders_the_queue(broker_house: House) -> N
     house.call(house.broker.finish, carol, blocker["id"], 0)
     assert house.state(BOB, from_bob["id"]) == "running"
     assert house.state(ALICE, from_alice["id"]) == "queued"
+
+
+def test_a_client_alive_to_its_pidfd_is_not_expired_by_silence(broker_house: House) -> None:
+    alive = person("alice", pid=os.getpid())  # watched through a pidfd: this very process
+    house = broker_house(gpus=1, lease_ttl=4.0)
+    running = submit(house, alive)
+    house.advance(30)  # no heartbeat at all
+    assert house.state(alive, running["id"]) == "running"
+
+
+def test_a_clock_stepped_back_across_a_restart_leaves_no_more_than_the_limit(
+    broker_house: House,
+) -> None:
+    import sqlite3
+
+    me = person("alice", pid=os.getpid())
+    house = broker_house(gpus=1, kill_grace=5.0)
+    running = submit(house, me, time_limit=30)
+    house.advance(5)
+    house.shut()
+    # The wall clock goes an hour back while the broker is down: its start is now "future".
+    with sqlite3.connect(house.db) as db:
+        db.execute("UPDATE jobs SET started_at = started_at + 3600 WHERE id = ?", (running["id"],))
+    house.broker = house._start()
+    house.advance(29)
+    assert house.call(house.broker.lookup, me, running["id"])["ending"] is None
+    house.advance(2)  # 30 s, the whole limit, and not 3,625 s
+    assert house.call(house.broker.lookup, me, running["id"])["ending"] == "timeout"

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from gpulane.broker import access, policy, procs, views
-from gpulane.broker.explain import QueueExplainer, policy_state
+from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.identity import Identity
 from gpulane.broker.leases import Leases
@@ -31,11 +31,21 @@ from gpulane.broker.quotas import Pruner, SubmitRate
 from gpulane.broker.settings import BrokerSettings
 from gpulane.broker.store import JobRecord, Store
 from gpulane.broker.watchers import Watcher, Watchers
-from gpulane.errors import Conflict, Forbidden, InvalidRequest, LimitReached, NotFound
+from gpulane.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    LimitReached,
+    NotFound,
+    StateFolderFull,
+)
 from gpulane.jobs import JobState, Request, format_duration
 from gpulane.views import Holder, JobEvent, JobView, Snapshot, UsageReport
 
 log = logging.getLogger("gpulane.broker")
+
+# How soon a background change the store could not save (a full state folder) is tried again.
+STORE_RETRY = 1.0
 
 
 class Broker:
@@ -55,7 +65,7 @@ class Broker:
         self.usage: dict[str, policy.Usage] = {}
         self.watchers = Watchers()
         self.metrics = BrokerMetrics()
-        self.leases = Leases(settings.lease_ttl, clock, self._client_gone)
+        self.leases = Leases(settings.lease_ttl, loop_time, self._client_gone)
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
@@ -67,6 +77,8 @@ class Broker:
             store, settings.retention, settings.max_ended_per_user, settings.prune_batch
         )
         self._prune_handle: asyncio.TimerHandle | None = None
+        self._schedule_retry: asyncio.TimerHandle | None = None
+        self._gone_why: dict[int, str] = {}  # clients gone whose job's end is not saved yet
         self.can_kill_any = os.geteuid() == 0
 
     # ----------------------------------------------------------------- life cycle
@@ -94,12 +106,16 @@ class Broker:
                 continue
             elif job.ending_state is not None:
                 # Being stopped when the broker died: only the rest of its grace period is left.
-                left = (job.ending_at or now) + self.settings.kill_grace - now
-                self._arm(job.id, max(0.0, left), self._force_end, job.id)
+                grace = self.settings.kill_grace
+                left = (job.ending_at or now) + grace - now
+                self._arm(job.id, min(grace, max(0.0, left)), self._force_end, job.id)
             else:
+                # Stored times are wall time, which may have been stepped back while the
+                # broker was down: what is left is never more than the whole limit.
                 assert job.started_at is not None
-                deadline = job.started_at + job.time_limit
-                self._arm(job.id, max(0.0, deadline - now), self._time_limit_reached, job.id)
+                left = job.started_at + job.time_limit - now
+                limit = job.time_limit
+                self._arm(job.id, min(limit, max(0.0, left)), self._time_limit_reached, job.id)
             if client_alive and job.client_pid:
                 self.leases.watch_client(job.client_pid, job.id)
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
@@ -111,6 +127,8 @@ class Broker:
         self.leases.stop()
         if self._prune_handle is not None:
             self._prune_handle.cancel()
+        if self._schedule_retry is not None:
+            self._schedule_retry.cancel()
         for handle in self._timers.values():
             handle.cancel()
         self.store.close()
@@ -344,19 +362,33 @@ class Broker:
             state = self._policy_state()
             if state.queued:
                 grants = policy.decide(state, now, self.config)
+        granted: set[int] = set()
         for grant in grants:
             job = self.jobs[grant.job_id]
-            self._save_changes(
-                job,
-                state=JobState.RUNNING,
-                started_at=now,
-                assigned_gpus=list(grant.assignment.gpus),
-                assigned_slices=grant.assignment.slices,
-            )
+            try:
+                self._save_changes(
+                    job,
+                    state=JobState.RUNNING,
+                    started_at=now,
+                    assigned_gpus=list(grant.assignment.gpus),
+                    assigned_slices=grant.assignment.slices,
+                )
+            except StateFolderFull:
+                # The job stays queued; grants are decided afresh once a save lands.
+                if self._schedule_retry is None:
+                    self._schedule_retry = asyncio.get_running_loop().call_later(
+                        STORE_RETRY, self._retry_schedule
+                    )
+                break
+            granted.add(job.id)
             self.metrics.granted(now - job.submitted_at)
             self._arm(job.id, job.time_limit, self._time_limit_reached, job.id)
             log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
-        self._publish(urgent={g.job_id for g in grants})
+        self._publish(urgent=granted)
+
+    def _retry_schedule(self) -> None:
+        self._schedule_retry = None
+        self._schedule()
 
     def _publish(self, urgent: set[int] | None = None) -> None:
         """Tell watchers what changed: their own grant or end at once, positions at most every 100 ms."""
@@ -420,6 +452,18 @@ class Broker:
         )
 
     def _client_gone(self, job_id: int, why: str) -> None:
+        # The first reason is kept while the end cannot be saved: a lease that runs out
+        # meanwhile must not reword a client's exit.
+        why = self._gone_why.setdefault(job_id, why)
+        try:
+            self._end_for_client(job_id, why)
+        except StateFolderFull:
+            # The job stays as saved; a pidfd fires once, so try again on a timer.
+            self._arm(job_id, STORE_RETRY, lambda j: self._client_gone(j, why), job_id)
+            return
+        self._gone_why.pop(job_id, None)
+
+    def _end_for_client(self, job_id: int, why: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             return
@@ -445,7 +489,7 @@ class Broker:
             used = self.usage.get(job.user, policy.Usage()).add(
                 gpu_seconds, now, self.config.half_life
             )
-        changes = {
+        changes: dict[str, Any] = {
             "state": state,
             "message": message,
             "ended_at": now,
@@ -455,10 +499,14 @@ class Broker:
         # The usage and the end in one transaction, saved before either is applied here:
         # a failure (an integer SQLite cannot hold) leaves the job running, its lease and
         # timer in place, instead of half-finished.
+        # Applied only after COMMIT: inside the transaction a save only reaches SQLite's cache,
+        # and the COMMIT is what fails on a full disk.
         with self.store.transaction():
             if used is not None:
                 self.store.save_usage(job.user, used.value, used.at)
-            self._save_changes(job, **changes)
+            self.store.save(replace(job, **changes))
+        for name, value in changes.items():
+            setattr(job, name, value)
         if used is not None:
             self.usage[job.user] = used
             self.metrics.used(job.user, gpu_seconds)
@@ -482,7 +530,13 @@ class Broker:
     def _prune(self) -> None:
         """Delete a batch of ended jobs; a full batch asks for another step soon, so a
         backlog drains without one long delete holding up leases or requests."""
-        backlog = self.pruner.step(self.clock())
+        backlog = False
+        try:
+            backlog = self.pruner.step(self.clock())
+        except StateFolderFull:
+            pass  # the store logged it; the next step tries again
+        except Exception:
+            log.exception("pruning ended jobs failed; trying again later")
         again = 1.0 if backlog else self.settings.prune_interval
         self._prune_handle = asyncio.get_running_loop().call_later(again, self._prune)
 
@@ -498,7 +552,19 @@ class Broker:
         old = self._timers.pop(job_id, None)
         if old:
             old.cancel()
-        self._timers[job_id] = asyncio.get_running_loop().call_later(delay, callback, arg)
+        self._timers[job_id] = asyncio.get_running_loop().call_later(
+            delay, self._fire, job_id, callback, arg
+        )
+
+    def _fire(self, job_id: int, callback: Callable[[int], None], arg: int) -> None:
+        """A timer's action; one the store cannot save now (the state left as it was) is
+        tried again soon instead of being lost with the timer."""
+        self._timers.pop(job_id, None)
+        try:
+            callback(arg)
+        except StateFolderFull:
+            if job_id in self.jobs:
+                self._arm(job_id, STORE_RETRY, callback, arg)
 
     def _is_admin(self, who: Identity) -> bool:
         return access.is_admin(who, self.config)

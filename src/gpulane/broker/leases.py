@@ -9,6 +9,7 @@ told through ``on_gone(job_id, why)``; what that means for the job is its busine
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 
@@ -16,17 +17,20 @@ from gpulane.jobs import format_duration
 
 ClientGone = Callable[[int, str], None]
 
+log = logging.getLogger("gpulane.broker")
+
 
 class Leases:
     """Heartbeats and pidfds of the clients of queued and running jobs. Lives on one loop."""
 
     def __init__(self, ttl: float, clock: Callable[[], float], on_gone: ClientGone) -> None:
         self.ttl = ttl  # seconds without a heartbeat before a lease is presumed dead
-        self.clock = clock
+        self.clock = clock  # monotonic (the loop's): a wall-clock step must not age a lease
         self.on_gone = on_gone
         self._last_beat: dict[int, float] = {}
         self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
         self._sweeper: asyncio.Task[None] | None = None
+        self._last_error = ""  # the last failure of on_gone, logged once while it repeats
 
     def start(self) -> None:
         """Begin expiring silent leases. Call inside the running loop."""
@@ -79,14 +83,26 @@ class Leases:
         asyncio.get_running_loop().remove_reader(fd)
         os.close(fd)
         for job_id in sorted(job_ids):
-            self.on_gone(job_id, f"its client (process {pid}) exited; the GPU was freed")
+            self._tell(job_id, f"its client (process {pid}) exited; the GPU was freed")
+
+    def _tell(self, job_id: int, why: str) -> None:
+        """``on_gone``, guarded: one failure must not skip the other leases nor end the sweeper."""
+        try:
+            self.on_gone(job_id, why)
+        except Exception as error:
+            if str(error) != self._last_error:
+                log.exception("ending the lease of job %d failed; trying again", job_id)
+            self._last_error = str(error)
 
     def expire(self) -> None:
         """End every lease whose client sent no heartbeat within the time to live."""
         now = self.clock()
+        # A client watched through its pidfd is alive until that pidfd says otherwise
+        # (``_client_exited``): silence then means a stall or a frozen client, not a death.
+        watched = {job_id for _, job_ids in self._pidfds.values() for job_id in job_ids}
         for job_id, last in list(self._last_beat.items()):
-            if now - last > self.ttl:
-                self.on_gone(
+            if job_id not in watched and now - last > self.ttl:
+                self._tell(
                     job_id,
                     f"its client sent no heartbeat for {format_duration(self.ttl)}; "
                     "the GPU was freed",
