@@ -30,6 +30,7 @@ from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.quotas import Pruner, SubmitRate
 from gpulane.broker.settings import BrokerSettings
 from gpulane.broker.store import JobRecord, Store
+from gpulane.broker.timers import STORE_RETRY, JobTimers
 from gpulane.broker.watchers import Watcher, Watchers
 from gpulane.errors import (
     Conflict,
@@ -43,9 +44,6 @@ from gpulane.jobs import JobState, Request, format_duration
 from gpulane.views import Holder, JobEvent, JobView, Snapshot, UsageReport
 
 log = logging.getLogger("gpulane.broker")
-
-# How soon a background change the store could not save (a full state folder) is tried again.
-STORE_RETRY = 1.0
 
 
 class Broker:
@@ -66,7 +64,7 @@ class Broker:
         self.watchers = Watchers()
         self.metrics = BrokerMetrics()
         self.leases = Leases(settings.lease_ttl, loop_time, self._client_gone)
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self.timers = JobTimers(lambda job_id: job_id in self.jobs)
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
         # The explanation and the queue's order, kept per state version (every change of
@@ -108,14 +106,14 @@ class Broker:
                 # Being stopped when the broker died: only the rest of its grace period is left.
                 grace = self.settings.kill_grace
                 left = (job.ending_at or now) + grace - now
-                self._arm(job.id, min(grace, max(0.0, left)), self._force_end, job.id)
+                self.timers.arm(job.id, min(grace, max(0.0, left)), self._force_end)
             else:
                 # Stored times are wall time, which may have been stepped back while the
                 # broker was down: what is left is never more than the whole limit.
                 assert job.started_at is not None
                 left = job.started_at + job.time_limit - now
                 limit = job.time_limit
-                self._arm(job.id, min(limit, max(0.0, left)), self._time_limit_reached, job.id)
+                self.timers.arm(job.id, min(limit, max(0.0, left)), self._time_limit_reached)
             if client_alive and job.client_pid:
                 self.leases.watch_client(job.client_pid, job.id)
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
@@ -129,8 +127,7 @@ class Broker:
             self._prune_handle.cancel()
         if self._schedule_retry is not None:
             self._schedule_retry.cancel()
-        for handle in self._timers.values():
-            handle.cancel()
+        self.timers.cancel_all()
         self.store.close()
 
     # ----------------------------------------------------------------- requests
@@ -254,8 +251,7 @@ class Broker:
     def status(self, who: Identity, offset: int = 0, limit: int | None = None) -> Snapshot:
         """GPUs, running jobs and one page of the queue (``limit`` entries from ``offset``).
 
-        Pages keep an answer's size bounded whatever the queue's length; queue entries
-        carry no command (it can be large: a job's own view has it).
+        Pages keep an answer's size bounded whatever the queue's length.
         """
         page = self.settings.status_page if limit is None else limit
         if not 0 <= page <= self.settings.max_status_page:
@@ -269,26 +265,21 @@ class Broker:
         holders = self.holders(now)
         spg = self.config.slices_per_gpu
         queue = self.explainer.order(self.jobs.values(), waiting)
-        entries = []
-        for job in queue[offset : offset + page]:
-            entry = self.view(job, who, now, waiting.get(job.id))
-            entry.pop("command", None)
-            entries.append(entry)
-        return {
-            "backend": "broker",
-            "backend_reason": "embedded broker on this machine",
-            "now": now,
-            "user": who.user,
-            "is_admin": self._is_admin(who),
-            "slices_per_gpu": spg,
-            "gpus": [views.gpu_row(r, spg, holders) for r in self.inventory.read()],
-            "running": [
+        return views.snapshot(
+            now=now,
+            user=who.user,
+            is_admin=self._is_admin(who),
+            slices_per_gpu=spg,
+            gpus=[views.gpu_row(r, spg, holders) for r in self.inventory.read()],
+            running=[
                 self.view(j, who, now) for j in self.jobs.values() if j.state is JobState.RUNNING
             ],
-            "queue": entries,
-            "queue_total": len(queue),
-            "queue_offset": offset,
-        }
+            queue_page=[
+                self.view(j, who, now, waiting.get(j.id)) for j in queue[offset : offset + page]
+            ],
+            queue_total=len(queue),
+            queue_offset=offset,
+        )
 
     def holders(self, now: float) -> list[Holder]:
         return views.holders(self.jobs.values(), now)
@@ -382,7 +373,7 @@ class Broker:
                 break
             granted.add(job.id)
             self.metrics.granted(now - job.submitted_at)
-            self._arm(job.id, job.time_limit, self._time_limit_reached, job.id)
+            self.timers.arm(job.id, job.time_limit, self._time_limit_reached)
             log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
         self._publish(urgent=granted)
 
@@ -430,7 +421,7 @@ class Broker:
         self._save_changes(job, ending_state=state, message=message, ending_at=self.clock())
         log.info("job %d of %s revoked: %s", job.id, job.user, message)
         self._signal_job(job, signal.SIGTERM)
-        self._arm(job.id, self.settings.kill_grace, self._force_end, job.id)
+        self.timers.arm(job.id, self.settings.kill_grace, self._force_end)
         self._publish(urgent={job.id})
 
     def _force_end(self, job_id: int) -> None:
@@ -459,7 +450,7 @@ class Broker:
             self._end_for_client(job_id, why)
         except StateFolderFull:
             # The job stays as saved; a pidfd fires once, so try again on a timer.
-            self._arm(job_id, STORE_RETRY, lambda j: self._client_gone(j, why), job_id)
+            self.timers.arm(job_id, STORE_RETRY, lambda j: self._client_gone(j, why))
             return
         self._gone_why.pop(job_id, None)
 
@@ -513,9 +504,7 @@ class Broker:
         self.jobs.pop(job.id, None)
         self.pruner.job_ended(job.user)
         self.leases.end(job.id, job.client_pid)
-        timer = self._timers.pop(job.id, None)
-        if timer:
-            timer.cancel()
+        self.timers.cancel(job.id)
         log.info("job %d of %s ended: %s %s", job.id, job.user, state.value, message)
         self._schedule()
         self._publish(urgent={job.id})
@@ -547,24 +536,6 @@ class Broker:
         self.store.save(replace(job, **changes))
         for name, value in changes.items():
             setattr(job, name, value)
-
-    def _arm(self, job_id: int, delay: float, callback: Callable[[int], None], arg: int) -> None:
-        old = self._timers.pop(job_id, None)
-        if old:
-            old.cancel()
-        self._timers[job_id] = asyncio.get_running_loop().call_later(
-            delay, self._fire, job_id, callback, arg
-        )
-
-    def _fire(self, job_id: int, callback: Callable[[int], None], arg: int) -> None:
-        """A timer's action; one the store cannot save now (the state left as it was) is
-        tried again soon instead of being lost with the timer."""
-        self._timers.pop(job_id, None)
-        try:
-            callback(arg)
-        except StateFolderFull:
-            if job_id in self.jobs:
-                self._arm(job_id, STORE_RETRY, callback, arg)
 
     def _is_admin(self, who: Identity) -> bool:
         return access.is_admin(who, self.config)

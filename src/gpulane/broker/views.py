@@ -14,7 +14,7 @@ from gpulane.broker.policy import PolicyConfig, Waiting
 from gpulane.broker.store import JobRecord
 from gpulane.broker.usage import busy_per_minute, gpu_seconds_by_user, local_midnight
 from gpulane.jobs import JobState, format_duration
-from gpulane.views import GpuRow, Holder, JobView, UsageReport
+from gpulane.views import GpuRow, Holder, JobView, Snapshot, UsageReport
 
 
 def memory_limit(job: JobRecord, config: PolicyConfig, gpu_memory: int) -> int | None:
@@ -116,6 +116,39 @@ def gpu_row(reading: GpuReading, slices_per_gpu: int, holders: Iterable[Holder])
         "simulated": reading.simulated,
         "slices": slices_per_gpu,
         "holders": [h for h in holders if reading.index in h["gpus"]],
+    }
+
+
+def snapshot(
+    *,
+    now: float,
+    user: str,
+    is_admin: bool,
+    slices_per_gpu: int,
+    gpus: list[GpuRow],
+    running: list[JobView],
+    queue_page: list[JobView],
+    queue_total: int,
+    queue_offset: int,
+) -> Snapshot:
+    """The broker's answer to ``gpulane status``: GPUs, running jobs, one page of the queue.
+
+    Queue entries carry no command (it can be large: a job's own view has it).
+    """
+    for entry in queue_page:
+        entry.pop("command", None)
+    return {
+        "backend": "broker",
+        "backend_reason": "embedded broker on this machine",
+        "now": now,
+        "user": user,
+        "is_admin": is_admin,
+        "slices_per_gpu": slices_per_gpu,
+        "gpus": gpus,
+        "running": running,
+        "queue": queue_page,
+        "queue_total": queue_total,
+        "queue_offset": queue_offset,
     }
 
 
