@@ -45,6 +45,7 @@ from gpulane.views import JobEvent
 log = logging.getLogger("gpulane.broker")
 
 MAX_BODY_BYTES = 256 * 1024
+SHUTDOWN_GRACE = 5.0  # seconds open requests get to finish when the broker stops
 # The schema is flat (an object, its command a list): more lists or objects than this,
 # outside strings, is never a request, and refusing it first keeps the parser shallow.
 MAX_NESTING = 32
@@ -282,12 +283,18 @@ class EventsHandler(_Handler):
             ready.set()
 
         unsubscribe = self.broker.watch(self.identity, int(job_id), deliver)
+        # The broker stopping wakes the stream with no event: it ends cleanly, and the
+        # client reconnects to the broker's next start.
+        streams: set[asyncio.Event] = self.application.settings["event_streams"]
+        streams.add(ready)
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-store")
         try:
             while True:
                 await ready.wait()
                 ready.clear()
+                if not latest:
+                    break
                 event = latest.pop()
                 self.write(json.dumps(event) + "\n")
                 await self.flush()
@@ -296,6 +303,7 @@ class EventsHandler(_Handler):
         except StreamClosedError:
             pass
         finally:
+            streams.discard(ready)
             unsubscribe()
         if not self._finished:
             self.finish()
@@ -316,6 +324,7 @@ def make_app(broker: Broker, hub_tokens: HubTokens | None = None) -> tornado.web
         ],
         default_handler_class=_NotFound,
         default_handler_args=args,
+        event_streams=set(),  # the open event streams' wake-ups, for a clean stop
     )
 
 
@@ -345,8 +354,9 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
     hub_tokens = HubTokens.from_environment()
     if hub_tokens is not None:
         log.info("accepting JupyterHub tokens, checked at %s", hub_tokens.auth.api_url)
+    app = make_app(broker, hub_tokens)
     server = HTTPServer(
-        make_app(broker, hub_tokens),
+        app,
         max_body_size=4 * MAX_BODY_BYTES,  # handlers refuse past MAX_BODY_BYTES with a clear 413
         body_timeout=10,
         # Between requests only: an event stream being answered is not idle.
@@ -376,6 +386,12 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
     acceptor.stop()
     sock.close()
     server.stop()
+    # Finish what is open before the store closes: event streams end cleanly, requests in
+    # flight are answered, kept-alive connections are closed (clients reconnect later).
+    for ready in list(app.settings["event_streams"]):
+        ready.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.close_all_connections(), SHUTDOWN_GRACE)
     broker.stop()
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
