@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 
+from gpulane.broker.identity import peer_credentials
 from gpulane.errors import LimitReached
 
 log = logging.getLogger("gpulane.broker")
@@ -38,11 +38,6 @@ BACKOFF_FIRST, BACKOFF_MOST = 0.05, 1.0  # seconds accept pauses when out of des
 LOG_EVERY = 60.0  # seconds between two log lines about the same condition
 MAX_WRITE_BUFFER = 8 * 1024 * 1024  # bytes one connection may have waiting to be sent
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
 
 
 def refusal(status: int, reason: str, message: str) -> bytes:
@@ -58,9 +53,15 @@ def refusal(status: int, reason: str, message: str) -> bytes:
 class _CountedStream(IOStream):
     """An IOStream that gives its uid's connection slot back when it closes."""
 
-    def __init__(self, sock: socket.socket, acceptor: Acceptor, uid: int, **kwargs: Any) -> None:
+    def __init__(
+        self, sock: socket.socket, acceptor: Acceptor, peer: tuple[int, int], **kwargs: Any
+    ) -> None:
         super().__init__(sock, **kwargs)
-        self.acceptor, self.uid = acceptor, uid
+        self.acceptor = acceptor
+        # The peer's (pid, uid), read once at accept: by the time a request is handled the
+        # client may have hung up, and a closed stream has no socket left to ask.
+        self.peer = peer
+        self.uid = peer[1]
         self.stalled: tuple[int, float] | None = None  # (bytes written, since when) while writing
 
     def close_fd(self) -> None:
@@ -143,10 +144,11 @@ class Acceptor:
 
     def _admit(self, conn: socket.socket) -> None:
         try:
-            uid = peer_uid(conn)
+            peer = peer_credentials(conn)
         except OSError:
             conn.close()
             return
+        uid = peer[1]
         held = self.counts.get(uid, 0)
         # Root is exempt: it is the hub's spawner and the admin, and owns the broker anyway.
         if self.max_per_user and uid != 0 and held >= self.max_per_user:
@@ -157,7 +159,7 @@ class Acceptor:
             stream = _CountedStream(
                 conn,
                 self,
-                uid,
+                peer,
                 max_buffer_size=self.server.max_buffer_size,
                 read_chunk_size=self.server.read_chunk_size,
                 max_write_buffer_size=MAX_WRITE_BUFFER,

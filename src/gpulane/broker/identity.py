@@ -66,9 +66,14 @@ def _group_ids(name: str, gid: int) -> list[int]:
         return [gid]
 
 
-def peer_identity(sock: socket.socket) -> Identity:
-    """Identity of the process at the other end of a Unix socket."""
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def peer_identity(pid: int, uid: int) -> Identity:
+    """Identity of a peer from its credentials, as :func:`peer_credentials` read them."""
     user, groups = user_and_groups(uid)
     return Identity(uid=uid, user=user, groups=groups, pid=pid or None)

@@ -81,7 +81,8 @@ class _Handler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         stream = self.request.connection.stream  # type: ignore[union-attr]
-        self.identity = peer_identity(stream.socket)
+        # Credentials read at accept (connections.py): the client may have hung up since.
+        self.identity = peer_identity(*stream.peer)
         header = self.request.headers.get("Authorization", "")
         # Outside a hub the kernel's peer credentials alone decide; a token changes nothing.
         if header and self.hub_tokens is not None:
