@@ -135,6 +135,9 @@ class Request:
     mem: int | None = None  # host memory, bytes
     name: str = "job"
     command: tuple[str, ...] = field(default_factory=tuple)
+    # The command may outlive its client: once started, the lease follows the command's
+    # process (a GPU-profile server whose hub restarts keeps its GPU). Bounded by the limit.
+    detached: bool = False
 
     def __post_init__(self) -> None:
         if self.slices and self.gpus != 1:
@@ -173,6 +176,8 @@ class Request:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["command"] = list(self.command)
+        if not self.detached:
+            del data["detached"]  # a broker that predates it refuses unknown fields
         return data
 
     @classmethod
@@ -180,7 +185,7 @@ class Request:
         """Build from a posted document: a bounded schema, unknown keys refused."""
         if not isinstance(data, Mapping):
             raise OptionError("the request must be a JSON object")
-        known = {"gpus", "slices", "time_limit", "mem", "name", "command"}
+        known = {"gpus", "slices", "time_limit", "mem", "name", "command", "detached"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise OptionError(f"unknown field(s) in request: {', '.join(unknown)}")
@@ -194,6 +199,9 @@ class Request:
         name = data.get("name", "job")
         if not isinstance(name, str):
             raise OptionError("name must be a string")
+        detached = data.get("detached", False)
+        if not isinstance(detached, bool):
+            raise OptionError("detached must be true or false")
         return cls(
             gpus=1 if data.get("gpus") is None else data["gpus"],  # 0 is refused, not 1
             slices=data.get("slices") or 0,
@@ -201,6 +209,7 @@ class Request:
             mem=data.get("mem"),
             name=name,
             command=tuple(command),
+            detached=detached,
         )
 
 

@@ -270,6 +270,10 @@ def test_from_json_round_trips_to_json() -> None:
     assert document["command"] == ["python", "-c", "1"]
     assert Request.from_json(document) == request
     assert Request.from_json({}) == Request()
+    assert "detached" not in document  # an older broker refuses fields it does not know
+    detached = Request(command=("jupyterhub-singleuser",), detached=True)
+    assert detached.to_json()["detached"] is True
+    assert Request.from_json(detached.to_json()) == detached
 
 
 @pytest.mark.parametrize(
@@ -306,6 +310,8 @@ def test_from_json_round_trips_to_json() -> None:
         {"command": ["x"] * (MAX_COMMAND_ARGS + 1)},
         {"command": ["x" * (MAX_COMMAND_BYTES + 1)]},
         {"command": ["é" * (MAX_COMMAND_BYTES // 2 + 1)]},
+        {"detached": 1},
+        {"detached": "yes"},
     ],
     ids=short_id,
 )

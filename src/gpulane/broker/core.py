@@ -116,6 +116,8 @@ class Broker:
                 self.timers.arm(job.id, min(limit, max(0.0, left)), self._time_limit_reached)
             if client_alive and job.client_pid:
                 self.leases.watch_client(job.client_pid, job.id)
+            elif job.state is JobState.RUNNING:
+                self._command_keeps_lease(job)
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
         self.leases.start()
         self._schedule()
@@ -173,6 +175,7 @@ class Broker:
             client_pid=who.pid,
             client_start=procs.start_time(who.pid) if who.pid else None,
             source=who.source,
+            detached=request.detached,
         )
         self.store.insert(job)
         self.submit_rate.accepted(who.user, now)
@@ -443,6 +446,9 @@ class Broker:
         )
 
     def _client_gone(self, job_id: int, why: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and self._command_keeps_lease(job):
+            return
         # The first reason is kept while the end cannot be saved: a lease that runs out
         # meanwhile must not reword a client's exit.
         why = self._gone_why.setdefault(job_id, why)
@@ -454,12 +460,41 @@ class Broker:
             return
         self._gone_why.pop(job_id, None)
 
+    def _command_keeps_lease(self, job: JobRecord) -> bool:
+        """A detached job's lease passes to its command when its client is gone (a hub
+        restarting under a GPU-profile server): True if the broker now watches the command."""
+        if not (job.detached and job.state is JobState.RUNNING and job.ending_state is None):
+            return False
+        if not job.cmd_pid or not procs.is_alive(job.cmd_pid, job.cmd_start):
+            return False
+        if not self.leases.watch_command(job.cmd_pid, job.id):
+            return False  # not visible to the broker: its client's lease rules still apply
+        log.info(
+            "job %d: its client is gone; its command (process %d) holds the GPU now",
+            job.id,
+            job.cmd_pid,
+        )
+        return True
+
     def _end_for_client(self, job_id: int, why: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             return
         if job.state is JobState.QUEUED:
             self._finalize(job, JobState.CANCELLED, why)
+        elif (
+            job.detached
+            and job.ending_state is None
+            and job.cmd_pid
+            and not procs.is_alive(job.cmd_pid, job.cmd_start)
+        ):
+            # Its command ended after its client had left: its normal end, status unknown.
+            self._signal_job(job, signal.SIGKILL)  # what it left behind in its group
+            self._finalize(
+                job,
+                JobState.COMPLETED,
+                "its command ended after its client had gone (exit status unknown)",
+            )
         else:
             # Nobody is left to clean up or to be told: end the command at once.
             self._signal_job(job, signal.SIGKILL)
@@ -503,7 +538,7 @@ class Broker:
             self.metrics.used(job.user, gpu_seconds)
         self.jobs.pop(job.id, None)
         self.pruner.job_ended(job.user)
-        self.leases.end(job.id, job.client_pid)
+        self.leases.end(job.id, job.client_pid, job.cmd_pid)
         self.timers.cancel(job.id)
         log.info("job %d of %s ended: %s %s", job.id, job.user, state.value, message)
         self._schedule()

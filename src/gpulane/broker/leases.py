@@ -28,7 +28,8 @@ class Leases:
         self.clock = clock  # monotonic (the loop's): a wall-clock step must not age a lease
         self.on_gone = on_gone
         self._last_beat: dict[int, float] = {}
-        self._pidfds: dict[int, tuple[int, set[int]]] = {}  # client pid -> (pidfd, job ids)
+        # watched pid -> (pidfd, job ids, "client" or "command")
+        self._pidfds: dict[int, tuple[int, set[int], str]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._last_error = ""  # the last failure of on_gone, logged once while it repeats
 
@@ -40,7 +41,7 @@ class Leases:
         if self._sweeper:
             self._sweeper.cancel()
         loop = asyncio.get_running_loop()
-        for fd, _ in self._pidfds.values():
+        for fd, _, _ in self._pidfds.values():
             loop.remove_reader(fd)
             os.close(fd)
         self._pidfds.clear()
@@ -49,23 +50,33 @@ class Leases:
         """The job's client is alive now (a submission, a heartbeat, a reattach)."""
         self._last_beat[job_id] = self.clock()
 
-    def end(self, job_id: int, pid: int | None) -> None:
-        """The job is over: forget its heartbeats and stop watching its client for it."""
+    def end(self, job_id: int, *pids: int | None) -> None:
+        """The job is over: forget its heartbeats and stop watching its processes for it."""
         self._last_beat.pop(job_id, None)
-        self.unwatch_client(pid, job_id)
+        for pid in pids:
+            self.unwatch(pid, job_id)
 
-    def watch_client(self, pid: int, job_id: int) -> None:
+    def watch_client(self, pid: int, job_id: int) -> bool:
+        """Watch the process that submitted the job; False if the broker cannot see it."""
+        return self._watch(pid, job_id, "client")
+
+    def watch_command(self, pid: int, job_id: int) -> bool:
+        """Watch the job's command instead of its client (a detached job whose client left)."""
+        return self._watch(pid, job_id, "command")
+
+    def _watch(self, pid: int, job_id: int, role: str) -> bool:
         entry = self._pidfds.get(pid)
         if entry is None:
             try:
                 fd = os.pidfd_open(pid)
             except OSError:
-                return  # not visible to us (another pid namespace): heartbeats alone keep it
-            asyncio.get_running_loop().add_reader(fd, self._client_exited, pid)
-            entry = self._pidfds[pid] = (fd, set())
+                return False  # not visible to us (another pid namespace): heartbeats alone keep it
+            asyncio.get_running_loop().add_reader(fd, self._process_exited, pid)
+            entry = self._pidfds[pid] = (fd, set(), role)
         entry[1].add(job_id)
+        return True
 
-    def unwatch_client(self, pid: int | None, job_id: int) -> None:
+    def unwatch(self, pid: int | None, job_id: int) -> None:
         entry = self._pidfds.get(pid or 0)
         if entry is None:
             return
@@ -75,15 +86,15 @@ class Leases:
             os.close(entry[0])
             del self._pidfds[pid or 0]
 
-    def _client_exited(self, pid: int) -> None:
+    def _process_exited(self, pid: int) -> None:
         entry = self._pidfds.pop(pid, None)
         if entry is None:
             return
-        fd, job_ids = entry
+        fd, job_ids, role = entry
         asyncio.get_running_loop().remove_reader(fd)
         os.close(fd)
         for job_id in sorted(job_ids):
-            self._tell(job_id, f"its client (process {pid}) exited; the GPU was freed")
+            self._tell(job_id, f"its {role} (process {pid}) exited; the GPU was freed")
 
     def _tell(self, job_id: int, why: str) -> None:
         """``on_gone``, guarded: one failure must not skip the other leases nor end the sweeper."""
@@ -98,8 +109,8 @@ class Leases:
         """End every lease whose client sent no heartbeat within the time to live."""
         now = self.clock()
         # A client watched through its pidfd is alive until that pidfd says otherwise
-        # (``_client_exited``): silence then means a stall or a frozen client, not a death.
-        watched = {job_id for _, job_ids in self._pidfds.values() for job_id in job_ids}
+        # (``_process_exited``): silence then means a stall or a frozen client, not a death.
+        watched = {job_id for _, job_ids, _ in self._pidfds.values() for job_id in job_ids}
         for job_id, last in list(self._last_beat.items()):
             if job_id not in watched and now - last > self.ttl:
                 self._tell(

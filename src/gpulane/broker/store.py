@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     assigned_slices INTEGER,
     ending_state TEXT,
     ending_at REAL,
-    source TEXT NOT NULL DEFAULT ''
+    source TEXT NOT NULL DEFAULT '',
+    detached INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended_at) WHERE ended_at IS NOT NULL;
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS usage (
 # gains them on open (ALTER TABLE ... ADD COLUMN), its rows taking the default.
 _ADDED_COLUMNS = {
     "source": "TEXT NOT NULL DEFAULT ''",
+    "detached": "INTEGER NOT NULL DEFAULT 0",
 }
 
 log = logging.getLogger("gpulane.broker")
@@ -104,6 +106,7 @@ class JobRecord:
     # Where the submitter's identity came from ("peercred" or "hub"); '' for a job saved
     # before this was kept, which then answers to its uid from either source.
     source: str = ""
+    detached: bool = False  # the lease passes to the command when the client goes
     id: int = 0
 
 
@@ -127,6 +130,7 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     data["command"] = json.loads(data["command"])
     data["assigned_gpus"] = json.loads(data["assigned_gpus"] or "[]")
     data["state"] = JobState(data["state"])
+    data["detached"] = bool(data["detached"])
     data["ending_state"] = JobState(data["ending_state"]) if data["ending_state"] else None
     return JobRecord(**data)
 

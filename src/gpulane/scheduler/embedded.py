@@ -122,6 +122,7 @@ class BrokerScheduler(Scheduler):
     ) -> Outcome:
         job = self.submit(request)
         lease = _Lease(self, job, on_update, stdout, stderr, launcher, dict(env or {}))
+        lease.detached = request.detached
         return lease.run(request.command)
 
     # ------------------------------------------------------------------ lease calls
@@ -173,6 +174,7 @@ class _Lease:
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.done = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.detached = False  # the command may outlive this client (the broker watches it)
 
     def run(self, command: tuple[str, ...]) -> Outcome:
         threading.Thread(target=self._pump_updates, daemon=True, name="gpulane-updates").start()
@@ -221,6 +223,7 @@ class _Lease:
                     {**os.environ, **self.extra_env, **grant_env},
                     self.stdout,
                     self.stderr,
+                    death_signal=None if self.detached else signal.SIGKILL,
                 )
         except OSError as error:
             self.scheduler.report_finish(self.job_id, 127)

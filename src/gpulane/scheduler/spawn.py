@@ -25,12 +25,13 @@ def spawn_command(
     stdout: IO[bytes] | int | None = None,
     stderr: IO[bytes] | int | None = None,
     pass_fds: Sequence[int] = (),
-    death_signal: signal.Signals = signal.SIGKILL,
+    death_signal: signal.Signals | None = signal.SIGKILL,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group (so the whole tree can be signalled).
 
     ``death_signal`` reaches it when its parent dies: SIGKILL by default; SIGTERM for a
-    program that must clean up, such as ``srun`` cancelling its allocation.
+    program that must clean up, such as ``srun`` cancelling its allocation; None for a
+    detached job's command, which the broker watches once its client is gone.
     """
     return subprocess.Popen(
         list(argv),
@@ -39,6 +40,6 @@ def spawn_command(
         stderr=stderr,
         stdin=subprocess.DEVNULL,
         process_group=0,
-        preexec_fn=lambda: _die_with_parent(death_signal),
+        preexec_fn=None if death_signal is None else lambda: _die_with_parent(death_signal),
         pass_fds=tuple(pass_fds),
     )
