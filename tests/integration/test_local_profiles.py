@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hubclient import HubUser
+from tests.support.hubclient import HubUser, logged_in, server_ready
 from tests.support.hubs import running_demo_hub
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
@@ -62,13 +62,6 @@ def hub_log(state: Path) -> str:
     return (state / "jupyterhub.log").read_text(errors="replace")[-4000:]
 
 
-def logged_in(url: str, passwords: dict[str, str], name: str) -> HubUser:
-    user = HubUser(url, name)
-    assert user.login(passwords[name]).status_code == 302
-    user.make_token()
-    return user
-
-
 def progress_messages(user: HubUser, until: str, timeout: float = 30) -> list[str]:
     """Read the spawn page's progress stream (server-sent events) until a message contains ``until``."""
     seen: list[str] = []
@@ -87,11 +80,6 @@ def progress_messages(user: HubUser, until: str, timeout: float = 30) -> list[st
             if time.monotonic() > deadline:
                 break
     raise AssertionError(f"{until!r} never appeared in the spawn progress: {seen}")
-
-
-def server_ready(user: HubUser) -> bool:
-    model = user.api("GET", f"/users/{user.name}").json()
-    return bool((model.get("servers") or {}).get("", {}).get("ready"))
 
 
 def test_a_gpu_profile_spawn_queues_shows_its_place_and_starts_in_turn(profile_hub):

@@ -100,43 +100,105 @@ class HubUser:
     def run(self, kernel_id: str, code: str, timeout: float = 120) -> CellRun:
         return asyncio.run(self._run(kernel_id, code, timeout))
 
-    async def _run(self, kernel_id: str, code: str, timeout: float) -> CellRun:
+    def send_cell(self, kernel_id: str, code: str, session_id: str) -> str:
+        """Send a cell and hang up once it runs, as a closed browser tab does; the server
+        keeps its output for ``session_id`` (read it with :meth:`collect_cell`)."""
+        return asyncio.run(self._send_cell(kernel_id, code, session_id))
+
+    def collect_cell(
+        self, kernel_id: str, msg_id: str, session_id: str, timeout: float = 120
+    ) -> CellRun:
+        """Reconnect as ``session_id`` and read the cell's output to its end, replayed first."""
+        return asyncio.run(self._collect_cell(kernel_id, msg_id, session_id, timeout))
+
+    async def _connect(self, kernel_id: str, session_id: str) -> Any:
         url = (
             self.base.replace("http", "ws", 1)
-            + f"/user/{self.name}/api/kernels/{kernel_id}/channels"
+            + f"/user/{self.name}/api/kernels/{kernel_id}/channels?session_id={session_id}"
         )
-        conn = await websocket_connect(_request(url, self.token))
+        return await websocket_connect(_request(url, self.token))
+
+    async def _send(self, conn: Any, code: str, session_id: str) -> str:
         msg_id = uuid.uuid4().hex
         await conn.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "username": self.name, "session": uuid.uuid4().hex,
+            "header": {"msg_id": msg_id, "username": self.name, "session": session_id,
                        "msg_type": "execute_request", "version": "5.3", "date": ""},
             "parent_header": {}, "metadata": {}, "channel": "shell",
             "content": {"code": code, "silent": False, "store_history": True,
                         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
         }))  # fmt: skip
-        result = CellRun()
-        started = time.monotonic()
-        idle = False
-        while not (idle and result.reply):
-            remaining = timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                raise AssertionError(f"cell did not finish in {timeout} s: {result.messages}")
-            raw = await asyncio.wait_for(conn.read_message(), remaining)
-            if raw is None:
-                raise AssertionError("the kernel websocket closed")
-            msg = json.loads(raw)
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["msg_type"]
-            if kind == "execute_reply":
-                result.reply = msg["content"]
-            elif kind == "status":
-                idle = msg["content"]["execution_state"] == "idle"
-            else:
-                result.messages.append((time.monotonic() - started, kind, msg["content"]))
+        return msg_id
+
+    async def _run(self, kernel_id: str, code: str, timeout: float) -> CellRun:
+        session_id = uuid.uuid4().hex
+        conn = await self._connect(kernel_id, session_id)
+        msg_id = await self._send(conn, code, session_id)
+        result = await _read_cell(conn, msg_id, timeout)
         conn.close()
         await asyncio.sleep(0.2)  # let the closing handshake finish before the loop ends
         return result
+
+    async def _send_cell(self, kernel_id: str, code: str, session_id: str) -> str:
+        conn = await self._connect(kernel_id, session_id)
+        msg_id = await self._send(conn, code, session_id)
+        while True:  # until the kernel has taken it up
+            raw = await asyncio.wait_for(conn.read_message(), 60)
+            msg = json.loads(raw) if raw else {}
+            if msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] in (
+                "execute_input",
+                "stream",
+            ):
+                break
+        conn.close()
+        await asyncio.sleep(0.2)
+        return msg_id
+
+    async def _collect_cell(
+        self, kernel_id: str, msg_id: str, session_id: str, timeout: float
+    ) -> CellRun:
+        conn = await self._connect(kernel_id, session_id)
+        result = await _read_cell(conn, msg_id, timeout)
+        conn.close()
+        await asyncio.sleep(0.2)
+        return result
+
+
+async def _read_cell(conn: Any, msg_id: str, timeout: float) -> CellRun:
+    """The messages of cell ``msg_id`` until its reply and the kernel's idle."""
+    result = CellRun()
+    started = time.monotonic()
+    idle = False
+    while not (idle and result.reply):
+        remaining = timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise AssertionError(f"cell did not finish in {timeout} s: {result.messages}")
+        raw = await asyncio.wait_for(conn.read_message(), remaining)
+        if raw is None:
+            raise AssertionError("the kernel websocket closed")
+        msg = json.loads(raw)
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind = msg["msg_type"]
+        if kind == "execute_reply":
+            result.reply = msg["content"]
+        elif kind == "status":
+            idle = msg["content"]["execution_state"] == "idle"
+        else:
+            result.messages.append((time.monotonic() - started, kind, msg["content"]))
+    return result
+
+
+def logged_in(url: str, passwords: dict[str, str], name: str) -> HubUser:
+    """A user logged in with the demo password, with an API token."""
+    user = HubUser(url, name)
+    assert user.login(passwords[name]).status_code == 302
+    user.make_token()
+    return user
+
+
+def server_ready(user: HubUser) -> bool:
+    model = user.api("GET", f"/users/{user.name}").json()
+    return bool((model.get("servers") or {}).get("", {}).get("ready"))
 
 
 def _request(url: str, token: str) -> Any:

@@ -56,7 +56,8 @@ def launch_hub(
 
 
 def stop_hub(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """The hub stops its proxy, its managed services and the servers it started."""
+    """The hub stops its proxy and its managed services (the broker); with gpulane's
+    ``cleanup_servers = False`` the servers it started keep running."""
     proc.terminate()
     try:
         proc.wait(timeout)
@@ -97,19 +98,21 @@ def running_demo_hub(
         dashboard_port=free_port(),
         hub_port=free_port(),
         proxy_api_port=free_port(),
+        stop_servers_with_hub=False,  # gpulane's own configuration: servers outlive the hub
     )
     if extra_config is not None:
         with open(config, "a") as handle:
             handle.write(extra_config(state))
     url = f"http://127.0.0.1:{port}"
     proc = launch_hub(config, state, url)
+    running = RunningHub(url, state, passwords, proc)
     try:
-        yield RunningHub(url, state, passwords, proc)
+        yield running
     finally:
-        stop_hub(proc)
-        subprocess.run(
-            ["pkill", "-f", f"{state}/"], check=False
-        )  # servers and the broker of this hub
+        stop_hub(running.proc)  # a test may have restarted it: the latest hub process
+        subprocess.run(["pkill", "-f", f"{state}/"], check=False)  # its broker
+        for user in passwords:  # servers, kernels and GPU workers outlive the hub
+            subprocess.run(["pkill", "-KILL", "-u", user], check=False)
         shutil.rmtree(state, ignore_errors=True)
 
 

@@ -217,6 +217,18 @@ def test_hub_typed_options_reach_the_broker_command() -> None:
     assert "--default-time" not in tail  # defaults stay off the command line
 
 
+def test_hub_servers_outlive_a_hub_restart_unless_the_admin_says_otherwise() -> None:
+    from gpulane.hub import configure
+
+    kept = Config()
+    configure(kept)
+    assert kept.JupyterHub.cleanup_servers is False
+    explicit = Config()
+    explicit.JupyterHub.cleanup_servers = True
+    configure(explicit)
+    assert explicit.JupyterHub.cleanup_servers is True
+
+
 def test_hub_broker_args_still_work_but_warn(caplog: pytest.LogCaptureFixture) -> None:
     from gpulane.hub.config import GpulaneHub
 

@@ -49,7 +49,7 @@ configure(
     admin_users={{{admin!r}}},
     dashboard_port={dashboard_port},
 )
-"""
+{cleanup}"""
 
 
 def default_state_dir() -> Path:
@@ -91,8 +91,13 @@ def prepare(
     dashboard_port: int = 9873,
     hub_port: int = 8081,
     proxy_api_port: int = 8001,
+    stop_servers_with_hub: bool = True,
 ) -> tuple[Path, dict[str, str]]:
-    """Write the config and passwords; returns the config path and the passwords."""
+    """Write the config and passwords; returns the config path and the passwords.
+
+    ``configure`` keeps servers running across a hub restart, as a lab's hub should; the
+    demo is stopped with Ctrl-C and then stops everything, unless told otherwise.
+    """
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o755)  # users' kernels must reach the broker socket inside
     as_root = os.geteuid() == 0
@@ -125,6 +130,11 @@ def prepare(
             dashboard_port=dashboard_port,
             hub_port=hub_port,
             proxy_api_port=proxy_api_port,
+            cleanup=(
+                "c.JupyterHub.cleanup_servers = True  # the demo: Ctrl-C stops the servers too\n"
+                if stop_servers_with_hub
+                else ""
+            ),
         )
     )
     install_kernel_extension()

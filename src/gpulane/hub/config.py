@@ -262,6 +262,10 @@ class GpulaneHub(LoggingConfigurable):
         environment = dict(_existing(c.Spawner, "environment", {}))
         environment.update(self.extra_environment)
         environment[config.SOCKET_ENV] = self.broker_socket
+        if self.idle_culler:
+            # Kernels with GPU work queued or running report activity this often, so the
+            # culler never takes a server mid-job (src/gpulane/kernel/activity.py).
+            environment[config.ACTIVITY_INTERVAL_ENV] = str(activity_interval(self.idle_timeout))
         c.Spawner.environment = environment
         # The server's token names its user to the broker; with the groups and the admin
         # scope on it, the broker applies GPU groups and admin rights to hub users.
@@ -278,9 +282,20 @@ class GpulaneHub(LoggingConfigurable):
             ADMIN_SCOPE,
         }
         c.Spawner.server_token_scopes = sorted(scopes)
+        # A hub restart is routine (an upgrade, a config change): servers, their kernels,
+        # running %%gpu cells and GPU-profile leases live through it. JupyterHub's default
+        # stops every server on shutdown.
+        if "cleanup_servers" not in c.JupyterHub:
+            c.JupyterHub.cleanup_servers = False
         # Safe defaults: loopback unless the admin says otherwise, no shared admin rights.
         if "ip" not in c.JupyterHub and "bind_url" not in c.JupyterHub:
             c.JupyterHub.ip = "127.0.0.1"
+
+
+def activity_interval(idle_timeout: int) -> int:
+    """Seconds between a busy kernel's activity reports: a quarter of the culler's timeout,
+    at least 5 s (the hub's load) and at most 300 s (jupyterhub-singleuser's own interval)."""
+    return max(5, min(300, idle_timeout // 4))
 
 
 def _typed_options(args: list[str]) -> list[str]:

@@ -58,6 +58,8 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
     ).tag(config=True)
 
     _profiles: ProfileSet | None = None
+    _job_id: int | None = None  # the GPU lease's job, kept in the spawner's state
+    _lease: threading.Thread | None = None  # the thread that holds it (none after a restart)
     _events: asyncio.Queue[dict[str, Any]]
     _started: asyncio.Future[Any]
 
@@ -136,6 +138,7 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
             time_limit=parse_duration(self.session_time, "GpulaneSpawner.session_time"),
             name=f"server-{profile.slug}"[:64],
             command=("jupyterhub-singleuser",),
+            detached=True,  # the server keeps its GPU while the hub restarts
         )
         # The server's own hub token names the user to the broker (the hub runs as root).
         scheduler = BrokerScheduler(self.broker_socket, token=self.api_token)
@@ -182,12 +185,46 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
 
     async def stop(self, now: bool = False) -> None:
         started = getattr(self, "_started", None)
+        job_id = self._job_id
         if started is not None and not started.done():
             # Still queued: withdraw the job.
-            job_id = getattr(self, "_job_id", None)
             if job_id is not None:
                 await asyncio.to_thread(self._scheduler.cancel, job_id)
         await super().stop(now=now)
+        if job_id is not None and self._lease is None:
+            # A server this hub found running after a restart: no thread of ours holds
+            # its lease. The broker sees the server end through its pidfd; saying so
+            # here as well covers a broker that cannot see the process.
+            await asyncio.to_thread(self._release_restored_lease, job_id)
+        self._job_id = None
+
+    def _release_restored_lease(self, job_id: int) -> None:
+        # The hub runs as root, a broker admin: it may end the lease it started without
+        # the old server token (which it never keeps).
+        scheduler = BrokerScheduler(self.broker_socket)
+        try:
+            if scheduler.job(job_id)["state"] == "running":
+                scheduler.cancel(job_id)
+        except SchedulerError as error:
+            self.log.warning("gpulane: could not end the lease of job %d: %s", job_id, error)
+
+    # ------------------------------------------------------------------ hub restarts
+
+    def get_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().get_state()
+        if self._job_id is not None:
+            state["gpulane_job"] = self._job_id
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        job_id = state.get("gpulane_job")
+        if isinstance(job_id, int):
+            self._job_id = job_id
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self._job_id = None
 
 
 def _progress_event(update: JobUpdate) -> dict[str, Any]:
