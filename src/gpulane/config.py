@@ -48,6 +48,7 @@ RUNNER_FD_ENV = "GPULANE_RUNNER_FD"
 RUNNER_ADDRESS_ENV = "GPULANE_RUNNER_ADDRESS"
 RUNNER_KEYFILE_ENV = "GPULANE_RUNNER_KEYFILE"
 RUNNER_STREAMS_ENV = "GPULANE_RUNNER_STREAMS"
+ACTIVITY_INTERVAL_ENV = "GPULANE_ACTIVITY_INTERVAL"
 
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(SOCKET_ENV, str(DEFAULT_SOCKET), "you / the admin / the hub", "the broker's socket"),
@@ -68,6 +69,13 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "address a Slurm-started worker connects back to",
     ),
     EnvVar(KEY_DIR_ENV, "~/.gpulane/keys", "you", "where the one-time worker keys go (mode 0700)"),
+    EnvVar(
+        ACTIVITY_INTERVAL_ENV,
+        "60",
+        "the hub (a quarter of `idle_timeout`, 5 to 300 s)",
+        "seconds between a kernel's activity reports to the hub while it has GPU work queued "
+        "or running (so the idle culler leaves its server alone)",
+    ),
     EnvVar(JOB_ID_ENV, "", "gpulane, for the command", "the job's number"),
     EnvVar(SLICES_ENV, "", "gpulane, for the command", "slices granted, for slice jobs"),
     EnvVar(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from gpulane.jobs import format_duration
+from gpulane.kernel.activity import ActivityReporter
 from gpulane.kernel.card import Card, message_card, render_final
 from gpulane.kernel.options import SessionOptions
 from gpulane.kernel.protocol import Done, RunCell
@@ -30,6 +31,7 @@ class GpuSession:
         options: SessionOptions,
         launch: Launch,
         on_submitted: Callable[[], None],
+        activity: ActivityReporter | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.options = options
@@ -44,6 +46,9 @@ class GpuSession:
         self.last_used = time.monotonic()
         self.card: Card | None = None
         self._lock = threading.Lock()
+        # Queued or holding the GPU, the session keeps the server busy to the hub's idle
+        # culler; an idle session is released by its own --idle, and then the server idles.
+        self._activity = activity or ActivityReporter(None)
 
     @property
     def running(self) -> bool:
@@ -66,6 +71,8 @@ class GpuSession:
             else:
                 card.on_update(update)
 
+        hold = self._activity.begin()
+
         def lifecycle() -> None:
             try:
                 outcome = self.scheduler.run(
@@ -80,6 +87,7 @@ class GpuSession:
                 self.ended_reason = str(error)
                 card.show(message_card("GPU session failed", [str(error)], "failed"))
             finally:
+                hold.end()
                 self.ended.set()
                 self.granted.set()
 
