@@ -21,8 +21,9 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from gpulane.config import WARM_WORKER_ENV
 from gpulane.display import status_table
 from gpulane.jobs import OptionError, parse_count
+from gpulane.kernel.activity import ActivityReporter, Hold, server_holds_gpu
 from gpulane.kernel.card import Card, message_card, render_final
-from gpulane.kernel.failures import GPUCellFailed, WorkerExited, job_failure
+from gpulane.kernel.failures import GPUCellFailed, GPUJobFailed, WorkerExited, job_failure
 from gpulane.kernel.names import names_used
 from gpulane.kernel.options import (
     CellOptions,
@@ -59,6 +60,15 @@ class RemoteCellError(Exception):
         self.traceback = error.traceback_with_hint()
 
 
+def remote_cell_error(error: CellError) -> RemoteCellError:
+    """The cell's exception, of a class named as the user's own (``ValueError``), so the execute
+    reply (which nbconvert and papermill read) names it, not this wrapper."""
+    named: type[RemoteCellError] = type(
+        error.ename, (RemoteCellError,), {"__module__": RemoteCellError.__module__}
+    )
+    return named(error)
+
+
 @dataclass
 class BackgroundJob:
     sink: BackgroundSink
@@ -67,6 +77,8 @@ class BackgroundJob:
     job: JobView | None = None
     outcome: Outcome | None = None
     error: str | None = None
+    # Why the job ended without the cell finishing, raised by %gpu wait and %gpu result.
+    failure: GPUCellFailed | None = None
     values: dict[str, Any] | None = None
     applied: bool = False
     done: threading.Event = field(default_factory=threading.Event)
@@ -82,6 +94,14 @@ class GpuMagics(Magics):
         self.background: list[BackgroundJob] = []  # this notebook's --bg jobs, oldest first
         self.session: GpuSession | None = None
         self._scheduler: Scheduler | None = None
+        # GPU work queued or running keeps the server busy to the hub's idle culler.
+        self.activity = ActivityReporter.from_environment()
+        self._cell_hold: Hold | None = None
+        if self.activity.target is not None and server_holds_gpu(os.environ):
+            # The whole server holds a GPU: any cell running is GPU work; an idle server
+            # is still culled, and frees its GPU.
+            shell.events.register("pre_run_cell", self._cell_starts)
+            shell.events.register("post_run_cell", self._cell_ends)
         shell.set_custom_exc((RemoteCellError, GPUCellFailed), _show_remote_error)
         shell.events.register("pre_run_cell", self._apply_background_results)
         atexit.register(self.shutdown)
@@ -130,7 +150,8 @@ class GpuMagics(Magics):
                 return self._run_in_session(cell, options, inputs)
             if options.background:
                 return self._run_background(cell, options, inputs)
-            return self._run_foreground(cell, options, inputs)
+            with self.activity.holding():
+                return self._run_foreground(cell, options, inputs)
         except SchedulerError as error:
             cleanup(inputs)
             _print_notice(str(error))
@@ -206,7 +227,7 @@ class GpuMagics(Magics):
             note = f"the cell raised {sink.error.ename}; the GPU was freed"
         card.show(render_final(job, note))
         if sink.error is not None:
-            raise RemoteCellError(sink.error)
+            raise remote_cell_error(sink.error)
         failure = job_failure(job, finished=result is not None)
         if failure is not None:
             raise failure
@@ -234,6 +255,7 @@ class GpuMagics(Magics):
         sink = BackgroundSink()
         worker.attach(sink)
         holder: dict[str, BackgroundJob] = {}
+        hold = self.activity.begin()  # until the job has ended, queued or run
 
         def on_update(update: JobUpdate) -> None:
             holder["job"].job = update.job
@@ -253,17 +275,22 @@ class GpuMagics(Magics):
                     for name, reason in failures.items():
                         sink.warnings.append(f"{name} did not come back: {reason}")
                 final = job.outcome.job
+                job.failure = job_failure(final, finished=result is not None)
                 names = ", ".join(sorted(job.values or {})) or "none"
-                note = (
-                    f"finished: names ({names}) are set before your next cell runs, or by %gpu wait"
-                    if sink.error is None
-                    else f"{sink.error.ename}: {sink.error.evalue} (see %gpu wait)"
-                )
+                if sink.error is not None:
+                    note = f"{sink.error.ename}: {sink.error.evalue} (see %gpu wait)"
+                elif job.failure is not None:
+                    note = f"{type(job.failure).__name__}: {job.failure} (see %gpu wait)"
+                else:
+                    note = f"finished: names ({names}) are set before your next cell runs, or by %gpu wait"
                 card.show(render_final(final, note))
             except SchedulerError as error:
                 job.error = str(error)
+                where = f"job {job.job['id']}: " if job.job else ""
+                job.failure = GPUJobFailed(f"{where}{error}")
                 card.show(message_card(f"{request.name}: failed", [str(error)], "failed"))
             finally:
+                hold.end()
                 cleanup(inputs)
                 job.done.set()
 
@@ -299,7 +326,7 @@ class GpuMagics(Magics):
         result = session.run_cell(self._message(cell, options, inputs, once=False), sink)
         cleanup(inputs)
         if sink.error is not None:
-            raise RemoteCellError(sink.error)
+            raise remote_cell_error(sink.error)
         if result and result.ok and result.outputs is not None:
             self._receive(result.outputs)
         elif result is None:
@@ -367,8 +394,12 @@ class GpuMagics(Magics):
         job.sink.replay()
         if not job.applied:
             self._apply(job)
+        # A job that failed is an error to Jupyter here, as its cell would have been in the
+        # foreground: Run All, nbconvert and papermill stop at the wait.
         if job.sink.error is not None:
-            raise RemoteCellError(job.sink.error)
+            raise remote_cell_error(job.sink.error)
+        if job.failure is not None:
+            raise job.failure
         return dict(job.values or {}) if command == "result" else None
 
     def _session_command(self, rest: list[str]) -> None:
@@ -382,7 +413,9 @@ class GpuMagics(Magics):
             options = parse_session_options(" ".join(rest[1:]))
             empty = pack({}, self.spill_dir, options.cell.max_transfer)
             launch = self._launch(self._message("", options.cell, empty, once=False))
-            self.session = GpuSession(self.scheduler, options, launch, self.pool.refill)
+            self.session = GpuSession(
+                self.scheduler, options, launch, self.pool.refill, activity=self.activity
+            )
             self.session.start()
         elif action == "stop":
             if self.session is None or not self.session.running:
@@ -393,6 +426,16 @@ class GpuMagics(Magics):
             raise OptionError(
                 "%gpu session: start or stop? (%gpu session start [--idle 15m] [options])"
             )
+
+    def _cell_starts(self, *args: Any) -> None:
+        if self._cell_hold is not None:
+            self._cell_hold.end()
+        self._cell_hold = self.activity.begin()
+
+    def _cell_ends(self, *args: Any) -> None:
+        if self._cell_hold is not None:
+            self._cell_hold.end()
+            self._cell_hold = None
 
     def shutdown(self) -> None:
         if self.session is not None and self.session.running:
