@@ -186,10 +186,9 @@ class GpulaneSpawner(LocalProcessSpawner):  # type: ignore[misc]
     async def stop(self, now: bool = False) -> None:
         started = getattr(self, "_started", None)
         job_id = self._job_id
-        if started is not None and not started.done():
+        if started is not None and not started.done() and job_id is not None:
             # Still queued: withdraw the job.
-            if job_id is not None:
-                await asyncio.to_thread(self._scheduler.cancel, job_id)
+            await asyncio.to_thread(self._scheduler.cancel, job_id)
         await super().stop(now=now)
         if job_id is not None and self._lease is None:
             # A server this hub found running after a restart: no thread of ours holds
