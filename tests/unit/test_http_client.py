@@ -181,3 +181,25 @@ def test_the_event_feed_yields_each_line_as_it_comes(server: _UnixHTTPServer) ->
 def test_an_error_answer_to_the_feed_raises(server: _UnixHTTPServer) -> None:
     with pytest.raises(SchedulerError, match=r"^no route$"):
         next(client_of(server).stream("/nowhere"))
+
+
+def test_a_request_interrupted_before_its_answer_leaves_no_half_used_connection(
+    server: _UnixHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C on `gpulane run` during a call: the finish it sends next must not fail with
+    # http.client.CannotSendRequest on the connection left mid-request.
+    import http.client
+
+    client = client_of(server)
+    client.request("GET", "/echo")
+    real = http.client.HTTPConnection.getresponse
+
+    def interrupted(self: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        monkeypatch.setattr(http.client.HTTPConnection, "getresponse", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(http.client.HTTPConnection, "getresponse", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.request("POST", "/echo", {"first": 1})
+    assert client.request("POST", "/echo", {"then": 2})["body"] == {"then": 2}
+    client.close()

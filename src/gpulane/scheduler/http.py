@@ -85,6 +85,12 @@ class UnixJSONClient:
             except OSError as error:
                 self.close()
                 raise self._unavailable(error) from None
+            except BaseException:
+                # Ctrl-C between sending and reading the answer: the connection is mid-request,
+                # and reusing it would raise CannotSendRequest on the next call (the client's
+                # own finish after the interrupt); close it so that call dials afresh.
+                self.close()
+                raise
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _dial(self, wait: float) -> UnixHTTPConnection:
