@@ -7,11 +7,10 @@ notebook card read alike.
 
 from __future__ import annotations
 
-import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
 
 from gpulane import views
 from gpulane.errors import SchedulerError, SchedulerUnavailable
@@ -51,11 +50,23 @@ class Outcome:
 
 
 UpdateCallback = Callable[[JobUpdate], None]
+
+
+class CommandProcess(Protocol):
+    """A job's command as the back end watches it: a ``Popen``, or a worker forked by the
+    kernel's fork server (which the kernel cannot ``waitpid``). It leads its process group."""
+
+    @property
+    def pid(self) -> int: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 # Starts the job's process once GPUs are granted, given the grant's environment
 # (CUDA_VISIBLE_DEVICES, GPULANE_JOB_ID, ...). Back ends that start processes on
 # this machine use it (the magic hands the grant to a pre-started worker); back
 # ends that start them elsewhere run ``request.command`` themselves.
-Launcher = Callable[[dict[str, str]], "subprocess.Popen[bytes]"]
+Launcher = Callable[[dict[str, str]], CommandProcess]
 
 
 class Scheduler(ABC):
