@@ -23,9 +23,14 @@ class ForegroundSink:
         self.warnings: list[str] = []
 
     def stream(self, name: str, text: str) -> None:
+        # Into the kernel's own streams, unflushed: ipykernel batches the text into messages as
+        # for a plain cell, and sends it before the next display (publish flushes streams first).
         target = sys.stdout if name == "stdout" else sys.stderr
         target.write(text)
-        target.flush()
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
     def message(self, message: CellOutput) -> None:
         publisher = _shell().display_pub
@@ -70,6 +75,9 @@ class BackgroundSink(ForegroundSink):
             self.text += text
             current = self.text
         self.handle.update({"text/plain": current}, raw=True)
+
+    def flush(self) -> None:
+        pass  # its text is already in its display
 
     def message(self, message: CellOutput) -> None:
         match message:
