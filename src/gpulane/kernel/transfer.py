@@ -2,9 +2,19 @@
 
 Each variable is pickled on its own with cloudpickle (so one unpicklable value is
 skipped with a reason instead of failing the whole cell), using pickle protocol 5:
-large out-of-band buffers (numpy arrays, CPU tensors) are written once to a private
-spill folder and come back as copy-on-write memory maps, so a big array crosses
-without being copied into the message or again on load.
+large out-of-band buffers (numpy arrays, CPU tensors, anything that exports a
+``PickleBuffer``) are written once to a private spill folder and mapped on the other
+side, so a big array crosses with one copy: never into the message, never again on load.
+
+The receiver maps a spill file shared and writable, then unlinks it: the mapping is then
+the only reference, so the array is writable, private to its process, freed with its last
+view, and stays valid whoever removes the folder (an unlinked file lives on while mapped).
+Writing into it costs no copy-on-write. The one difference from an ordinary array: a child
+that the cell *forks* shares those pages, so its writes to such an array show in the
+parent (an ordinary array would be copied on write).
+
+Where the two sides share no folder (a worker on another machine) the same buffers follow
+their message on the channel (:mod:`gpulane.kernel.channel`), read into ordinary memory.
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +65,12 @@ class BufferRef:
     size: int
     inline: bytes | None = None  # small buffers travel inside the message
     path: str | None = None  # large ones: a file, mode 0600, inside a private (0700) folder
+    follows: bool = False  # or their bytes follow the message on the channel (no shared folder)
+    # Never pickled: a following buffer's bytes, to send (a view) or as received (a bytearray).
+    data: memoryview | bytearray | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "data": None}  # the bytes go beside the message, not in it
 
 
 @dataclass
@@ -62,6 +79,30 @@ class Packed:
     buffers: dict[str, list[BufferRef]]  # name -> its out-of-band buffers, in order
     skipped: dict[str, str]  # name -> one-line reason it could not be pickled
     total_bytes: int  # blobs + buffers
+    seconds: float = 0.0  # spent moving it: the sender's pickling and writing, any streaming
+
+    def spilled_bytes(self) -> int:
+        """The bytes that went out of band (spill files or the channel), not inline."""
+        return sum(ref.size for refs in self.buffers.values() for ref in refs if not ref.inline)
+
+
+SHOW_TRANSFER_AFTER = 1.0  # seconds: a transfer slower than this is reported on the card
+
+
+def transfer_line(packed: Packed | None, verb: str) -> str | None:
+    """``"sent 1.0 GiB in 1.4 s"`` (``verb`` "sent" or "brought back") for the card, when the
+    transfer took longer than :data:`SHOW_TRANSFER_AFTER`; None when it was quick."""
+    if packed is None or packed.seconds <= SHOW_TRANSFER_AFTER:
+        return None
+    return f"{verb} {format_bytes(packed.total_bytes)} in {packed.seconds:.1f} s"
+
+
+def transfer_lines(sent: Packed | None, returned: Packed | None) -> list[str]:
+    """The card's lines for a cell's slow transfers: its inputs (the kernel's packing, and the
+    channel's time for a worker elsewhere) and its returns (the worker's packing and any time
+    on the channel); empty when both took at most a second."""
+    lines = (transfer_line(sent, "sent"), transfer_line(returned, "brought back"))
+    return [line for line in lines if line is not None]
 
 
 def _summarize_error(error: BaseException, limit: int = 300) -> str:
@@ -70,7 +111,8 @@ def _summarize_error(error: BaseException, limit: int = 300) -> str:
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, plus plain CPU tensors as numpy arrays so their data goes out of band."""
+    """cloudpickle, plus plain CPU tensors as numpy arrays so their data goes out of band,
+    and large strided arrays out of band too (numpy pickles those in band)."""
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
@@ -78,7 +120,38 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = _reduce_tensor(obj, torch)
             if reduced is not None:
                 return reduced
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and type(obj) is numpy.ndarray:
+            reduced = _reduce_strided(obj)
+            if reduced is not None:
+                return reduced
         return super().reducer_override(obj)
+
+
+OUT_OF_BAND_FROM = 1 << 20  # bytes: a strided array or bytes this big go out of band
+
+
+def _reduce_strided(array: Any) -> tuple[Any, ...] | None:
+    flags = array.flags
+    if flags.c_contiguous or flags.f_contiguous or array.dtype.hasobject:
+        return None  # numpy's own reduction already sends these out of band (or must pickle)
+    if array.nbytes < OUT_OF_BAND_FROM:
+        return None
+    # numpy would copy a view's elements into the pickle stream (in band, through the message);
+    # one contiguous copy here sends them out of band instead. The copy arrives contiguous.
+    return _same, (array.copy(order="K"),)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _bytes_from(buffer: Any, mutable: bool) -> bytes | bytearray:
+    # bytes and bytearray own their memory: one copy out of the mapping (none for a bytearray
+    # that was received over the channel: it is one already).
+    if mutable:
+        return buffer if type(buffer) is bytearray else bytearray(buffer)
+    return bytes(buffer)
 
 
 # torch pickles a tensor's whole storage in band (a 10-element view of a 1 GB tensor costs 1 GB);
@@ -118,8 +191,23 @@ def _tensor_from_array(array: Any, dtype: str, requires_grad: bool, parameter: b
     return tensor.requires_grad_(requires_grad)
 
 
+class _BytesValue:
+    """A variable that is one large ``bytes`` or ``bytearray``: pickle never asks
+    reducer_override about those, so the variable is wrapped to go out of band (bytes
+    nested in a container still go in band, inside the message)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        mutable = type(self.data) is bytearray
+        return _bytes_from, (pickle.PickleBuffer(self.data), mutable)
+
+
 def _dumps(value: Any) -> tuple[bytes, list[memoryview]]:
     views: list[memoryview] = []
+    if type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND_FROM:
+        value = _BytesValue(value)
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         try:
@@ -134,9 +222,17 @@ def _dumps(value: Any) -> tuple[bytes, list[memoryview]]:
 
 
 def pack(
-    values: Mapping[str, Any], spill_dir: Path, max_bytes: int, inline_limit: int = 1 << 20
+    values: Mapping[str, Any],
+    spill_dir: Path | None,
+    max_bytes: int,
+    inline_limit: int = 1 << 20,
 ) -> Packed:
-    """Pickle each value on its own; big buffers go to files in spill_dir, small ones inline."""
+    """Pickle each value on its own; big buffers go to files in spill_dir, small ones inline.
+
+    With no spill_dir (:func:`shared_spill_dir`: a worker on another machine) big buffers are
+    kept, to follow the message on the channel (:mod:`gpulane.kernel.channel`).
+    """
+    started = time.perf_counter()
     blobs: dict[str, bytes] = {}
     views: dict[str, list[memoryview]] = {}
     skipped: dict[str, str] = {}
@@ -158,12 +254,27 @@ def pack(
     except BaseException:
         cleanup(packed)  # a full disk or an interrupt must not leave half a transfer behind
         raise
+    packed.seconds = time.perf_counter() - started
     return packed
 
 
-def _store_buffer(view: memoryview, spill_dir: Path, inline_limit: int) -> BufferRef:
+def shared_spill_dir(spill_dir: str) -> Path | None:
+    """The kernel's spill folder, on the worker's side: where it is this user's private folder
+    on this machine (not a link, ours, no access for others); None where it is not there (a
+    worker on another machine), so the worker's values follow on the channel instead."""
+    try:
+        info = os.lstat(spill_dir)
+    except OSError:
+        return None
+    private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+    return Path(spill_dir) if private and stat.S_IMODE(info.st_mode) & 0o077 == 0 else None
+
+
+def _store_buffer(view: memoryview, spill_dir: Path | None, inline_limit: int) -> BufferRef:
     if view.nbytes < inline_limit or view.nbytes == 0:
         return BufferRef(size=view.nbytes, inline=view.tobytes())
+    if spill_dir is None:
+        return BufferRef(size=view.nbytes, follows=True, data=view)  # sent beside the message
     path = spill_dir / f"{secrets.token_hex(12)}.buf"
     # O_EXCL: never follow a planted symlink or reuse someone's file; 0600: only we can read it.
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
@@ -197,23 +308,50 @@ def unpack(packed: Packed) -> tuple[dict[str, Any], dict[str, str]]:
             failures[name] = _summarize_error(error)
         finally:
             _remove_files(refs)
+            for ref in refs:
+                ref.data = None  # the values hold what they use; the message holds nothing
     return values, failures
 
 
+def follow_channel(packed: Packed) -> None:
+    """Make a Packed's spill files follow its message on the channel instead (for a worker
+    that cannot see this machine's folder): each file is mapped, unlinked, and read as sent."""
+    for refs in packed.buffers.values():
+        for ref in refs:
+            if ref.path is not None:
+                ref.data = memoryview(map_spill_file(ref.path, ref.size))
+                ref.path, ref.follows = None, True
+
+
 def _load_buffer(ref: BufferRef) -> bytearray | memoryview:
+    if ref.follows:
+        if not isinstance(ref.data, bytearray):
+            raise OSError(
+                "a buffer that should have followed its message on the channel is missing"
+            )
+        return ref.data  # received into ordinary, writable memory
     if ref.path is None:
         return bytearray(ref.inline or b"")  # writable, so numpy arrays come back writable
-    fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return memoryview(map_spill_file(ref.path, ref.size))
+
+
+def map_spill_file(path: str, size: int) -> mmap.mmap:
+    """Map a spill file, read lazily with nothing copied up front, and unlink it.
+
+    Shared and writable: once unlinked no one else can reach the file, so writes are private
+    to this process's mapping, without a copy-on-write per page (ACCESS_COPY costs one fault
+    and a page copy on each first write, and a second copy of the memory).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         actual = os.fstat(fd).st_size
-        if actual != ref.size:
-            raise OSError(f"spill file {ref.path} has {actual} bytes, expected {ref.size}")
-        # ACCESS_COPY: writable copy-on-write pages, read lazily; nothing is copied up front.
-        mapped = mmap.mmap(fd, ref.size, access=mmap.ACCESS_COPY)
+        if actual != size:
+            raise OSError(f"spill file {path} has {actual} bytes, expected {size}")
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
     finally:
         os.close(fd)
-    os.unlink(ref.path)  # the mapping outlives the name; the memory is freed with the last view
-    return memoryview(mapped)
+    os.unlink(path)  # the mapping outlives the name; the memory is freed with the last view
+    return mapped
 
 
 def _remove_files(refs: list[BufferRef]) -> None:
