@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gpulane.display import describe_eta, describe_holders, final_words
@@ -80,11 +81,14 @@ def message_card(title: str, lines: list[str], state: str = "info") -> CardView:
 class Card:
     """A display handle that shows the latest CardView."""
 
-    def __init__(self, first: CardView) -> None:
+    def __init__(
+        self, first: CardView, notes: Callable[[JobUpdate], list[str]] | None = None
+    ) -> None:
         from IPython.display import display
 
         self.handle: Any = display(first, display_id=True)  # type: ignore[no-untyped-call]
         self.last = repr(first)
+        self.notes = notes  # the kernel's own lines for a queued job (why not in the session)
 
     def show(self, view: CardView) -> None:
         if repr(view) == self.last or self.handle is None:
@@ -93,4 +97,7 @@ class Card:
         self.handle.update(view)
 
     def on_update(self, update: JobUpdate) -> None:
-        self.show(render(update))
+        view = render(update)
+        if self.notes is not None and update.state == "queued":
+            view.lines += self.notes(update)
+        self.show(view)

@@ -4,6 +4,7 @@ happened, with a one-line traceback instead of the magic's insides."""
 
 from __future__ import annotations
 
+from gpulane.kernel.protocol import CellError
 from gpulane.scheduler.base import JobView
 
 
@@ -52,3 +53,33 @@ def job_failure(job: JobView, finished: bool) -> GPUCellFailed | None:
     if not finished:
         return WorkerExited(f"{where}the GPU worker exited before the cell finished")
     return None
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """The user interrupted the cell; said in one line, in their terms, with no traceback
+    through gpulane (IPython shows ``_render_traceback_`` instead of the frames)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+# Jupyter, nbconvert and papermill read the class name: it stays the user's KeyboardInterrupt.
+CellInterrupted.__name__ = CellInterrupted.__qualname__ = "KeyboardInterrupt"
+
+
+class RemoteCellError(Exception):
+    """An exception raised by the cell on the GPU worker; shown with the worker's traceback."""
+
+    def __init__(self, error: CellError) -> None:
+        super().__init__(error.evalue)
+        self.ename, self.evalue = error.ename, error.evalue
+        self.traceback = error.traceback_with_hint()
+
+
+def remote_cell_error(error: CellError) -> RemoteCellError:
+    """The cell's exception, of a class named as the user's own (``ValueError``), so the execute
+    reply (which nbconvert and papermill read) names it, not this wrapper."""
+    named: type[RemoteCellError] = type(
+        error.ename, (RemoteCellError,), {"__module__": RemoteCellError.__module__}
+    )
+    return named(error)

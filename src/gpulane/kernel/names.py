@@ -241,3 +241,41 @@ def _bind_magic(call: ast.Call, bound: dict[str, None]) -> None:
         code = args[2]
     with contextlib.suppress(SyntaxError):
         _bind_statements(_parse(code).body, bound)
+
+
+# Marks a name whose attribute or item the cell assigns, deletes or augments (`cfg['lr'] = 0.1`),
+# or on which it calls a method with ``inplace=True``: a change for sure, whatever its type.
+CHANGED = "="
+
+
+def names_mutated(code: str) -> dict[str, set[str]]:
+    """Names whose object the cell may change in place, each with how: :data:`CHANGED`, and
+    the methods called on it (``model.fit(X)`` gives ``{"model": {"fit"}}``).
+
+    Found from the code alone, in every scope of the cell: a change through another name
+    (an alias, or a function of another name that changes it) is not seen.
+    """
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(_parse(code)):
+        if isinstance(node, ast.Attribute | ast.Subscript) and isinstance(
+            node.ctx, ast.Store | ast.Del
+        ):
+            root = _root_name(node.value)
+            if root is not None:
+                found.setdefault(root, set()).add(CHANGED)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            root = _root_name(node.func.value)
+            if root is not None:
+                in_place = any(
+                    k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value
+                    for k in node.keywords
+                )
+                found.setdefault(root, set()).add(CHANGED if in_place else node.func.attr)
+    return {name: how for name, how in found.items() if not _is_ipython_internal(name)}
+
+
+def _root_name(node: ast.expr) -> str | None:
+    """``a`` for ``a``, ``a.b``, ``a[0].c``; None when the chain starts elsewhere (a call)."""
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None

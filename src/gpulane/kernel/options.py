@@ -27,6 +27,7 @@ DEFAULT_MAX_TRANSFER = 2 * 1024**3
 DEFAULT_SESSION_IDLE = 15 * 60.0
 _KEY_VALUE = re.compile(r"^([a-z][a-z_-]*)=(.*)$")
 _KEYS = {"gpus", "slices", "time", "mem", "name", "return", "max-transfer", "max_transfer"}
+_ALL = "*"  # a bare --no-return: no names at all
 
 _Func = TypeVar("_Func", bound=Callable[..., Any])
 
@@ -35,9 +36,11 @@ _Func = TypeVar("_Func", bound=Callable[..., Any])
 class CellOptions:
     request: Request
     background: bool
-    returns: tuple[str, ...] | None  # None: the names the cell assigns
+    returns: tuple[str, ...] | None  # None: the names the cell assigns or changes
     session: bool
     max_transfer: int
+    no_return: tuple[str, ...] = ()  # names that stay as they are in the notebook
+    no_session: bool = False  # queue on its own even while a GPU session is open
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,28 @@ _ARGUMENTS: tuple[ArgDecorator, ...] = (
             metavar="NAMES",
             help="only these names come back (comma-separated)",
         ),
-        _option("--no-return", action="store_true", help="no names come back"),
+        _option(
+            "--no-return",
+            metavar="NAME",
+            nargs="?",
+            action="append",
+            const=_ALL,
+            help="NAME (repeatable or comma-separated) stays as it is in the notebook; "
+            "alone: no names come back",
+        ),
     ),
-    _option("--session", action="store_true", help="run in the GPU session (%%gpu session start)"),
+    exclusive(
+        _option(
+            "--session",
+            action="store_true",
+            help="run in the GPU session (%%gpu session start); the default while one is open",
+        ),
+        _option(
+            "--no-session",
+            action="store_true",
+            help="queue on its own even while a GPU session is open",
+        ),
+    ),
     _option(
         "--max-transfer",
         metavar="SIZE",
@@ -156,17 +178,25 @@ def _normalise(words: list[str]) -> list[str]:
     return out
 
 
+def _names(option: str, words: list[str], prog: str) -> tuple[str, ...]:
+    named = tuple(n.strip() for word in words for n in word.split(",") if n.strip())
+    bad = [n for n in named if not n.isidentifier()]
+    if bad:
+        raise OptionError(
+            f"{prog}: {option} {','.join(words)!r}: {', '.join(bad)} is not a Python name"
+        )
+    return named
+
+
 def _cell_options(args: argparse.Namespace, default_name: str, prog: str) -> CellOptions:
+    left_out = args.no_return or []
+    no_return: tuple[str, ...] = ()
     if args.returns is not None:
-        named = tuple(n.strip() for n in args.returns.split(",") if n.strip())
-        bad = [n for n in named if not n.isidentifier()]
-        if bad:
-            raise OptionError(
-                f"{prog}: --return {args.returns!r}: {', '.join(bad)} is not a Python name"
-            )
-        returns: tuple[str, ...] | None = named
+        returns: tuple[str, ...] | None = _names("--return", [args.returns], prog)
+    elif _ALL in left_out:
+        returns = ()
     else:
-        returns = () if args.no_return else None
+        returns, no_return = None, _names("--no-return", left_out, prog)
     try:
         request = build_request(
             gpus=args.gpus,
@@ -183,4 +213,6 @@ def _cell_options(args: argparse.Namespace, default_name: str, prog: str) -> Cel
             max_transfer = DEFAULT_MAX_TRANSFER
     except OptionError as error:
         raise OptionError(f"{prog}: {error}") from None
-    return CellOptions(request, args.bg, returns, args.session, max_transfer)
+    return CellOptions(
+        request, args.bg, returns, args.session, max_transfer, no_return, args.no_session
+    )

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from gpulane.jobs import format_duration
+from gpulane.jobs import Request, format_bytes, format_duration
 from gpulane.kernel.activity import ActivityReporter
 from gpulane.kernel.card import Card, message_card, render_final
 from gpulane.kernel.options import SessionOptions
@@ -143,3 +143,20 @@ class GpuSession:
         self.ended_reason = reason
         self.worker.stop()
         self.ended.wait(10)
+
+
+def shortfall(held: Request, asked: Request) -> str | None:
+    """What a cell asks beyond what a session holds, in words; None if it fits.
+
+    Only what the cell asks beyond the defaults counts: a plain ``%%gpu`` cell fits any
+    session, slices fit in a session of whole GPUs, and the session's time limit is the cell's.
+    """
+    if asked.gpus > 1 and (held.slices or asked.gpus > held.gpus):
+        return f"it asks {asked.describe()}, the session holds {held.describe()}"
+    if asked.slices and held.slices and asked.slices > held.slices:
+        return f"it asks {asked.describe()}, the session holds {held.describe()}"
+    if asked.mem and held.mem and asked.mem > held.mem:
+        return (
+            f"it asks {format_bytes(asked.mem)} of memory, the session has {format_bytes(held.mem)}"
+        )
+    return None
