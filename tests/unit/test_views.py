@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -215,3 +216,38 @@ def test_status_table_reads_a_snapshot() -> None:
         "1", "2", "bob", "1 GPU(s)", "10:00", "unknown"
     )  # fmt: skip
     assert " ".join(why) == "waiting for a GPU to free up"
+
+
+def test_each_waiting_reason_is_told_with_the_standing_behind_it() -> None:
+    config = PolicyConfig(starvation_after=3600)
+    hour = 3600.0
+    head = Waiting(1, "resources", NOW, 0.4 * hour, 1.0, "alice", 3.2 * hour, 1.0)
+    text = views.waiting_text(head, config, "bob", you=True, now=NOW)
+    assert text == (
+        "waiting for a GPU to free up; alice has used 3.2 GPU-hours recently, you 0.4: you go first"
+    )
+    behind = Waiting(2, "fair_share", NOW, 3.2 * hour, 1.0, "bob", 0.4 * hour, 1.0)
+    text = views.waiting_text(behind, config, "alice", you=True, now=NOW)
+    assert text.startswith(
+        "fair share: bob has used 0.4 GPU-hours recently, you 3.2: bob goes first"
+    )
+    # Another user reads the owner's name; shares that differ are named.
+    weighted = replace(behind, share=2.0)
+    text = views.waiting_text(weighted, config, "alice", you=False, now=NOW)
+    assert "bob has used 0.4 GPU-hours on a share of 1 recently" in text
+    assert "alice 3.2 on a share of 2: bob goes first" in text
+    held = Waiting(
+        1, "held", NOW + 600, held_job=12, held_since=NOW - 2 * hour, held_until=NOW + 600
+    )
+    assert views.waiting_text(held, config, "bob", you=True, now=NOW).startswith(
+        "waited 2:00:00 without a start, the longest: the GPUs it needs are held for it, "
+        "free in 10:00 at the latest"
+    )
+    reserved = Waiting(3, "reserved", None, held_job=12, held_since=NOW - 2 * hour)
+    assert views.waiting_text(reserved, config, "bob", you=True, now=NOW).startswith(
+        "reserved for job 12, which has waited 2:00:00 without a start"
+    )
+    cap = Waiting(4, "user_cap", None)
+    assert views.waiting_text(cap, PolicyConfig(max_running_per_user=2), "bob", True, NOW) == (
+        "per-user cap: you already run 2 job(s)"
+    )

@@ -6,14 +6,21 @@ on their own.
 
 The rules, in order:
 
-1. A job that has waited longer than ``starvation_after`` is *overdue*. Overdue
-   jobs go first, oldest first, and the first overdue job that does not fit
-   reserves the machine: nothing behind it starts until it has started. This
-   is what guarantees that no job waits forever.
-2. Otherwise users are served by fair share: the user with the fewest recent
-   GPU-seconds (decayed with a half-life, running jobs included) goes first;
-   ties go to the user running fewer jobs, then to the older submission.
-   Within one user, jobs run in the order they were submitted (FIFO).
+1. Users are served by fair share: the user with the lowest *standing* goes
+   first, that is recent GPU-seconds (decayed with a half-life, running jobs
+   included) divided by the user's share (:mod:`gpulane.broker.shares`); ties
+   go to the user running fewer jobs, then to the older submission. Within one
+   user, jobs run in the order they were submitted (FIFO). Waiting alone never
+   reorders users, so a long queue stays fair instead of turning into FIFO.
+2. No job starves: a job's *wait* counts from its submission or from the last
+   time one of its user's jobs started or ended, whichever is later (a user who
+   is getting GPU time is not starving). The job that has waited longest, once
+   over ``starvation_after``, is *held*: it goes first, and if it does not fit
+   it gets a reservation at the earliest time it fits, from the running jobs'
+   time limits. Other jobs still start now if they fit in what is free and
+   either end, by their own time limits, before the reservation or leave room
+   for it (EASY backfill). So the held job starts by its reservation, and a
+   whole-GPU job is not starved by a stream of slice jobs.
 3. A user at the per-user cap of running jobs waits; others pass them.
 4. Whole-GPU jobs take GPUs with every slice free; slice jobs take the
    fullest GPU that still has room (best fit), keeping whole GPUs free.
@@ -24,6 +31,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+
+from gpulane.broker.shares import Standing, effective_shares, standings
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,11 @@ class PolicyConfig:
     starvation_after: float = 3600.0
     gpu_groups: frozenset[str] = frozenset()  # empty: every user may use GPUs
     admin_groups: frozenset[str] = frozenset()
+    # Fair-share weights (shares.py): per user (default 1), per group (split among the
+    # group's members with jobs), and each user's share group.
+    user_shares: Mapping[str, float] = field(default_factory=dict)
+    group_shares: Mapping[str, float] = field(default_factory=dict)
+    user_groups: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,8 +114,19 @@ class Waiting:
     """Why a queued job waits, where it stands, and (if honest) when it should start."""
 
     position: int
-    reason: str  # resources | fair_share | priority | user_cap | reserved | never_fits
+    reason: str  # resources | fair_share | priority | user_cap | held | reserved | never_fits
     eta: float | None
+    # Fair-share standing: this user's, and the user it is compared with (for
+    # fair_share the one who goes first, for the head of the queue the next in line).
+    usage: float | None = None  # recent (decayed) GPU-seconds
+    share: float | None = None
+    other_user: str | None = None
+    other_usage: float | None = None
+    other_share: float | None = None
+    # held: this job's own wait; reserved: the held job, its wait, and when it starts.
+    held_job: int | None = None
+    held_since: float | None = None
+    held_until: float | None = None
 
 
 def gpu_share(assignment: Assignment, slices_per_gpu: int) -> float:
@@ -154,30 +179,72 @@ def user_usage(state: State, now: float, config: PolicyConfig) -> dict[str, floa
     return totals
 
 
+def user_standings(state: State, now: float, config: PolicyConfig) -> dict[str, Standing]:
+    """Every user with jobs queued or running: recent GPU-seconds, share, and standing."""
+    users = [j.user for j in state.queued] + [j.user for j in state.running]
+    shares = effective_shares(users, config.user_shares, config.group_shares, config.user_groups)
+    return standings(user_usage(state, now, config), shares)
+
+
+def waiting_since(state: State) -> dict[str, float]:
+    """Per user, the last time one of their jobs started or ended (a job's wait counts
+    from then, or from its submission, whichever is later)."""
+    last = {user: usage.at for user, usage in state.usage.items()}
+    for job in state.running:
+        last[job.user] = max(last.get(job.user, -math.inf), job.started_at)
+    return last
+
+
+def held_job(state: State, now: float, config: PolicyConfig) -> tuple[Pending, float] | None:
+    """The job that has waited longest without its user getting GPU time, once that is
+    over ``starvation_after``, and when its wait began; ``None`` if no job has waited so."""
+    last = waiting_since(state)
+    running_count = _running_count(state.running)
+    cap = config.max_running_per_user
+    best: tuple[float, float, int, Pending] | None = None
+    for job in state.queued:
+        if fits_machine(job.gpus, job.slices, state.gpu_count, config.slices_per_gpu):
+            continue
+        if cap and running_count.get(job.user, 0) >= cap:
+            continue  # it waits for its own user's jobs, not for anyone else's
+        since = max(job.submitted_at, last.get(job.user, -math.inf))
+        if now - since >= config.starvation_after:
+            key = (since, job.submitted_at, job.id, job)
+            if best is None or key[:3] < best[:3]:
+                best = key
+    return None if best is None else (best[3], best[0])
+
+
+def _running_count(running: Iterable[Active]) -> dict[str, int]:
+    count: dict[str, int] = {}
+    for active in running:
+        count[active.user] = count.get(active.user, 0) + 1
+    return count
+
+
 def order_queue(state: State, now: float, config: PolicyConfig) -> list[Pending]:
-    """The queue in the order jobs will be considered: overdue first, then fair share."""
-    usage = user_usage(state, now, config)
-    running_count: dict[str, int] = {}
-    for active in state.running:
-        running_count[active.user] = running_count.get(active.user, 0) + 1
-    overdue = sorted(
-        (j for j in state.queued if now - j.submitted_at >= config.starvation_after),
-        key=lambda j: (j.submitted_at, j.id),
-    )
-    overdue_ids = {j.id for j in overdue}
+    """The queue in the order jobs will be considered: the held job, then fair share."""
+    standing = user_standings(state, now, config)
+    held = held_job(state, now, config)
     per_user: dict[str, list[Pending]] = {}
     for job in sorted(state.queued, key=lambda j: (j.submitted_at, j.id)):
-        if job.id not in overdue_ids:
-            per_user.setdefault(job.user, []).append(job)
+        per_user.setdefault(job.user, []).append(job)
+    ordered: list[Pending] = []
+    if held is not None:
+        # First, and FIFO within its user: only requests that can never run were before it.
+        mine = per_user[held[0].user]
+        while ordered[-1:] != [held[0]]:
+            ordered.append(mine.pop(0))
+        if not mine:
+            del per_user[held[0].user]
     # Interleave users: repeatedly take the head job of the user who is owed most,
     # counting each job already placed ahead as if it ran (so one user's five jobs
     # do not all go before another user's one).
-    placed_count = dict(running_count)
-    ordered: list[Pending] = list(overdue)
+    placed_count = _running_count(state.running)
     while per_user:
         user = min(
             per_user,
-            key=lambda u: (usage.get(u, 0.0), placed_count.get(u, 0), per_user[u][0].submitted_at),
+            key=lambda u: (standing[u].key, placed_count.get(u, 0), per_user[u][0].submitted_at),
         )
         job = per_user[user].pop(0)
         ordered.append(job)
@@ -189,67 +256,128 @@ def order_queue(state: State, now: float, config: PolicyConfig) -> list[Pending]
 
 def decide(state: State, now: float, config: PolicyConfig) -> list[Grant]:
     """The jobs to start now, and where."""
-    grants, _ = _pass(state, now, config)
-    return grants
+    return plan(state, now, config).grants
 
 
-def _pass(state: State, now: float, config: PolicyConfig) -> tuple[list[Grant], dict[int, str]]:
-    free = free_slices(state.gpu_count, state.running, config.slices_per_gpu)
-    running_count: dict[str, int] = {}
-    for active in state.running:
-        running_count[active.user] = running_count.get(active.user, 0) + 1
-    grants: list[Grant] = []
-    reasons: dict[int, str] = {}
-    reserved = False
+@dataclass
+class Plan:
+    """One pass's decision: the grants, why the others wait, and the held job's reservation."""
+
+    grants: list[Grant] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    held: tuple[Pending, float] | None = None  # the held job and when its wait began
+    reserved_at: float | None = None  # when the held job that does not fit will
+
+
+def _reserve(
+    job: Pending, free: Sequence[int], ends: Iterable[tuple[float, Assignment]], spg: int
+) -> tuple[float, list[int]]:
+    """The earliest time ``job`` fits if every running job uses its whole time limit, and
+    the slices free then (before anything else is started)."""
+    room = list(free)
+    for end, assignment in sorted(ends, key=lambda e: (e[0], e[1].gpus)):
+        for index in assignment.gpus:
+            room[index] += assignment.slices
+        if fit(job, room, spg) is not None:
+            return end, room
+    raise AssertionError("a job that fits the machine fits once every running job ends")
+
+
+def plan(state: State, now: float, config: PolicyConfig) -> Plan:
+    spg = config.slices_per_gpu
+    free = free_slices(state.gpu_count, state.running, spg)
+    running_count = _running_count(state.running)
+    result = Plan(held=held_job(state, now, config))
+    reservation: tuple[float, list[int]] | None = None  # the held job's time and room then
     for job in order_queue(state, now, config):
-        if fits_machine(job.gpus, job.slices, state.gpu_count, config.slices_per_gpu):
-            reasons[job.id] = "never_fits"
-            continue
-        if reserved:
-            reasons[job.id] = "reserved"
+        if fits_machine(job.gpus, job.slices, state.gpu_count, spg):
+            result.reasons[job.id] = "never_fits"
             continue
         cap = config.max_running_per_user
         if cap and running_count.get(job.user, 0) >= cap:
-            reasons[job.id] = "user_cap"
+            result.reasons[job.id] = "user_cap"
             continue
-        assignment = fit(job, free, config.slices_per_gpu)
+        assignment = fit(job, free, spg)
         if assignment is None:
-            reasons[job.id] = "resources"
-            if now - job.submitted_at >= config.starvation_after:
-                reserved = True  # hold what frees up for the overdue job
+            result.reasons[job.id] = "resources"
+            if result.held is not None and job.id == result.held[0].id:
+                # The held job is first: it is reserved what frees up first, and
+                # nothing that is still running then may take that room from it.
+                ends = [(a.started_at + a.time_limit, a.assignment) for a in state.running]
+                reservation = _reserve(job, free, ends, spg)
+                result.reserved_at = reservation[0]
+                result.reasons[job.id] = "held"
             continue
+        if reservation is not None and now + job.time_limit > reservation[0]:
+            # Backfill: it would still run at the reservation; only if it leaves room.
+            room = list(reservation[1])
+            for index in assignment.gpus:
+                room[index] -= assignment.slices
+            assert result.held is not None
+            if min(room) < 0 or fit(result.held[0], room, spg) is None:
+                result.reasons[job.id] = "reserved"
+                continue
+            reservation = (reservation[0], room)
         for index in assignment.gpus:
             free[index] -= assignment.slices
         running_count[job.user] = running_count.get(job.user, 0) + 1
-        grants.append(Grant(job.id, assignment))
-    return grants, reasons
+        result.grants.append(Grant(job.id, assignment))
+    return result
 
 
 def explain(
     state: State, now: float, config: PolicyConfig, horizon: int = 500
 ) -> dict[int, Waiting]:
-    """Position, reason and estimated start for every queued job.
+    """Position, reason, standing and estimated start for every queued job.
 
     The estimate replays the queue forward assuming every running job uses its
     whole time limit, so it is an upper bound unless higher-priority work
     arrives. Jobs beyond ``horizon`` places, or that can never run, get ``None``.
     """
     ordered = order_queue(state, now, config)
-    _, reasons = _pass(state, now, config)
+    decided = plan(state, now, config)
+    standing = user_standings(state, now, config)
     etas = _replay(state, now, config, ordered[:horizon])
+    if decided.reserved_at is not None and decided.held is not None:
+        # The held job starts by its reservation whatever else happens meanwhile.
+        job_id = decided.held[0].id
+        etas[job_id] = min(etas.get(job_id, math.inf), decided.reserved_at)
     # Number jobs in the order the replay starts them, so a later position never
     # gets an earlier ETA (running jobs' growing usage can reorder users); jobs
     # with no estimate keep their priority order, last (the sort is stable).
     ordered.sort(key=lambda j: (j.id not in etas, etas.get(j.id, 0.0)))
     result: dict[int, Waiting] = {}
-    latest_ahead = -math.inf
+    users_ahead: list[str] = []
     for position, job in enumerate(ordered, start=1):
-        reason = reasons.get(job.id, "resources")
-        if reason == "resources" and position > 1:
-            # Overtaken by someone who submitted later: that is fair share at work.
-            reason = "fair_share" if latest_ahead > job.submitted_at else "priority"
-        result[job.id] = Waiting(position, reason, etas.get(job.id))
-        latest_ahead = max(latest_ahead, job.submitted_at)
+        reason = decided.reasons.get(job.id, "resources")
+        mine = standing[job.user]
+        other: Standing | None = None
+        ahead = [standing[u] for u in users_ahead if u != job.user]
+        if reason == "resources":
+            lower = [s for s in ahead if s.key < mine.key]
+            if lower:
+                reason, other = "fair_share", min(lower, key=lambda s: (s.key, s.user))
+            elif position > 1:
+                reason = "priority"  # its own user's earlier jobs, or an equal standing
+        if other is None and position == 1:
+            behind = [standing[j.user] for j in ordered[1:] if j.user != job.user]
+            other = behind[0] if behind else None
+        held = decided.held if reason in ("held", "reserved") else None
+        result[job.id] = Waiting(
+            position,
+            reason,
+            etas.get(job.id),
+            usage=mine.usage,
+            share=mine.share,
+            other_user=other.user if other else None,
+            other_usage=other.usage if other else None,
+            other_share=other.share if other else None,
+            held_job=held[0].id if held else None,
+            held_since=held[1] if held else None,
+            held_until=decided.reserved_at if held else None,
+        )
+        if job.user not in users_ahead:
+            users_ahead.append(job.user)
     return result
 
 

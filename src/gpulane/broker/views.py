@@ -31,12 +31,61 @@ def reason_text(reason: str, config: PolicyConfig) -> str:
         "priority": "jobs submitted earlier are ahead",
         "fair_share": "fair share: users with less recent GPU time go first",
         "user_cap": f"per-user cap: you already run {config.max_running_per_user} job(s)",
+        "held": "this job has waited longest: the GPUs it needs are held for it",
         "reserved": (
             "GPUs are held for a job that has waited over "
             f"{format_duration(config.starvation_after)}"
         ),
         "never_fits": "this request is larger than any free GPU set here",
     }.get(reason, reason)
+
+
+def gpu_hours(seconds: float | None) -> str:
+    return f"{(seconds or 0.0) / 3600:.1f}"
+
+
+def _used(usage: float | None, share: float | None, shares_differ: bool) -> str:
+    text = gpu_hours(usage)
+    return f"{text} on a share of {share:g}" if shares_differ and share is not None else text
+
+
+def waiting_text(waiting: Waiting, config: PolicyConfig, owner: str, you: bool, now: float) -> str:
+    """Why the job waits, with its fair-share standing, as its owner (``you``) or another
+    user reads it: "alice has used 3.2 GPU-hours recently, you 0.4: you go first"."""
+    me = "you" if you else owner
+    base = reason_text(waiting.reason, config)
+    other = waiting.other_user
+    differ = waiting.share != waiting.other_share
+    mine = _used(waiting.usage, waiting.share, differ)
+    theirs = _used(waiting.other_usage, waiting.other_share, differ).replace(
+        " on", " GPU-hours on", 1
+    )
+    theirs = theirs if differ else f"{theirs} GPU-hours"
+    if waiting.reason == "fair_share" and other:
+        verb = "go" if you else "goes"
+        return (
+            f"fair share: {other} has used {theirs} recently, {me} {mine}: "
+            f"{other} goes first (GPU-hours halve every {format_duration(config.half_life)}); "
+            f"{me} {verb} up as {other} uses more"
+        )
+    if waiting.reason == "held" and waiting.held_since is not None:
+        until = waiting.held_until
+        when = f", free in {format_duration(max(0.0, until - now))} at the latest" if until else ""
+        return (
+            f"waited {format_duration(now - waiting.held_since)} without a start, the longest: "
+            f"the GPUs it needs are held for it{when}; other jobs start only where they do not "
+            "delay it"
+        )
+    if waiting.reason == "reserved" and waiting.held_job is not None:
+        waited = format_duration(now - (waiting.held_since or now))
+        return (
+            f"reserved for job {waiting.held_job}, which has waited {waited} without a start: "
+            "it fits now but would still be running when that job's GPUs are due"
+        )
+    if waiting.reason == "resources" and other and waiting.position == 1:
+        verb = "go" if you else "goes"
+        return f"{base}; {other} has used {theirs} recently, {me} {mine}: {me} {verb} first"
+    return base
 
 
 def job_view(
@@ -78,7 +127,7 @@ def job_view(
         view["position"] = waiting.position
         view["eta"] = waiting.eta
         view["reason"] = waiting.reason
-        view["reason_text"] = reason_text(waiting.reason, config)
+        view["reason_text"] = waiting_text(waiting, config, job.user, viewer == job.user, now)
     if viewer == job.user:  # only the owner sees what the job runs
         view["command"] = job.command
     return view
