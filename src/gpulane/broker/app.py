@@ -155,6 +155,33 @@ class Groups(_Typed):
         raise OptionError(f"{option} {value!r} is not a list of groups; use {self.info_text}")
 
 
+class GroupSource(_Typed):
+    """Where users' groups are read: ``unix`` or ``hub`` (broker/groups.py)."""
+
+    info_text = "unix (the system's groups) or hub (the JupyterHub's groups)"
+
+    def parse(self, text: str, option: str) -> str:
+        if text.strip() not in ("unix", "hub"):
+            raise OptionError(f"{option} {text!r} is not a group source; use {self.info_text}")
+        return text.strip()
+
+
+class Shares(_Typed):
+    """Fair-share weights, typed as ``alice=2,bob=1`` (a TOML table or a dict in Python)."""
+
+    info_text = "NAME=WEIGHT pairs separated by commas, such as alice=2,bob=1"
+
+    def parse(self, text: str, option: str) -> dict[str, float]:
+        from gpulane.broker.shares import parse_shares
+
+        return parse_shares(text, option)
+
+    def check(self, value: Any, option: str) -> dict[str, float]:
+        if isinstance(value, dict):
+            return self.parse(",".join(f"{k}={v}" for k, v in value.items()), option)
+        raise OptionError(f"{option} {value!r} is not a set of shares; use {self.info_text}")
+
+
 class LogLevel(_Typed):
     """A logging level by name."""
 
@@ -234,13 +261,32 @@ class BrokerApp(Application):
     max_time = Duration("24h", help="Longest time limit a job may ask for.").tag(config=True)
     half_life = Duration("24h", help="Fair-share usage half-life.").tag(config=True)
     starvation_after = Duration(
-        "1h", help="A job waiting this long goes first and reserves GPUs."
+        "1h",
+        help="The job that has waited longest without its user getting GPU time, once over "
+        "this, goes first and has GPUs reserved for it (others backfill around it).",
+    ).tag(config=True)
+    user_shares = Shares(
+        "", help="Fair-share weights per user, such as alice=2,bob=0.5 (default 1 each)."
+    ).tag(config=True)
+    group_shares = Shares(
+        "",
+        help="Fair-share weights per Unix group, such as physics=3,chem=1; a group's share "
+        "is split among its members with jobs, by their user weights.",
     ).tag(config=True)
     gpu_groups = Groups("", help="Unix groups allowed to use GPUs (default: everyone).").tag(
         config=True
     )
     admin_groups = Groups(
-        "", help="Unix groups whose members may cancel any job (root always may)."
+        "", help="Groups whose members may cancel any job (root always may)."
+    ).tag(config=True)
+    admin_users = Groups(
+        "", help="Users who may cancel any job, by name, over the socket or a hub token."
+    ).tag(config=True)
+    group_source = GroupSource(
+        "hub",
+        help="Where every user's groups are read, whichever way they connect: hub (as a "
+        "JupyterHub service, the hub's groups, also for clients over the socket; else the "
+        "system's) or unix (always the system's).",
     ).tag(config=True)
     lease_ttl = Duration("10s", help="Free a GPU whose client sent no heartbeat this long.").tag(
         config=True
@@ -295,7 +341,9 @@ class BrokerApp(Application):
         for name in (
             "socket", "state_dir", "simulate_gpus", "gpu_memory", "slices",
             "max_running_per_user", "default_time", "max_time", "half_life",
-            "starvation_after", "gpu_groups", "admin_groups", "lease_ttl", "kill_grace",
+            "starvation_after", "user_shares", "group_shares",
+            "gpu_groups", "admin_groups", "admin_users", "group_source",
+            "lease_ttl", "kill_grace",
             "max_submits_per_minute", "retention", "max_ended_per_user",
             "dashboard_port", "log_level",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
@@ -349,6 +397,7 @@ class BrokerApp(Application):
         from gpulane.broker.policy import PolicyConfig
         from gpulane.broker.server import serve
         from gpulane.broker.settings import BrokerSettings
+        from gpulane.broker.shares import share_groups
         from gpulane.broker.store import Store
 
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
@@ -365,9 +414,14 @@ class BrokerApp(Application):
                 max_time=self.max_time,
                 half_life=float(self.half_life),
                 starvation_after=float(self.starvation_after),
+                user_shares=self.user_shares,
+                group_shares=self.group_shares,
+                user_groups=share_groups(self.group_shares),
                 gpu_groups=self.gpu_groups,
                 admin_groups=self.admin_groups,
             ),
+            group_source=self.group_source,
+            admin_users=self.admin_users,
             lease_ttl=float(self.lease_ttl),
             kill_grace=float(self.kill_grace),
             max_connections_per_user=self.max_connections_per_user,

@@ -26,4 +26,8 @@ class BrokerSettings:
     retention: float = 30 * 86400.0  # seconds an ended job is kept (usage totals stay)
     max_ended_per_user: int = 10_000  # ended jobs kept per user, oldest pruned first; 0: no cap
     prune_interval: float = 60.0  # seconds between prunes of ended jobs
+    # Where users' groups are read (groups.py): "hub" (the hub's, where the broker is a hub
+    # service; else Unix groups) or "unix" (always the system's).
+    group_source: str = "hub"
+    admin_users: frozenset[str] = frozenset()  # admins by name, by token or socket (access.py)
     prune_batch: int = 500  # rows deleted at most per prune step, so one never holds the loop

@@ -4,16 +4,19 @@
     from gpulane.hub import configure
     configure(c, admin_users={"alice"}, simulate_gpus=0)
 
-or, as any traitlets option, ``c.GpulaneHub.slices = 2`` before ``configure(c)``.
+or, as any traitlets option, ``c.GpulaneHub.slices = 2``, before or after ``configure(c)``:
+inside the hub the settings are applied when the hub starts, after the whole file ran
+(:func:`configure`), so the last assignment of an option wins wherever it stands.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Integer, List, Set, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Integer, List, Set, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from gpulane import config
@@ -22,6 +25,7 @@ from gpulane.errors import OptionError
 from gpulane.jobs import parse_count, parse_duration
 
 SERVICE_NAME = "gpulane"
+GROUP_SOURCES = ("unix", "hub")
 
 # The broker's policy options a hub admin sets, with `gpulane broker`'s defaults; each is
 # passed on the service's command line only where it differs.
@@ -87,10 +91,27 @@ class GpulaneHub(LoggingConfigurable):
         BROKER_DURATIONS["kill_grace"], help="SIGTERM to SIGKILL grace for revoked jobs."
     ).tag(config=True)
 
+    user_shares = Dict(
+        value_trait=Float(),
+        help="Fair-share weights per user, e.g. {'alice': 2}; unlisted users weigh 1.",
+    ).tag(config=True)
+
+    group_shares = Dict(
+        value_trait=Float(),
+        help="Fair-share weights per Unix group, e.g. {'physics': 3, 'chem': 1}; a group's "
+        "share is split among its members with jobs.",
+    ).tag(config=True)
+
     gpu_groups = Set(
         Unicode(),
-        help="Hub groups (or Unix groups, for clients without a hub token) allowed to use "
-        "GPUs; empty: everyone.",
+        help="Groups (of group_source) allowed to use GPUs; empty: everyone.",
+    ).tag(config=True)
+
+    group_source = Unicode(
+        "hub",
+        help="Where the broker reads every user's groups (GPU and admin groups), for hub "
+        "tokens and the Unix socket alike: 'unix' (the system's groups, as PAM logins have; "
+        "usermod -a -G) or 'hub' (the hub's groups, as OIDC logins have).",
     ).tag(config=True)
 
     broker_args = List(
@@ -109,9 +130,9 @@ class GpulaneHub(LoggingConfigurable):
         help="Hub users who are gpulane admins (cancel any job); they get the custom:gpulane:admin scope.",
     ).tag(config=True)
 
-    admin_groups = Set(Unicode(), help="Hub groups whose members are gpulane admins.").tag(
-        config=True
-    )
+    admin_groups = Set(
+        Unicode(), help="Groups (of group_source) whose members are gpulane admins."
+    ).tag(config=True)
 
     idle_culler = Bool(True, help="Run jupyterhub-idle-culler as a managed service.").tag(
         config=True
@@ -138,6 +159,13 @@ class GpulaneHub(LoggingConfigurable):
         value = int(proposal["value"])
         if value < 0 or (proposal["trait"].name == "slices" and value < 1):
             raise ValueError(f"GpulaneHub.{proposal['trait'].name} must be positive, not {value}")
+        return value
+
+    @validate("group_source")
+    def _group_source(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if value not in GROUP_SOURCES:
+            raise TraitError(f"GpulaneHub.group_source {value!r} must be 'unix' or 'hub'")
         return value
 
     @validate("max_running_per_user")
@@ -189,6 +217,18 @@ class GpulaneHub(LoggingConfigurable):
                 command += [f"--{name.replace('_', '-')}", value]
         if self.gpu_groups:
             command += ["--gpu-groups", ",".join(sorted(self.gpu_groups))]
+        for option, shares in (
+            ("--user-shares", self.user_shares),
+            ("--group-shares", self.group_shares),
+        ):
+            if shares:
+                command += [option, ",".join(f"{k}={v:g}" for k, v in sorted(shares.items()))]
+        # The same admins over a hub token and over the Unix socket (broker/access.py).
+        if self.admin_users:
+            command += ["--admin-users", ",".join(sorted(self.admin_users))]
+        if self.admin_groups:
+            command += ["--admin-groups", ",".join(sorted(self.admin_groups))]
+        command += ["--group-source", self.group_source]
         return command + list(self.broker_args)
 
     def apply(self, c: Any) -> None:
@@ -222,7 +262,9 @@ class GpulaneHub(LoggingConfigurable):
                 "name": "gpulane-admin",
                 "scopes": [ADMIN_SCOPE],
                 "users": sorted(self.admin_users),
-                "groups": sorted(self.admin_groups),
+                # Hub groups only where the hub's groups are the ones that count; with
+                # Unix groups the broker reads the admin groups itself.
+                "groups": sorted(self.admin_groups) if self.group_source == "hub" else [],
             }
         )
         # The broker asks the hub about tokens: it needs to read names and groups.
@@ -237,10 +279,12 @@ class GpulaneHub(LoggingConfigurable):
             services.append(
                 {
                     "name": "idle-culler",
+                    # Not `-m jupyterhub_idle_culler`: that one ignores the hub's SIGINT
+                    # where the hub inherited SIGINT ignored, and each stop waited 30 s.
                     "command": [
                         self.python,
                         "-m",
-                        "jupyterhub_idle_culler",
+                        "gpulane.hub.culler",
                         f"--timeout={self.idle_timeout}",
                     ],
                 }
@@ -324,22 +368,60 @@ def _existing(section: Any, name: str, default: Any) -> Any:
 
 
 def configure(c: Any, **options: Any) -> GpulaneHub:
-    """Configure gpulane in a jupyterhub_config.py; keyword options override ``c.GpulaneHub``."""
+    """Configure gpulane in a jupyterhub_config.py.
+
+    Keyword options are written into ``c.GpulaneHub`` where the call stands. Inside the
+    hub (``jupyterhub -f ...``), the settings are applied when the hub starts, once the
+    whole file has run: ``c.GpulaneHub.x = ...`` (and ``c.Spawner.environment``, ...) set
+    after this call count too, and a bad value set anywhere stops the hub at start with
+    one line, exit status 2. Elsewhere (a test, a script) they are applied at once.
+    """
+    for name in options:
+        if not GpulaneHub.class_traits(config=True).get(name):
+            raise TypeError(f"GpulaneHub has no option {name!r}; see `gpulane hub --help-options`")
+    hub = _validated(c, options)
+    for name, value in options.items():
+        c.GpulaneHub[name] = value
+    app = _starting_hub()
+    if app is None:
+        hub.apply(c)
+    elif not getattr(app, "_gpulane_deferred", False):
+        app._gpulane_deferred = True  # once per hub, even where configure runs twice
+        original = app.init_logging
+
+        def apply_at_start() -> None:
+            # JupyterHub calls init_logging right after loading the config file, whose
+            # values its own traits already hold: the completed config is loaded again.
+            app.init_logging = original
+            patch = copy.deepcopy(app.config)
+            _validated(patch, {}).apply(patch)
+            app.update_config(patch)
+            original()
+
+        app.init_logging = apply_at_start
+    return hub
+
+
+def _validated(c: Any, options: dict[str, Any]) -> GpulaneHub:
     try:
         hub = GpulaneHub(config=c)
         for name, value in options.items():
-            if not hub.has_trait(name):
-                raise TypeError(
-                    f"GpulaneHub has no option {name!r}; see `gpulane hub --help-options`"
-                )
             setattr(hub, name, value)
     except (TraitError, ValueError) as error:
         # jupyterhub_config.py is loaded by the hub, which would print the whole traceback;
         # a bad value is a usage error: one line naming the option, exit status 2.
         print(f"gpulane: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    hub.apply(c)
     return hub
+
+
+def _starting_hub() -> Any:
+    """The JupyterHub application loading this config file, if one is (never imported here)."""
+    module = sys.modules.get("jupyterhub.app")
+    hub_class = getattr(module, "JupyterHub", None)
+    if hub_class is None or not hub_class.initialized():
+        return None
+    return hub_class.instance()
 
 
 def kernel_config_path(prefix: str | None = None) -> Path:
