@@ -280,12 +280,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _define_hub(hub: argparse.ArgumentParser) -> None:
-    hub.set_defaults(func=cmd_hub)
-    hub.add_argument(
-        "action",
-        choices=["install-kernel-extension"],
-        help="load %%%%gpu in every kernel of this Python environment",
+    actions = hub.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    extension = actions.add_parser(
+        "install-kernel-extension", help="load %%%%gpu in every kernel of this Python environment"
     )
+    extension.set_defaults(func=cmd_hub)
+    init = actions.add_parser(
+        "init",
+        help="set up a production JupyterHub with gpulane on this machine (as root)",
+        description="Set up a production JupyterHub with gpulane on this machine: config, "
+        "state folder, proxy, kernel extension, PATH, GPU and admin groups, systemd unit "
+        "(docs/admin-hub.md). Idempotent; --dry-run prints every file and command.",
+    )
+    init.set_defaults(func=cmd_hub_init)
+    init.add_argument("--dry-run", action="store_true", help="print what it would write and run")
+    init.add_argument("--force", action="store_true", help="replace edited files (keeps .bak)")
+    for flag, default, help_text in _HUB_INIT_OPTIONS:
+        init.add_argument(flag, default=default, help=help_text)
+    init.add_argument(
+        "--admin", action="append", default=[], metavar="USER", help="add USER to the admin group"
+    )
+
+
+# gpulane hub init's valued options: (flag, default, help); folders and ports of its own
+# let a test or a cautious admin run a second hub beside another.
+_HUB_INIT_OPTIONS = (
+    ("--port", "8000", "the hub's public port (default 8000)"),
+    ("--ip", "127.0.0.1", "the hub's address (default 127.0.0.1)"),
+    ("--hub-port", "8081", "the hub's internal API port (8081)"),
+    ("--proxy-api-port", "8001", "the proxy's API port (8001)"),
+    ("--dashboard-port", "9873", "the broker's dashboard port (9873)"),
+    ("--config-dir", "/etc/jupyterhub", "for jupyterhub_config.py"),
+    ("--state-dir", "/var/lib/jupyterhub", "the hub's database and cookie secret"),
+    ("--broker-state-dir", "/var/lib/gpulane", "the broker's database"),
+    ("--socket", "/run/gpulane/broker.sock", "the broker's socket"),
+    ("--bin-dir", "/usr/local/bin", "where to link gpulane"),
+    ("--unit-dir", "/etc/systemd/system", "for the systemd unit"),
+    ("--unit-name", "jupyterhub", "the unit's name (jupyterhub)"),
+    ("--simulate-gpus", None, "simulate N GPUs (default: NVML's GPUs)"),
+    ("--slices", "1", "time-sliced slices per GPU (default 1)"),
+    ("--gpu-group", "gpu", "the Unix group that may use GPUs (gpu)"),
+    ("--admin-group", "gpu-admin", "the Unix group of gpulane admins (gpu-admin)"),
+    ("--idle-timeout", "3600", "seconds before an idle server is stopped (3600)"),
+    ("--ssl-cert", "", "serve HTTPS with this certificate"),
+    ("--ssl-key", "", "and this key"),
+)
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
@@ -293,6 +332,49 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
     print(f"%%gpu is loaded in every kernel through {install_kernel_extension()}")
     return 0
+
+
+def cmd_hub_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpulane.admin.hub_init import InitOptions, init_hub
+    from gpulane.jobs import parse_count
+
+    def port(name: str) -> int:
+        return parse_count(getattr(args, name), f"--{name.replace('_', '-')}", 65535)
+
+    def folder(name: str) -> Path:
+        return Path(getattr(args, name)).absolute()
+
+    options = InitOptions(
+        port=port("port"),
+        ip=args.ip,
+        hub_port=port("hub_port"),
+        proxy_api_port=port("proxy_api_port"),
+        dashboard_port=port("dashboard_port"),
+        config_dir=folder("config_dir"),
+        state_dir=folder("state_dir"),
+        broker_state_dir=folder("broker_state_dir"),
+        socket=folder("socket"),
+        bin_dir=folder("bin_dir"),
+        unit_dir=folder("unit_dir"),
+        unit_name=args.unit_name,
+        simulate_gpus=(
+            None
+            if args.simulate_gpus is None
+            else parse_count(args.simulate_gpus, "--simulate-gpus", 64)
+        ),
+        slices=parse_count(args.slices, "--slices", 64),
+        gpu_group=args.gpu_group,
+        admin_group=args.admin_group,
+        admins=tuple(args.admin),
+        idle_timeout=parse_count(args.idle_timeout, "--idle-timeout", 10**7),
+        ssl_cert=args.ssl_cert,
+        ssl_key=args.ssl_key,
+        force=args.force,
+        dry_run=args.dry_run,
+    )
+    return init_hub(options)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,8 @@ def test_gpu_groups_refuse_outsiders(make_broker):
     refused = broker.call(BOB, "run", "--", "true")
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
-        f"gpulane: {BOB} may not use GPUs here: not in a GPU group (gpl-gpu); ask an admin"
+        f"gpulane: {BOB} may not use GPUs here: not in the GPU group gpl-gpu; "
+        f"an admin adds them with: usermod -a -G gpl-gpu {BOB}"
     )
     assert broker.call(ALICE, "run", "--", "true").returncode == 0
 

@@ -268,7 +268,8 @@ def test_gpu_groups_from_the_claim_decide_who_may_use_gpus(oidc_hub):
             client.request("POST", "/v1/jobs", {"name": "oidc-check"})
         client.close()
         assert str(refused.value) == (
-            f"ben may not use GPUs here: not in a GPU group ({GPU}); ask an admin"
+            f"ben may not use GPUs here: not in the GPU hub group {GPU}; "
+            f"an admin adds them to the hub group {GPU} on the hub's Admin page"
         )
         client = UnixJSONClient(socket, token=ada.token)
         job = client.request("POST", "/v1/jobs", {"name": "oidc-check"})

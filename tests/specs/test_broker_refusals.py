@@ -29,7 +29,8 @@ def test_only_gpu_groups_may_submit_where_some_are_set(broker_house: House) -> N
     with pytest.raises(Forbidden) as refused:
         submit(house, ALICE)
     assert str(refused.value) == (
-        "alice may not use GPUs here: not in a GPU group (gpu); ask an admin"
+        "alice may not use GPUs here: not in the GPU group gpu; "
+        "an admin adds them with: usermod -a -G gpu alice"
     )
     assert submit(house, person("bob", "gpu"))["state"] == "running"
     assert submit(house, CAROL)["state"] == "running"  # admins need no GPU group

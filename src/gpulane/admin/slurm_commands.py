@@ -100,6 +100,18 @@ def define_doctor(doctor: argparse.ArgumentParser) -> None:
     doctor.set_defaults(func=doctor_command)
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.add_argument(
+        "--backend",
+        choices=["auto", "broker", "slurm"],
+        default="auto",
+        help="what to check (default: Slurm where $SLURM_CONF or /etc/slurm/slurm.conf is, "
+        "else the embedded broker and its hub)",
+    )
+    doctor.add_argument(
+        "--hub-config",
+        metavar="FILE",
+        help="the hub's jupyterhub_config.py (default /etc/jupyterhub/jupyterhub_config.py)",
+    )
+    doctor.add_argument(
         "--python-prefix",
         metavar="DIR",
         action="append",
@@ -219,10 +231,23 @@ def doctor_command(args: argparse.Namespace) -> int:
     prefixes = args.python_prefix
     if not prefixes and os.environ.get(PYTHON_PREFIXES_ENV):
         prefixes = [p for p in os.environ[PYTHON_PREFIXES_ENV].split(":") if p]
-    context = doctor.Context.from_environment(
-        python_prefixes=[Path(p) for p in prefixes] if prefixes else None
-    )
-    findings = doctor.run_checks(context)
+    backend = args.backend
+    if backend == "auto":
+        slurm = os.environ.get("SLURM_CONF") or Path("/etc/slurm/slurm.conf").exists()
+        backend = "slurm" if slurm else "broker"
+    if backend == "broker":
+        from gpulane.admin.doctor.broker import BrokerSite, run_broker_checks
+
+        try:
+            site = BrokerSite.discover(Path(args.hub_config) if args.hub_config else None)
+        except (OSError, SyntaxError) as error:
+            raise GpulaneError(f"cannot read the hub's config: {error}") from None
+        findings = run_broker_checks(site)
+    else:
+        context = doctor.Context.from_environment(
+            python_prefixes=[Path(p) for p in prefixes] if prefixes else None
+        )
+        findings = doctor.run_checks(context)
     failed = any(f.status == "fail" for f in findings)
     if args.json:
         print(json.dumps({"ok": not failed, "findings": [f.as_dict() for f in findings]}, indent=2))
@@ -235,7 +260,8 @@ COMMANDS = (
     ("slurm", "set up Slurm on this machine", define_slurm),
     (
         "doctor",
-        "check munge, Slurm, GPUs and CUDA libraries; print a fix for each problem",
+        "check this machine's back end (the broker and its hub, or Slurm), GPUs and "
+        "libraries; print a fix for each problem",
         define_doctor,
     ),
 )

@@ -11,10 +11,16 @@ from gpulane.broker.identity import NO_UID, Identity
 from gpulane.broker.store import JobRecord
 
 
-def is_admin(who: Identity, config: policy.PolicyConfig) -> bool:
-    if who.admin is not None:  # the hub said so (its admin flag or custom:gpulane:admin)
-        return who.admin or bool(config.admin_groups & who.groups)
-    return policy.is_admin(who.uid, who.groups, config)
+def is_admin(
+    who: Identity, config: policy.PolicyConfig, admin_users: frozenset[str] = frozenset()
+) -> bool:
+    """One rule for both identities: the hub's word (its admin flag or custom:gpulane:admin),
+    root over the socket, the broker's admin users by name (``--admin-users``), or an admin
+    group (the groups read from one place, broker/groups.py)."""
+    if who.admin or who.user in admin_users:
+        return True
+    uid = who.uid if who.admin is None else NO_UID  # root's uid counts over the socket only
+    return policy.is_admin(uid, who.groups, config)
 
 
 def owns(who: Identity, job: JobRecord, lease: bool = False) -> bool:

@@ -24,7 +24,8 @@ from typing import Any
 from gpulane.broker import access, policy, procs, views
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
-from gpulane.broker.identity import Identity
+from gpulane.broker.groups import GroupReader
+from gpulane.broker.identity import Identity, forget_groups
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.quotas import Pruner, SubmitRate
@@ -56,6 +57,8 @@ class Broker:
     ) -> None:
         self.settings = settings
         self.config = settings.policy
+        # Users' groups, from one source for every way in (serve() gives it the hub).
+        self.groups = GroupReader(settings.group_source)
         self.inventory = inventory
         self.store = store
         self.clock = clock
@@ -138,9 +141,12 @@ class Broker:
         cfg = self.config
         admin = self._is_admin(who)
         if not policy.may_use_gpus(who.groups, cfg, admin):
-            groups = ", ".join(sorted(cfg.gpu_groups))
+            groups = sorted(cfg.gpu_groups)
+            where = "hub group" if self.groups.from_hub() else "group"
+            forget_groups(who.uid, who.user)  # the admin's fix counts on the next try
             raise Forbidden(
-                f"{who.user} may not use GPUs here: not in a GPU group ({groups}); ask an admin"
+                f"{who.user} may not use GPUs here: not in the GPU {where} "
+                f"{' or '.join(groups)}; {self.groups.how_to_add(who.user, groups[0])}"
             )
         time_limit = request.time_limit or min(cfg.default_time, cfg.max_time)
         if time_limit > cfg.max_time:
@@ -573,7 +579,7 @@ class Broker:
             setattr(job, name, value)
 
     def _is_admin(self, who: Identity) -> bool:
-        return access.is_admin(who, self.config)
+        return access.is_admin(who, self.config, self.settings.admin_users)
 
     def _own_job(self, who: Identity, job_id: int, admin_ok: bool = False) -> JobRecord:
         """The job, if ``who`` drives it (or, where ``admin_ok``, owns it or is an admin).

@@ -31,13 +31,15 @@ class _Base(HubOAuthenticated, tornado.web.RequestHandler):  # type: ignore[misc
 
     def identity(self) -> Identity:
         model = self.current_user
-        return Identity(
-            uid=NO_UID,  # a browser has no Unix process: it may never be matched to one
-            user=str(model["name"]),
-            groups=frozenset(model.get("groups") or []),
-            pid=None,
-            source="hub",
-            admin=bool(model.get("admin")) or ADMIN_SCOPE in set(model.get("scopes") or []),
+        return self.broker.groups.resolve_unix(
+            Identity(
+                uid=NO_UID,  # a browser has no Unix process: it may never be matched to one
+                user=str(model["name"]),
+                groups=frozenset(model.get("groups") or []),
+                pid=None,
+                source="hub",
+                admin=bool(model.get("admin")) or ADMIN_SCOPE in set(model.get("scopes") or []),
+            )
         )
 
     def check_xsrf_cookie(self) -> None:

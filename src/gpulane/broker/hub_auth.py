@@ -10,6 +10,7 @@ server runs as one Unix user).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -65,6 +66,33 @@ class HubTokens:
         if os.environ.get("JUPYTERHUB_API_URL") and os.environ.get("JUPYTERHUB_API_TOKEN"):
             return cls()
         return None
+
+    async def user_groups(self, name: str) -> frozenset[str]:
+        """The hub groups of user ``name`` (none where the hub does not know them), asked
+        with the broker's own service token (its role reads users' names and groups)."""
+        from urllib.parse import quote
+
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        url = f"{self.auth.api_url.rstrip('/')}/users/{quote(name, safe='')}"
+        try:
+            response = await AsyncHTTPClient().fetch(
+                url, headers={"Authorization": f"token {self.auth.api_token}"}, request_timeout=10
+            )
+        except HTTPClientError as error:
+            if error.code == 404:
+                return frozenset()
+            log.warning("asking the hub for %s's groups failed: %s", name, error)
+            raise HubTokenError(
+                "the hub could not say which groups you are in; try again"
+            ) from None
+        except OSError as error:
+            log.warning("asking the hub for %s's groups failed: %s", name, error)
+            raise HubTokenError(
+                "the hub could not say which groups you are in; try again"
+            ) from None
+        model = json.loads(response.body or b"{}")
+        return frozenset(str(group) for group in model.get("groups") or [])
 
     async def identity(self, token: str, peer: Identity) -> Identity:
         try:

@@ -10,6 +10,7 @@ both may act on it as its owner.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 # browser): no process has it, so it never matches a job's client.
 NO_UID = -1
 
-_GROUP_CACHE_SECONDS = 30.0
+# Group changes (usermod -a -G) count within this many seconds.
+GROUP_CACHE_SECONDS = 5.0
 _group_cache: dict[int, tuple[float, str, frozenset[str]]] = {}
 
 
@@ -37,10 +39,10 @@ class Identity:
 
 
 def user_and_groups(uid: int) -> tuple[str, frozenset[str]]:
-    """The login name and group names of ``uid``, cached briefly (group changes show within 30 s)."""
+    """The login name and group names of ``uid``, cached briefly (GROUP_CACHE_SECONDS)."""
     cached = _group_cache.get(uid)
     now = time.monotonic()
-    if cached and now - cached[0] < _GROUP_CACHE_SECONDS:
+    if cached and now - cached[0] < GROUP_CACHE_SECONDS:
         return cached[1], cached[2]
     try:
         entry = pwd.getpwuid(uid)
@@ -57,6 +59,24 @@ def user_and_groups(uid: int) -> tuple[str, frozenset[str]]:
     result = frozenset(groups)
     _group_cache[uid] = (now, name, result)
     return name, result
+
+
+def forget_groups(uid: int, name: str = "") -> None:
+    """Read these groups afresh next time (after a refusal: ``usermod -a -G`` counts at once)."""
+    _group_cache.pop(uid, None)
+    if name:
+        with contextlib.suppress(KeyError):
+            _group_cache.pop(pwd.getpwnam(name).pw_uid, None)
+
+
+def unix_groups_of_name(name: str) -> frozenset[str]:
+    """The Unix groups of the account ``name`` (none where there is no such account)."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return frozenset()
+    found, groups = user_and_groups(uid)
+    return groups if found == name else frozenset()
 
 
 def _group_ids(name: str, gid: int) -> list[int]:

@@ -28,6 +28,7 @@ from tornado.netutil import bind_unix_socket
 from gpulane import __version__
 from gpulane.broker.connections import Acceptor, RequestRates, TooFast
 from gpulane.broker.core import Broker
+from gpulane.broker.groups import GroupReader
 from gpulane.broker.hub_auth import HubTokenError, HubTokenNotForUs, HubTokens
 from gpulane.broker.identity import Identity, peer_identity
 from gpulane.broker.statuses import status_of
@@ -95,6 +96,10 @@ class _Handler(tornado.web.RequestHandler):
                 raise Forbidden(str(error)) from None
             except HubTokenError as error:
                 raise NotAuthenticated(str(error)) from None
+        try:  # the same groups for a token and for the socket (broker/groups.py)
+            self.identity = await self.broker.groups.resolve(self.identity)
+        except HubTokenError as error:
+            raise NotAuthenticated(str(error)) from None
         length = self.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             raise TooLarge(f"request body over {MAX_BODY_BYTES} bytes; refused")
@@ -355,6 +360,8 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
     hub_tokens = HubTokens.from_environment()
     if hub_tokens is not None:
         log.info("accepting JupyterHub tokens, checked at %s", hub_tokens.auth.api_url)
+    broker.groups = GroupReader(broker.settings.group_source, hub_tokens)
+    log.info("users' groups are read from %s", "the hub" if broker.groups.from_hub() else "Unix")
     app = make_app(broker, hub_tokens)
     server = HTTPServer(
         app,
