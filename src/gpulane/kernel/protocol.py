@@ -27,7 +27,8 @@ From the worker (:data:`FromWorker`):
   of memory under a slice's cap).
 - ``warning`` (:class:`CellWarning`): a one-line note (a memory cap applied, a variable
   that could not be restored).
-- ``done`` (:class:`Done`): the cell ended; ``ok`` and the names it returns.
+- ``done`` (:class:`Done`): the cell ended; ``ok`` and the names it returns, with its
+  last expression's value among them under ``gpulane.kernel.returns.RESULT``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from gpulane import config
 from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV, JOB_ID_ENV, SLICES_ENV
 from gpulane.jobs import Request
 from gpulane.scheduler.base import (
+    CommandProcess,
     JobUpdate,
     JobView,
     Launcher,
@@ -173,7 +174,7 @@ class _Lease:
         # One inbox for everything the main thread waits on: updates, the command's exit.
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.done = threading.Event()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: CommandProcess | None = None
         self.detached = False  # the command may outlive this client (the broker watches it)
 
     def run(self, command: tuple[str, ...]) -> Outcome:
@@ -259,6 +260,9 @@ class _Lease:
         self._stop_command(interrupt=True)
         status = self.proc.wait()
         with contextlib.suppress(SchedulerError):
+            # The user stopped it: recorded as "cancelled by USER", not as a failed exit status.
+            # After the command's own SIGINT, so it saw KeyboardInterrupt (its finally blocks ran).
+            self.scheduler.cancel(self.job_id)
             self.scheduler.report_finish(self.job_id, status)
 
     def _pump_updates(self) -> None:
@@ -292,7 +296,7 @@ def job_environment(job: JobView) -> dict[str, str]:
     return env
 
 
-def _stop_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _stop_group(proc: CommandProcess, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
