@@ -259,6 +259,283 @@ def print_target(warm: Row, cold: Row) -> None:
         print(f"  {row.name} <= {TARGET_MS:.0f} ms: {med:7.1f} ms  {mark}")
 
 
+# --------------------------------------------------------------------------- output rows
+
+MIXED_CELL = "print('a')\ndisplay('b')\nprint('c')\n42"  # print, display, print, last expression
+LOOP_CELL = "for i in range(100_000):\n    print(i)"
+DONE_TARGET_MS = 20.0  # %%gpu: from the cell's last output to done
+
+
+def cell_outputs(
+    kernel: BenchKernel, code: str, timeout: float = 300.0, kinds: list[str] | None = None
+) -> tuple[list[float], int]:
+    """Arrival times (s after execute) of the cell's own outputs, then of its idle status
+    (their message types go to ``kinds``); and how many stream messages it sent. The gpulane
+    card (its display and updates) is not the cell's output."""
+    t0 = time.perf_counter()
+    msg_id = kernel.kc.execute(code)
+    times: list[float] = []
+    kinds = [] if kinds is None else kinds
+    streams = 0
+    while True:
+        msg = kernel.kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        now = time.perf_counter() - t0
+        if kind == "status" and content["execution_state"] == "idle":
+            times.append(now)
+            kinds.append("idle")
+            break
+        if kind == "error":
+            raise RuntimeError(f"cell {code!r} raised {content['ename']}: {content['evalue']}")
+        text = str(content.get("data", {}).get("text/plain", ""))
+        if kind in ("stream", "display_data", "execute_result", "clear_output") and not (
+            text.startswith("[gpulane]")
+        ):
+            times.append(now)
+            kinds.append(kind)
+            streams += kind == "stream"
+    reply = kernel.kc.get_shell_msg(timeout=10)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kernel.kc.get_shell_msg(timeout=10)
+    return times, streams
+
+
+def done_after(kernel: BenchKernel, code: str, kinds: tuple[str, ...]) -> float:
+    """Seconds from the cell's last output of ``kinds`` to its idle status."""
+    seen: list[str] = []
+    times, _ = cell_outputs(kernel, code, kinds=seen)
+    last = [t for t, kind in zip(times, seen, strict=True) if kind in kinds]
+    if not last:
+        raise RuntimeError(f"cell {code!r} showed no {kinds}")
+    return times[-1] - last[-1]
+
+
+def output_rows(kernel: BenchKernel, settle: Callable[[], None]) -> tuple[list[Row], list[int]]:
+    """The mixed cell (time to done after its last output) and the 100,000-line loop (wall
+    time), each plain and under ``%%gpu``; and where the loops' stream message counts go."""
+    counts: list[int] = []
+
+    def loop(code: str) -> float:
+        times, streams = cell_outputs(kernel, code)
+        counts.append(streams)
+        return times[-1]
+
+    def mixed(gpu: bool, kinds: tuple[str, ...]) -> Callable[[], float]:
+        return lambda: done_after(kernel, "%%gpu\n" * gpu + MIXED_CELL, kinds)
+
+    anything = ("stream", "display_data", "execute_result", "clear_output")
+    return [
+        Row("mixed cell, plain: done after last output", mixed(False, anything), settle),
+        Row("mixed cell, %%gpu: done after last output", mixed(True, anything), settle),
+        Row("mixed cell, plain: done after its last line", mixed(False, ("stream",)), settle),
+        Row("mixed cell, %%gpu: done after its last line", mixed(True, ("stream",)), settle),
+        Row("100,000-line print loop, plain: wall", lambda: loop(LOOP_CELL), settle),
+        Row("100,000-line print loop, %%gpu: wall", lambda: loop("%%gpu\n" + LOOP_CELL), settle),
+    ], counts
+
+
+def print_beside_plain(title: str, rows: list[Row]) -> None:
+    """Rows in pairs (plain, then %%gpu), each %%gpu row with its ratio to the plain one."""
+    print(f"\n{title:<52}{'n':>4} | {'median':>9} {'p90':>9} | {'gpu/plain':>9}")
+    for plain, gpu in zip(rows[0::2], rows[1::2], strict=True):
+        for row in (plain, gpu):
+            ratio = ""
+            if row is gpu and plain.samples and gpu.samples:
+                ratio = f"{statistics.median(gpu.samples) / statistics.median(plain.samples):.2f}x"
+            print(
+                f"{row.name:<52}{len(row.samples):>4} | {ms_cell(row.samples, row.note)} | {ratio:>9}"
+            )
+
+
+def print_output_rows(rows: list[Row], counts: list[int]) -> None:
+    """Each %%gpu row beside the plain row above it; the loops' stream messages per run."""
+    print_beside_plain("output row", rows)
+    if counts:
+        plain_counts, gpu_counts = counts[0::2], counts[1::2]
+        print(
+            f"stream messages per loop (median): plain {statistics.median(plain_counts):.0f}, "
+            f"%%gpu {statistics.median(gpu_counts):.0f}"
+        )
+    for row in (rows[1], rows[3]):
+        if row.samples:
+            med = statistics.median(row.samples) * 1000
+            mark = bb.verdict(med <= DONE_TARGET_MS)
+            print(f"target: {row.name} <= {DONE_TARGET_MS:.0f} ms: {med:7.1f} ms  {mark}")
+
+
+# --------------------------------------------------------------------------- fork server rows
+
+TORCH_CELL = "import torch\nt = torch.ones(64, 64) @ torch.ones(64, 64)\nprint('x')"
+FORK_TARGET_MS = 50.0  # %%gpu medians: the torch cell's first line; each back-to-back cell
+BACK_TO_BACK = 5
+SPARE_READY = (  # a plain cell: wait until the kernel's next forked worker exists
+    "_pool = get_ipython().magics_manager.registry['GpuMagics'].pool\n"
+    "print('x' if _pool.spare_modules(300) is not None else 'no spare')"
+)
+
+
+def back_to_back(kernel: BenchKernel, code: str) -> float:
+    """Five cells with no pause between them; the slowest one's first line."""
+    return max(kernel.first_line(code) for _ in range(BACK_TO_BACK))
+
+
+def fork_rows(
+    kernel: BenchKernel, torch_kernel: BenchKernel, settle: Callable[[], None]
+) -> list[Row]:
+    """The torch cell in a kernel that imported torch, and five cells back to back, each plain
+    and under ``%%gpu``."""
+    gpu = "%%gpu\n"
+    return [
+        Row(
+            "import torch + matmul, plain (torch in the kernel)",
+            lambda: torch_kernel.first_line(TORCH_CELL),
+            settle,
+        ),
+        Row(
+            "import torch + matmul, %%gpu (fork server)",
+            lambda: torch_kernel.first_line(gpu + TORCH_CELL),
+            settle,
+        ),
+        Row("5 cells back to back, plain: slowest", lambda: back_to_back(kernel, CELL), settle),
+        Row(
+            "5 cells back to back, %%gpu: slowest", lambda: back_to_back(kernel, gpu + CELL), settle
+        ),
+    ]
+
+
+def torch_kernel(folder: Path, env: dict[str, str]) -> BenchKernel:
+    """A kernel that has imported torch, with its fork server holding it too."""
+    kernel = BenchKernel(folder, "torch", env)
+    kernel.first_line("import torch\nprint('x')")
+    kernel.first_line(SPARE_READY, timeout=300)
+    return kernel
+
+
+def fork_server_memory(kernel: BenchKernel) -> str:
+    """PSS of the kernel's fork server and of its spare worker (shared pages split)."""
+    from gpulane.kernel.forkserver import pss_bytes
+
+    children = {p: c for p, c in _children(kernel.pid).items() if "gpulane.kernel.forkserver" in c}
+    parts = []
+    for server in children:
+        spares = list(_children(server))
+        sizes = [pss_bytes(server), *(pss_bytes(p) for p in spares)]
+        mib = [f"{(b or 0) / 2**20:.1f}" for b in sizes]
+        parts.append(f"fork server {mib[0]} MiB, spare worker(s) {', '.join(mib[1:]) or '-'} MiB")
+    return "; ".join(parts) or "no fork server"
+
+
+def _children(pid: int) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[int(entry.name)] = command
+    return found
+
+
+def print_fork_rows(rows: list[Row], memory: list[str]) -> None:
+    print_beside_plain("fork server row", rows)
+    for row in (rows[1], rows[3]):
+        if row.samples:
+            med = statistics.median(row.samples) * 1000
+            print(
+                f"target: {row.name} <= {FORK_TARGET_MS:.0f} ms: {med:7.1f} ms  {bb.verdict(med <= FORK_TARGET_MS)}"
+            )
+    for line in memory:
+        print(f"memory (PSS): {line}")
+
+
+# --------------------------------------------------------------------------- transfer rows
+
+GIB_FLOATS = 1 << 27  # float64 elements in 1 GiB
+TRANSFER_TARGET_MS = 500.0  # %%gpu medians: 1 GiB in (to the first line), 1 GiB out (to done)
+TRANSFER_SETUP = (
+    f"import numpy as np\nbig = np.random.default_rng(0).random({GIB_FLOATS})\n"
+    "small = np.ones(1)\nprint('x')"
+)
+
+
+def gib_in(kernel: BenchKernel, settle: Callable[[], None]) -> float:
+    """The first line of a cell that reads a 1 GiB array, less the same cell reading a tiny one."""
+    tiny = cell_outputs(kernel, "%%gpu\nprint('x')\nsmall.nbytes")[0][0]
+    settle()
+    return cell_outputs(kernel, "%%gpu\nprint('x')\nbig.nbytes")[0][0] - tiny
+
+
+def gib_out(kernel: BenchKernel, settle: Callable[[], None]) -> float:
+    """From the last line of a cell that made a 1 GiB array to the kernel holding it (done),
+    less the same for a tiny array."""
+
+    def last_line_to_done(elements: int) -> float:
+        times, _ = cell_outputs(kernel, f"%%gpu\nout = np.ones({elements})\nprint('x')")
+        return times[-1] - times[0]
+
+    tiny = last_line_to_done(1)
+    settle()
+    return last_line_to_done(GIB_FLOATS) - tiny
+
+
+def copy_floor() -> Callable[[], float]:
+    """np.copy of a 1 GiB array into fresh memory, in this process: one copy, the floor of
+    any transfer that is not shared memory from the start (a plain kernel needs none)."""
+    import numpy as np
+
+    source = np.random.default_rng(0).random(GIB_FLOATS)
+
+    def measure() -> float:
+        started = time.perf_counter()
+        copied = np.copy(source)
+        took = time.perf_counter() - started
+        del copied
+        return took
+
+    return measure
+
+
+def transfer_rows(kernel: BenchKernel, settle: Callable[[], None]) -> list[Row]:
+    """1 GiB in and 1 GiB out through %%gpu, beside np.copy of the same array (the floor)."""
+    kernel.first_line(TRANSFER_SETUP)
+    return [
+        Row("np.copy of 1 GiB (plain: no transfer; the floor)", copy_floor(), settle),
+        Row(
+            "1 GiB in, %%gpu: first line less a tiny input's",
+            lambda: gib_in(kernel, settle),
+            settle,
+        ),
+        Row(
+            "1 GiB out, %%gpu: done after last line, less tiny",
+            lambda: gib_out(kernel, settle),
+            settle,
+        ),
+    ]
+
+
+def print_transfer_rows(rows: list[Row]) -> None:
+    floor = rows[0]
+    print(f"\n{'transfer row':<52}{'n':>4} | {'median':>9} {'p90':>9} | {'row/copy':>9}")
+    for row in rows:
+        ratio = ""
+        if row is not floor and row.samples and floor.samples:
+            ratio = f"{statistics.median(row.samples) / statistics.median(floor.samples):.2f}x"
+        print(
+            f"{row.name:<52}{len(row.samples):>4} | {ms_cell(row.samples, row.note)} | {ratio:>9}"
+        )
+    for row in rows[1:]:
+        if row.samples:
+            med = statistics.median(row.samples) * 1000
+            mark = bb.verdict(med <= TRANSFER_TARGET_MS)
+            print(f"target: {row.name} <= {TRANSFER_TARGET_MS:.0f} ms: {med:7.1f} ms  {mark}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -267,6 +544,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=20, help="samples per row (default 20)")
     ap.add_argument("--warmup", type=int, default=2, help="unrecorded runs per row (default 2)")
     ap.add_argument("--port", type=int, default=SLURM_PORT, help="first slurmctld port to try")
+    ap.add_argument(
+        "--transfer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the 1 GiB in and out rows (needs ~4 GiB of memory; default: on)",
+    )
     ap.add_argument(
         "--slurm",
         action=argparse.BooleanOptionalAction,
@@ -379,12 +662,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reason = f"Slurm failed: {error} {detail}".strip()[:300]
         if reason is not None:
             print(f"Slurm: n/a ({reason})")
+        output, loop_counts = output_rows(warm, settle_broker)
+        order_rows = list(output)  # with the rows below: sampled beside the start rows
+        with_torch = torch_kernel(folder, on_broker)
+        stack.callback(with_torch.shutdown)
+        kernels.append(with_torch)
+        forked = fork_rows(warm, with_torch, settle_broker)
+        order_rows += forked  # sampled with the rest, printed in their own table
+        if args.transfer:
+            with_big = BenchKernel(folder, "transfer", on_broker)  # holds a 1 GiB array
+            stack.callback(with_big.shutdown)
+            kernels.append(with_big)
+            moved = transfer_rows(with_big, settle_broker)
+            order_rows += moved
         print(f"sampling: {args.warmup} warm-up + {args.n} rounds of {len(rows)} rows")
-        sample(rows, args.n, args.warmup)
+        sample(rows + order_rows, args.n, args.warmup)
+        memory = [
+            f"{Path(k.km.connection_file).parent.name} kernel: {fork_server_memory(k)}"
+            for k in (warm, with_torch)
+        ]
     print()
     print_table(rows[:3] + slurm_rows, slurm_rows[1])
     print_target(rows[1], rows[2])
-    print_failures(rows)
+    print_output_rows(output, loop_counts[2 * args.warmup :])
+    print_fork_rows(forked, memory)
+    if args.transfer:
+        print_transfer_rows(moved)
+    print_failures(rows + order_rows)
     print(f"\nload average at the end: {bb.load_text()}")
     return 0
 

@@ -47,8 +47,13 @@ DOCTOR_PYTHON_PREFIXES_ENV = "GPULANE_DOCTOR_PYTHON_PREFIXES"
 RUNNER_FD_ENV = "GPULANE_RUNNER_FD"
 RUNNER_ADDRESS_ENV = "GPULANE_RUNNER_ADDRESS"
 RUNNER_KEYFILE_ENV = "GPULANE_RUNNER_KEYFILE"
-RUNNER_STREAMS_ENV = "GPULANE_RUNNER_STREAMS"
 ACTIVITY_INTERVAL_ENV = "GPULANE_ACTIVITY_INTERVAL"
+FORKSERVER_ENV = "GPULANE_FORKSERVER"
+FORKSERVER_IDLE_ENV = "GPULANE_FORKSERVER_IDLE"
+FORKSERVER_FD_ENV = "GPULANE_FORKSERVER_FD"
+PRELOAD_ENV = "GPULANE_PRELOAD"
+PRELOAD_LIMIT_ENV = "GPULANE_PRELOAD_LIMIT"
+PRELOAD_MEMORY_ENV = "GPULANE_PRELOAD_MEMORY"
 
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(SOCKET_ENV, str(DEFAULT_SOCKET), "you / the admin / the hub", "the broker's socket"),
@@ -61,6 +66,37 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "you",
         "`0` stops the kernel keeping a pre-started GPU worker "
         "(saves ~60 MB per kernel; cells start ~170 ms slower)",
+    ),
+    EnvVar(
+        FORKSERVER_ENV,
+        "1",
+        "you",
+        "`0`: no fork server; each worker is a fresh Python that imports what its cell needs",
+    ),
+    EnvVar(
+        PRELOAD_ENV,
+        "auto",
+        "you",
+        "what the fork server imports ahead of the cells: `auto` (the notebook's imports), "
+        "`none`, or a list such as `torch,numpy` (always, and nothing else)",
+    ),
+    EnvVar(
+        PRELOAD_LIMIT_ENV,
+        "40",
+        "you",
+        "the most top-level packages the fork server preloads",
+    ),
+    EnvVar(
+        PRELOAD_MEMORY_ENV,
+        "4G",
+        "you",
+        "the fork server preloads nothing more once its memory (PSS) passes this",
+    ),
+    EnvVar(
+        FORKSERVER_IDLE_ENV,
+        "30m",
+        "you",
+        "the fork server exits after this long without a cell (and comes back for the next)",
     ),
     EnvVar(
         CALLBACK_HOST_ENV,
@@ -107,6 +143,12 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         RUNNER_FD_ENV, "", "the kernel, for its worker", "the worker's inherited socket (internal)"
     ),
     EnvVar(
+        FORKSERVER_FD_ENV,
+        "",
+        "the kernel, for its fork server",
+        "the fork server's inherited control socket (internal)",
+    ),
+    EnvVar(
         RUNNER_ADDRESS_ENV,
         "",
         "the kernel, for a Slurm-started worker",
@@ -117,12 +159,6 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "",
         "the kernel, for a Slurm-started worker",
         "the one-time key of that connection (internal)",
-    ),
-    EnvVar(
-        RUNNER_STREAMS_ENV,
-        "",
-        "the kernel, for a Slurm-started worker",
-        "`channel`: the worker's output goes through the connection (internal)",
     ),
 )
 

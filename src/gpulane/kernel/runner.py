@@ -11,28 +11,27 @@ comes: the grant only sends the cell. It talks over a
   The key never travels in argv or the environment of a batch script.
 
 The messages both ways are defined, and listed, in :mod:`gpulane.kernel.protocol`.
-The worker's stdout and stderr are plain pipes that the kernel relays as they
-are written, so ``print`` and subprocesses (``nvidia-smi``) stream alike.
+The worker's stdout and stderr (``print`` and subprocesses such as ``nvidia-smi``
+alike) go over the same channel, in order with its displays
+(:mod:`gpulane.kernel.outputs`).
 """
 
 from __future__ import annotations
 
-import codecs
-import fcntl
+import gc
 import os
 import queue
 import signal
-import struct
 import sys
-import termios
 import threading
-import time
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
-from gpulane.config import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV, RUNNER_STREAMS_ENV
+from gpulane.config import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV
 from gpulane.kernel import memory_caps
+from gpulane.kernel.channel import receive_message, send_message
+from gpulane.kernel.outputs import OutputRelay
 from gpulane.kernel.protocol import (
     PROTOCOL,
     CellError,
@@ -72,25 +71,23 @@ class CellRunner:
 
     def __init__(self, channel: Connection) -> None:
         self.channel = channel
-        self._send_lock = threading.Lock()
         self.inbox: queue.Queue[RunCell | Stop] = queue.Queue()
         self.shell = _make_shell(self)
         self.env_applied = False
-        self._relayed: list[int] = []  # read ends of fds 1 and 2, when streaming over the channel
-        self._relaying = 0
+        self.output = OutputRelay(self._send_stream)
 
     def send(self, message: FromWorker) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._drain()
-        with self._send_lock:
-            self.channel.send(encode(message))
+        with self.output.ordered():  # the text written before it goes first
+            send_message(self.channel, encode(message))  # with any buffers that follow it
+
+    def _send_stream(self, name: str, text: str) -> None:
+        self.channel.send(encode(Stream(name, text)))
 
     def _read_channel(self) -> None:
         """Messages from the kernel, read beside the running cell so an interrupt gets through."""
         while True:
             try:
-                message = self.channel.recv()
+                message = receive_message(self.channel)
             except (EOFError, OSError):
                 # The kernel is gone: no one is left to run cells for. End now, freeing the GPU.
                 os._exit(0)
@@ -104,33 +101,8 @@ class CellRunner:
             else:
                 self.inbox.put(decoded)
 
-    def stream_over_channel(self) -> None:
-        """Send fd 1 and 2 over the channel (a worker on another machine has no pipes to us)."""
-        for fd, name in ((1, "stdout"), (2, "stderr")):
-            read_end, write_end = os.pipe()
-            os.dup2(write_end, fd)
-            os.close(write_end)
-            self._relayed.append(read_end)
-            threading.Thread(target=self._relay, args=(read_end, name), daemon=True).start()
-
-    def _relay(self, fd: int, name: str) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while chunk := os.read(fd, 65536):
-            self._relaying += 1
-            with self._send_lock:
-                self.channel.send(encode(Stream(name, decoder.decode(chunk))))
-            self._relaying -= 1
-
-    def _drain(self, timeout: float = 1.0) -> None:
-        """Let output already written reach the kernel before the message that follows it."""
-        deadline = time.monotonic() + timeout
-        while self._relayed and time.monotonic() < deadline:
-            pending = sum(_unread(fd) for fd in self._relayed)
-            if not pending and not self._relaying:
-                return
-            time.sleep(0.005)
-
     def serve(self) -> int:
+        self.output.start()
         threading.Thread(target=self._read_channel, daemon=True, name="gpulane-channel").start()
         self.send(Ready(os.getpid(), PROTOCOL))
         status = 0
@@ -140,15 +112,21 @@ class CellRunner:
             except KeyboardInterrupt:
                 continue  # an interrupt between cells has nothing to stop
             if isinstance(message, Stop):
-                return status
+                break
             ok = self.run(message)
             status = 0 if ok else 1
             if message.once:
-                return status
+                break
+        self.output.close()
+        # The process ends next: its last collection would walk every object the shell made
+        # (~25 ms with IPython alone) while the kernel waits for the exit to free the GPU.
+        gc.freeze()
+        return status
 
     def run(self, message: RunCell) -> bool:
         from gpulane.kernel.names import names_assigned
-        from gpulane.kernel.transfer import TransferTooLarge, pack, to_cpu, unpack
+        from gpulane.kernel.returns import pack_returns
+        from gpulane.kernel.transfer import shared_spill_dir, to_cpu, unpack
 
         if not self.env_applied:
             os.environ.update(message.env)
@@ -161,6 +139,7 @@ class CellRunner:
             self.send(CellWarning(f"{name} could not be restored on the GPU worker: {reason}"))
         self.shell.user_ns.update(values)
         self.shell.execution_count = message.execution_count or 1
+        self.shell.displayhook.value = None  # this cell's last expression, if it has one
         result = self.shell.run_cell(message.code, store_history=False)
         if not result.success:
             self.send(Done(ok=False))
@@ -168,18 +147,15 @@ class CellRunner:
         wanted = message.returns
         names = names_assigned(message.code) if wanted is None else list(wanted)
         outputs = {n: to_cpu(self.shell.user_ns[n]) for n in names if n in self.shell.user_ns}
-        try:
-            packed = pack(outputs, Path(message.spill_dir), message.max_transfer)
-        except (TransferTooLarge, OSError) as error:
-            self.send(CellWarning(f"results not returned: {error}"))
-            self.send(Done(ok=True, outputs=None))
-            return True
+        value = self.shell.displayhook.value
+        spill_dir = shared_spill_dir(message.spill_dir)  # None elsewhere: over the channel
+        packed, notes, show = pack_returns(outputs, to_cpu(value), spill_dir, message.max_transfer)
+        for note in notes:
+            self.send(CellWarning(note))
+        if show:
+            self.shell.displayhook.show(value)
         self.send(Done(ok=True, outputs=packed))
         return True
-
-
-def _unread(fd: int) -> int:
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
 
 
 def _make_shell(runner: CellRunner) -> Any:
@@ -206,6 +182,18 @@ def _make_shell(runner: CellRunner) -> Any:
             runner.send(ClearOutput(wait))
 
     class ChannelDisplayHook(DisplayHook):
+        """Keeps the last expression's value: it goes back with the names, to be the kernel's
+        Out[n]; it is shown here (format data, a ``result``) only where it cannot go back."""
+
+        value: Any = None
+
+        def __call__(self, result: Any = None) -> None:
+            if result is not None:
+                self.value = result
+
+        def show(self, result: Any) -> None:
+            super().__call__(result)  # type: ignore[no-untyped-call]
+
         def write_output_prompt(self) -> None:
             pass
 
@@ -236,8 +224,6 @@ def main() -> int:
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     channel = connect_channel()
     runner = CellRunner(channel)
-    if os.environ.pop(RUNNER_STREAMS_ENV, "") == "channel":
-        runner.stream_over_channel()
     return runner.serve()
 
 

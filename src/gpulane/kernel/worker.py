@@ -27,12 +27,12 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from gpulane.config import (
     CALLBACK_HOST_ENV,
@@ -40,8 +40,12 @@ from gpulane.config import (
     RUNNER_ADDRESS_ENV,
     RUNNER_FD_ENV,
     RUNNER_KEYFILE_ENV,
-    RUNNER_STREAMS_ENV,
+    WARM_WORKER_ENV,
 )
+from gpulane.jobs import OptionError
+from gpulane.kernel.channel import receive_message, send_message
+from gpulane.kernel.forkclient import ForkedProcess, Forks, PendingFork
+from gpulane.kernel.preload import ImportWatch, PreloadSettings
 from gpulane.kernel.protocol import (
     CellOutput,
     Done,
@@ -54,7 +58,8 @@ from gpulane.kernel.protocol import (
     decode_from_worker,
     encode,
 )
-from gpulane.scheduler.base import Launcher
+from gpulane.kernel.transfer import follow_channel
+from gpulane.scheduler.base import CommandProcess, Launcher
 from gpulane.scheduler.spawn import spawn_command
 
 RUNNER_COMMAND = (sys.executable, "-m", "gpulane.kernel.runner")
@@ -65,6 +70,7 @@ class Sink(Protocol):
 
     def stream(self, name: str, text: str) -> None: ...
     def message(self, message: CellOutput) -> None: ...
+    def flush(self) -> None: ...  # the cell's code has ended: its text is out now
 
 
 class WorkerHandle(ABC):
@@ -92,7 +98,7 @@ class WorkerHandle(ABC):
         self.done.clear()
         self.result = None
         with self._send_lock:
-            self.channel.send(encode(replace(message, env=grant_env)))
+            send_message(self.channel, encode(replace(message, env=grant_env)))
 
     @abstractmethod
     def interrupt(self) -> None: ...
@@ -115,7 +121,7 @@ class WorkerHandle(ABC):
     def _read_channel(self) -> None:
         while True:
             try:
-                wire = self.channel.recv()
+                wire = receive_message(self.channel)
             except (EOFError, OSError):
                 self.done.set()
                 return
@@ -126,6 +132,8 @@ class WorkerHandle(ABC):
                     self.sink.stream("stderr", f"gpulane: {error}\n")
                 continue
             if isinstance(message, Done):
+                if self.sink is not None:
+                    self.sink.flush()
                 self.result = message
                 self.done.set()
             elif isinstance(message, Stream):
@@ -139,11 +147,17 @@ class LocalWorker(WorkerHandle):
     """A worker process spawned on this machine before it is needed, waiting on its channel.
 
     It is spawned from the kernel's main thread: the worker dies with the kernel
-    (PR_SET_PDEATHSIG fires when the spawning thread ends).
+    (PR_SET_PDEATHSIG fires when the spawning thread ends). ``started`` is a worker the
+    fork server forked instead (:mod:`gpulane.kernel.forkclient`), with its channel.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, started: tuple[ForkedProcess, Connection] | None = None) -> None:
         super().__init__()
+        self.notes: list[str] = []  # one-line notices for the cell this worker runs
+        self.proc: subprocess.Popen[bytes] | ForkedProcess
+        if started is not None:
+            self.proc, self.channel = started
+            return
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env.update(
@@ -164,6 +178,9 @@ class LocalWorker(WorkerHandle):
     def attach(self, sink: Sink) -> None:
         """Direct output to ``sink``; the relays start on first use (inside a running cell)."""
         self.sink = sink
+        for note in self.notes:
+            sink.stream("stderr", f"gpulane: {note}\n")
+        self.notes = []
         if not self._threads:
             assert self.proc.stdout is not None and self.proc.stderr is not None
             self._threads = [
@@ -178,10 +195,10 @@ class LocalWorker(WorkerHandle):
             for thread in self._threads:
                 thread.start()
 
-    def launcher(self, message: RunCell) -> Callable[[dict[str, str]], subprocess.Popen[bytes]]:
+    def launcher(self, message: RunCell) -> Launcher:
         """A scheduler Launcher: at grant time, send the cell and hand back the worker process."""
 
-        def launch(grant_env: dict[str, str]) -> subprocess.Popen[bytes]:
+        def launch(grant_env: dict[str, str]) -> CommandProcess:
             self.run(grant_env, message)
             return self.proc
 
@@ -278,7 +295,6 @@ class CallbackWorker(WorkerHandle):
         self.job_env = {
             RUNNER_ADDRESS_ENV: f"{address[0]}:{address[1]}",
             RUNNER_KEYFILE_ENV: str(self.keyfile),
-            RUNNER_STREAMS_ENV: "channel",
             "PYTHONUNBUFFERED": "1",
         }
         threading.Thread(target=self._accept, daemon=True, name="gpulane-accept").start()
@@ -380,6 +396,8 @@ class CallbackWorker(WorkerHandle):
         reader = threading.Thread(target=self._read_channel, daemon=True, name="gpulane-remote")
         self._threads = [reader]
         reader.start()
+        # It may be on another machine: bytes go on the channel.
+        follow_channel(self._message.inputs)
         self.run({}, self._message)  # the grant's environment is Slurm's own
 
     def _stop_listening(self) -> None:
@@ -415,13 +433,37 @@ def _shutdown(peer: socket.socket) -> None:
 
 
 class WarmPool:
-    """Keeps one spare local worker ready, so a cell on a free GPU starts at once."""
+    """Keeps one spare local worker ready, so a cell on a free GPU starts at once.
 
-    def __init__(self, enabled: bool = True) -> None:
+    With ``forks`` (the fork server, the default) the spare is forked with the notebook's
+    modules imported, and the next one is asked for as soon as a cell takes one: it is ready
+    before that cell ends. Without, the spare is a fresh Python started after each cell.
+    """
+
+    FORK_WAIT = 30.0  # seconds a cell waits for its fork (the server may be importing torch)
+
+    def __init__(self, enabled: bool = True, forks: Forks | None = None) -> None:
         self.enabled = enabled
+        self.forks = forks if enabled else None
         self.spare: LocalWorker | None = None
+        self._forking: PendingFork | None = None
 
-    def take(self) -> LocalWorker:
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str]) -> WarmPool:
+        """The pool the kernel's environment asks for (``GPULANE_WARM_WORKER``,
+        ``GPULANE_FORKSERVER``, ``GPULANE_PRELOAD*``), watching imports from now on."""
+        try:
+            settings = PreloadSettings.from_environment(env)
+        except OptionError as error:
+            sys.stderr.write(f"gpulane: {error}; using the defaults\n")
+            settings = PreloadSettings()
+        enabled = env.get(WARM_WORKER_ENV, "1") != "0"
+        watch = ImportWatch(settings, list(sys.modules))
+        return cls(enabled, Forks(settings, watch) if settings.enabled else None)
+
+    def take(self, code: str = "") -> LocalWorker:
+        if self.forks is not None:
+            return self._take_fork(self.forks, code)
         worker, self.spare = self.spare, None
         if worker is None or not worker.alive:
             if worker is not None:
@@ -429,14 +471,60 @@ class WarmPool:
             worker = LocalWorker()
         return worker
 
+    def _take_fork(self, forks: Forks, code: str) -> LocalWorker:
+        forks.watch_cell(code)
+        worker = self._forked(self._forking)
+        self._forking = None
+        if worker is None:  # none asked for yet, or the fork server went: ask (again) now
+            worker = self._forked(forks.request())
+        if worker is None:
+            worker = LocalWorker()  # a clean start
+        else:
+            forks.taken(worker.proc.pid)
+        worker.notes += forks.notes()
+        self._forking = forks.request()  # the next cell's, forked while this one runs
+        return worker
+
+    def _forked(self, pending: PendingFork | None) -> LocalWorker | None:
+        if pending is None or not pending.answered.wait(self.FORK_WAIT):
+            if pending is not None:
+                pending.failed()
+            return None
+        if pending.process is None or pending.process.poll() is not None:
+            return None
+        return LocalWorker(started=(pending.process, pending.channel))
+
     def refill(self) -> None:
-        if self.enabled and (self.spare is None or not self.spare.alive):
+        if self.forks is not None:
+            if self._forking is None:
+                self._forking = self.forks.request()
+        elif self.enabled and (self.spare is None or not self.spare.alive):
             self.spare = LocalWorker()
+
+    def spare_modules(self, timeout: float = FORK_WAIT) -> list[str] | None:
+        """What the next forked worker has preloaded, once it is forked; None without one."""
+        pending = self._forking
+        if pending is None or not pending.answered.wait(timeout) or pending.process is None:
+            return None
+        return list(pending.modules)
+
+    def refresh(self, *args: Any) -> None:
+        """After a cell in the kernel: a spare without the modules the notebook imported since
+        is replaced by one forked after the fork server has imported them (in the background)."""
+        if self.forks is not None and self.forks.refresh():
+            stale, self._forking = self._forking, self.forks.request()
+            if stale is not None:
+                stale.failed()  # closing its channel ends it
 
     def shutdown(self) -> None:
         if self.spare is not None:
             self.spare.stop()
             self.spare = None
+        if self._forking is not None:
+            self._forking.failed()
+            self._forking = None
+        if self.forks is not None:
+            self.forks.stop()
 
 
 @dataclass(frozen=True)
@@ -452,7 +540,7 @@ def launch_for(message: RunCell, local_launch: bool, pool: WarmPool) -> Launch:
     """Where the back end starts jobs on this machine, a pre-started worker gets the grant at
     once; elsewhere a worker started by the cluster connects back."""
     if local_launch:
-        worker = pool.take()
+        worker = pool.take(message.code)
         return Launch(worker, launcher=worker.launcher(message))
     callback = CallbackWorker(message)
     return Launch(callback, env=callback.job_env)
