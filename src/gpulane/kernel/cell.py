@@ -31,7 +31,7 @@ from gpulane.kernel.protocol import CellError, Done, RunCell
 from gpulane.kernel.returns import RESULT
 from gpulane.kernel.session import GpuSession
 from gpulane.kernel.sinks import BackgroundSink, ForegroundSink
-from gpulane.kernel.transfer import Packed, cleanup, unpack
+from gpulane.kernel.transfer import Packed, cleanup, transfer_lines, unpack
 from gpulane.kernel.worker import (
     RUNNER_COMMAND,
     Launch,
@@ -157,7 +157,7 @@ class GpuCell:
             launch.worker.wait_output()
             launch.worker.close()
         end = read_end(launch.worker.result, sink.error, outcome.job)
-        card.show(render_final(outcome.job, end.note()))
+        card.show(self._final_view(outcome.job, end.note(), launch.worker.result))
         return self._finish(end)
 
     def _interrupted(self, worker: WorkerHandle, card: Card) -> NoReturn:
@@ -202,7 +202,7 @@ class GpuCell:
             launch.worker.wait_output()
             launch.worker.close()
             self.end = end = read_end(launch.worker.result, sink.error, outcome.job)
-            card.show(render_final(outcome.job, _background_note(end)))
+            card.show(self._final_view(outcome.job, _background_note(end), launch.worker.result))
         except SchedulerError as error:
             where = f"job {self.job_id}: " if self.job else ""
             self.end = CellEnd(notices=[str(error)], failure=GPUJobFailed(f"{where}{error}"))
@@ -258,10 +258,17 @@ class GpuCell:
             end.failure = WorkerExited(f"the GPU session ended during the cell: {reason}")
         state = "failed" if end.error or end.failure else "completed"
         lines = [line for line in (end.note(),) if line] or ["done"]
+        lines += transfer_lines(self.inputs, result.outputs if result else None)
         card.show(message_card(f"{self.name} ran in {where}", lines, state))
         return self._finish(end)
 
     # ------------------------------------------------------------------ shared
+
+    def _final_view(self, job: JobView, note: str, result: Done | None) -> CardView:
+        """How the job ended, with a line for each transfer that took over a second."""
+        view = render_final(job, note)
+        view.lines += transfer_lines(self.inputs, result.outputs if result else None)
+        return view
 
     def _card(self, doing: str) -> Card:
         lines = [self.request.describe()]
