@@ -72,6 +72,9 @@ class Collect:
     def message(self, message: CellOutput) -> None:
         self.messages.append(message)
 
+    def flush(self) -> None:
+        pass
+
     def text(self, name: str) -> str:
         with self.lock:
             return "".join(text for kind, text in self.streams if kind == name)
