@@ -62,9 +62,7 @@ c.JupyterHub.spawner_class = "gpulane.hub.spawner.GpulaneSpawner"
 c.GpulaneSpawner.profiles_file = "{state}/profiles.toml"
 c.GpulaneSpawner.broker_socket = "{state}/run/broker.sock"
 c.GpulaneSpawner.cmd = c.Spawner.cmd
-for _service in c.JupyterHub.services:  # two simulated GPUs instead of the demo's one
-    if _service["name"] == "gpulane":
-        _service["command"][_service["command"].index("--simulate-gpus") + 1] = "2"
+c.GpulaneHub.simulate_gpus = 2  # instead of the demo's one (applied when the hub starts)
 """
 
     with running_demo_hub("gpulane-restart-", extra) as hub:
