@@ -215,3 +215,16 @@ def test_a_bg_cell_says_what_did_not_come_back(broker, kernels):
     assert "set ok" in waited.stream()
     err = waited.stream("stderr")
     assert "lk did not come back from the GPU worker (it cannot be pickled" in err, err
+
+
+def test_a_refused_cell_shows_one_card_with_the_reason(make_broker, kernels):
+    broker = make_broker("--simulate-gpus", "1", "--max-time", "1h")
+    k = kernels(ALICE, broker)
+    assert k.execute("kept = 5").status == "ok"
+    cell = k.execute("%%gpu --time 2h\nkept = 6")
+    assert cell.status == "ok", cell.messages
+    last = card_texts(cell)[-1]
+    assert "not submitted" in last and "over this broker's maximum" in last, card_texts(cell)
+    assert "ask for less" in last  # the fix, on the card
+    assert cell.stream("stderr") == ""  # no second, separate refusal line
+    assert printed(k, "print(kept)") == "5"  # nothing ran, nothing changed

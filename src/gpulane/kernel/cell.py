@@ -147,6 +147,13 @@ class GpuCell:
                 outcome = self._submit(launch, card)
             except KeyboardInterrupt:
                 self._interrupted(launch.worker, card)
+            except SchedulerError as error:
+                # Refused (or no broker): the card itself becomes the refusal, one red card
+                # with the reason and its fix, not an orange "submitting" above a red line.
+                with contextlib.suppress(Exception):
+                    launch.worker.stop()
+                card.show(message_card(f"{self.name}: not submitted", [str(error)], "failed"))
+                return None
             except BaseException:
                 with contextlib.suppress(Exception):
                     launch.worker.stop()
