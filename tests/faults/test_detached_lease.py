@@ -138,5 +138,6 @@ def test_an_attached_command_still_ends_with_its_client(make_broker, shared_dir)
     client.send_signal(signal.SIGKILL)
     client.wait()
     wait_for(lambda: not alive(command), timeout=10, what="the command to be ended")
+    wait_for(lambda: job_states(broker)["server"][0] != "running", what="the job's end saved")
     state, message = job_states(broker)["server"]
     assert state == "failed" and "its client (process" in message, (state, message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -134,8 +135,7 @@ class HubUser:
         conn = await self._connect(kernel_id, session_id)
         msg_id = await self._send(conn, code, session_id)
         result = await _read_cell(conn, msg_id, timeout)
-        conn.close()
-        await asyncio.sleep(0.2)  # let the closing handshake finish before the loop ends
+        await _hang_up(conn)
         return result
 
     async def _send_cell(self, kernel_id: str, code: str, session_id: str) -> str:
@@ -149,8 +149,7 @@ class HubUser:
                 "stream",
             ):
                 break
-        conn.close()
-        await asyncio.sleep(0.2)
+        await _hang_up(conn)
         return msg_id
 
     async def _collect_cell(
@@ -158,9 +157,20 @@ class HubUser:
     ) -> CellRun:
         conn = await self._connect(kernel_id, session_id)
         result = await _read_cell(conn, msg_id, timeout)
-        conn.close()
-        await asyncio.sleep(0.2)
+        await _hang_up(conn)
         return result
+
+
+async def _hang_up(conn: Any) -> None:
+    """Close the websocket and its socket before the loop ends: a busy server may take longer
+    than a fixed pause to answer the close, and a socket left open warns (an error here)."""
+    conn.close()
+    with contextlib.suppress(TimeoutError):
+        while await asyncio.wait_for(conn.read_message(), 5) is not None:
+            pass  # what was still in flight
+    stream = getattr(getattr(conn, "protocol", None), "stream", None)
+    if stream is not None and not stream.closed():
+        stream.close()
 
 
 async def _read_cell(conn: Any, msg_id: str, timeout: float) -> CellRun:
