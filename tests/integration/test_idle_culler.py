@@ -87,12 +87,11 @@ def test_servers_with_running_or_queued_gpu_cells_are_not_culled_an_idle_one_is(
     hub = culling_hub
     ada, ben = logged_in(hub, ADA), logged_in(hub, BEN)
     try:
+        # Each server gets its GPU work as soon as it is up: a server without any is idle
+        # from its start, and on a slow machine setting up the next one can take longer
+        # than the culler's short timeout.
         ada.start_server()
-        ben.start_server()
-        idle = start_named(ben, IDLE)
-        ada_kernel, ben_kernel, idle_kernel = ada.new_kernel(), ben.new_kernel(), idle.new_kernel()
-        # gpulane is loaded in the idle server's kernel too; it ran a cell, and has no GPU work.
-        assert idle.run(idle_kernel, "x = 1").reply["status"] == "ok"
+        ada_kernel = ada.new_kernel()
         gpus = len(broker_status(hub, ada.token)["gpus"])
         results: dict[str, CellRun] = {}
         # Ada's cell holds every GPU and prints nothing; ben's queues behind it.
@@ -103,10 +102,17 @@ def test_servers_with_running_or_queued_gpu_cells_are_not_culled_an_idle_one_is(
         while not broker_status(hub, ada.token)["running"]:
             assert time.monotonic() < deadline, "ada's cell never got the GPU"
             time.sleep(0.2)
+        ben.start_server()
+        ben_kernel = ben.new_kernel()
         ben_cell = in_thread(ben, ben_kernel, "%%gpu --time 1m\nprint('ben ran')", results)
+        deadline = time.monotonic() + 60
         while not broker_status(hub, ben.token)["queue"]:
             assert time.monotonic() < deadline, "ben's cell never queued"
             time.sleep(0.2)
+        idle = start_named(ben, IDLE)
+        idle_kernel = idle.new_kernel()
+        # gpulane is loaded in the idle server's kernel too; it ran a cell, and has no GPU work.
+        assert idle.run(idle_kernel, "x = 1").reply["status"] == "ok"
         # Over twice the culler's timeout, and a look of the culler after it: the two
         # servers with GPU work stay; the idle one goes.
         watched = time.monotonic()

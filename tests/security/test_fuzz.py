@@ -162,11 +162,16 @@ class World:
         return json.loads(answer.body)
 
     def jobs(self) -> dict[str, Any]:
-        """What a refused request must never change: queue, running set, GPU holders."""
+        """What a refused request must never change: each user's queue in its order, the
+        running set, GPU holders. (How users' queues interleave follows their fair-share
+        standing, which moves with time while jobs run, not with requests.)"""
         status = self.call("root", "GET", "/v1/status?limit=1000")
+        queues: dict[str, list[tuple[int, str]]] = {}
+        for job in status["queue"]:
+            queues.setdefault(job["user"], []).append((job["id"], job["state"]))
         return {
             "running": sorted((j["id"], j["user"], j["state"]) for j in status["running"]),
-            "queue": [(j["id"], j["user"], j["state"]) for j in status["queue"]],
+            "queue": queues,
             "queue_total": status.get("queue_total"),
             "holders": sorted(
                 (h["job"], h["user"], tuple(h["gpus"]))
