@@ -26,7 +26,13 @@ from typing import Any
 import pytest
 
 from tests.support.hubclient import HubUser, logged_in, server_ready
-from tests.support.hubs import RunningHub, launch_hub, running_demo_hub, stop_hub
+from tests.support.hubs import (
+    RunningHub,
+    launch_hub,
+    profile_spawner_config,
+    running_demo_hub,
+    stop_hub,
+)
 from tests.support.users import wait_for
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
@@ -56,14 +62,8 @@ print('end')
 @pytest.fixture(scope="module")
 def restart_hub(unix_users) -> Iterator[RunningHub]:
     def extra(state: Path) -> str:
-        (state / "profiles.toml").write_text(PROFILES)
-        return f"""
-c.JupyterHub.spawner_class = "gpulane.hub.spawner.GpulaneSpawner"
-c.GpulaneSpawner.profiles_file = "{state}/profiles.toml"
-c.GpulaneSpawner.broker_socket = "{state}/run/broker.sock"
-c.GpulaneSpawner.cmd = c.Spawner.cmd
-c.GpulaneHub.simulate_gpus = 2  # instead of the demo's one (applied when the hub starts)
-"""
+        # Two simulated GPUs instead of the demo's one (applied when the hub starts).
+        return profile_spawner_config(state, PROFILES) + "c.GpulaneHub.simulate_gpus = 2\n"
 
     with running_demo_hub("gpulane-restart-", extra) as hub:
         yield hub

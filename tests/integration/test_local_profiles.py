@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hubclient import HubUser, logged_in, server_ready
-from tests.support.hubs import running_demo_hub
+from tests.support.hubs import profile_spawner_config, running_demo_hub
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
 
@@ -45,14 +45,12 @@ groups = ["gpu-admins"]
 @pytest.fixture(scope="module")
 def profile_hub(unix_users) -> Iterator[tuple[str, dict[str, str], Path]]:
     def spawner_config(state: Path) -> str:
-        (state / "profiles.toml").write_text(PROFILES)
-        return f"""
-c.JupyterHub.spawner_class = "gpulane.hub.spawner.GpulaneSpawner"
-c.GpulaneSpawner.profiles_file = "{state}/profiles.toml"
-c.GpulaneSpawner.broker_socket = "{state}/run/broker.sock"
-c.GpulaneSpawner.cmd = c.Spawner.cmd
+        return (
+            profile_spawner_config(state, PROFILES)
+            + f"""
 c.JupyterHub.load_groups = {{"gpu-users": {{"users": ["{ADA}", "{BEN}"]}}}}
 """
+        )
 
     with running_demo_hub("gpulane-profiles-", spawner_config) as hub:
         yield hub.url, hub.passwords, hub.state

@@ -79,6 +79,17 @@ class RunningHub:
         return (self.state / "jupyterhub.log").read_text(errors="replace")
 
 
+def profile_spawner_config(state: Path, profiles: str) -> str:
+    """Config lines for GpulaneSpawner with ``profiles`` written to state/profiles.toml."""
+    (state / "profiles.toml").write_text(profiles)
+    return f"""
+c.JupyterHub.spawner_class = "gpulane.hub.spawner.GpulaneSpawner"
+c.GpulaneSpawner.profiles_file = "{state}/profiles.toml"
+c.GpulaneSpawner.broker_socket = "{state}/run/broker.sock"
+c.GpulaneSpawner.cmd = c.Spawner.cmd
+"""
+
+
 @contextlib.contextmanager
 def running_demo_hub(
     prefix: str, extra_config: Callable[[Path], str] | None = None

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from gpulane.config import FORKSERVER_FD_ENV
 from gpulane.kernel.preload import ImportWatch, PreloadSettings
-from gpulane.scheduler.spawn import spawn_command
+from gpulane.scheduler.spawn import spawn_command, wait_or_kill_group
 
 SERVER_COMMAND = (sys.executable, "-m", "gpulane.kernel.forkserver")
 
@@ -163,12 +163,7 @@ class ForkServerClient:
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        wait_or_kill_group(self.proc)
 
     def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> bool:
         if self._gone.is_set():

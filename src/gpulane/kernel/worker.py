@@ -60,7 +60,7 @@ from gpulane.kernel.protocol import (
 )
 from gpulane.kernel.transfer import follow_channel
 from gpulane.scheduler.base import CommandProcess, Launcher
-from gpulane.scheduler.spawn import spawn_command
+from gpulane.scheduler.spawn import spawn_command, wait_or_kill_group
 
 RUNNER_COMMAND = (sys.executable, "-m", "gpulane.kernel.runner")
 
@@ -210,12 +210,7 @@ class LocalWorker(WorkerHandle):
 
     def stop(self) -> None:
         self._send_quietly(Stop())
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        wait_or_kill_group(self.proc)
         self.close()
 
     def close(self) -> None:

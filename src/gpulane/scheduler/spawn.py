@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpulane.scheduler.base import CommandProcess
 
 _PR_SET_PDEATHSIG = 1
 
@@ -43,3 +48,13 @@ def spawn_command(
         preexec_fn=None if death_signal is None else lambda: _die_with_parent(death_signal),
         pass_fds=tuple(pass_fds),
     )
+
+
+def wait_or_kill_group(proc: CommandProcess, grace: float = 3.0) -> None:
+    """Wait up to ``grace`` seconds for a group leader asked to end, then SIGKILL its group."""
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
