@@ -4,6 +4,7 @@ time limit, lease expiry, restart and reattach. No root, no socket, no child pro
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,35 @@ def test_a_revoked_job_whose_client_reports_in_time_keeps_the_revoked_state(
     assert ended["message"] == "cancelled by alice"
     house.advance(20)  # the grace timer was disarmed: nothing changes when it would have fired
     assert house.call(house.broker.lookup, ALICE, running["id"])["ended_at"] == ended["ended_at"]
+
+
+def test_a_cancel_that_comes_after_the_command_ended_leaves_its_exit_status(
+    broker_house: House,
+) -> None:
+    # The race CI met: the command exits 0, and a cancel lands before its client reports.
+    house = broker_house(gpus=1, kill_grace=10.0)
+    me = person("alice", pid=os.getpid())
+    done = submit(house, me)
+    unreported = submit(house, me)  # queued behind it
+    command = subprocess.Popen(["true"], start_new_session=True)
+    house.call(house.broker.started, me, done["id"], command.pid)
+    command.wait()
+    told = house.call(house.broker.cancel, me, done["id"])
+    assert (told["state"], told["ending"]) == ("running", None)
+    ended = house.call(house.broker.finish, me, done["id"], 0)
+    assert (ended["state"], ended["exit_status"], ended["message"]) == ("completed", 0, "")
+
+    # With no report after the grace period, the cancel stands and the GPU is freed.
+    assert house.state(me, unreported["id"]) == "running"
+    command = subprocess.Popen(["true"], start_new_session=True)
+    house.call(house.broker.started, me, unreported["id"], command.pid)
+    command.wait()
+    house.call(house.broker.cancel, me, unreported["id"])
+    house.advance(9.5)
+    assert house.state(me, unreported["id"]) == "running"
+    house.advance(1)
+    final = house.call(house.broker.lookup, me, unreported["id"])
+    assert (final["state"], final["message"]) == ("cancelled", "cancelled by alice")
 
 
 def test_an_admin_revokes_another_users_running_job(broker_house: House) -> None:

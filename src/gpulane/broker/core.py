@@ -427,11 +427,33 @@ class Broker:
         """Take a running job's GPU back: its client is told, its processes get SIGTERM, then SIGKILL."""
         if job.ending_state is not None:
             return
+        if self._command_already_ended(job):
+            # Too late to stop: its command ended by itself, and its client's report, with the
+            # real exit status, is on its way. Only if none comes does the revoke take effect.
+            log.info("job %d: its command had already ended when %s", job.id, message)
+            self.timers.arm(
+                job.id, self.settings.kill_grace, lambda j: self._unreported_end(j, state, message)
+            )
+            return
         self._save_changes(job, ending_state=state, message=message, ending_at=self.clock())
         log.info("job %d of %s revoked: %s", job.id, job.user, message)
         self._signal_job(job, signal.SIGTERM)
         self.timers.arm(job.id, self.settings.kill_grace, self._force_end)
         self._publish(urgent={job.id})
+
+    def _command_already_ended(self, job: JobRecord) -> bool:
+        # Judged only where the broker could have stopped the command itself.
+        return (
+            bool(job.cmd_pid)
+            and self._may_signal(job)
+            and not procs.is_alive(job.cmd_pid, job.cmd_start)
+        )
+
+    def _unreported_end(self, job_id: int, state: JobState, message: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state is JobState.RUNNING:
+            self._signal_job(job, signal.SIGKILL)  # what it left behind in its group
+            self._finalize(job, state, message)
 
     def _force_end(self, job_id: int) -> None:
         """The grace period is over: kill what is left and free the GPU, reported or not."""
@@ -551,9 +573,12 @@ class Broker:
         self._publish(urgent={job.id})
 
     def _signal_job(self, job: JobRecord, sig: signal.Signals) -> None:
-        # Only where the broker may: as root, or when the job runs as the broker's own user.
-        if job.cmd_pid and (self.can_kill_any or job.uid == os.geteuid()):
+        if job.cmd_pid and self._may_signal(job):
             procs.signal_group(job.cmd_pid, job.cmd_start, sig)
+
+    def _may_signal(self, job: JobRecord) -> bool:
+        # Only where the broker may: as root, or when the job runs as the broker's own user.
+        return self.can_kill_any or job.uid == os.geteuid()
 
     # ----------------------------------------------------------------- retention
 
