@@ -24,6 +24,7 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,15 @@ class CellRunner:
     A session's state (a model on the GPU) persists across its cells.
     """
 
-    def __init__(self, channel: Connection) -> None:
-        self.channel = channel
+    def __init__(self, connect: Callable[[], Connection]) -> None:
+        # The shell is built (~55 ms of IPython) while the channel connects: on a cluster node
+        # that connection waits on the network and on the kernel's key check.
+        connecting = _InBackground(connect, "gpulane-connect")
         self.inbox: queue.Queue[RunCell | Stop] = queue.Queue()
         self.shell = _make_shell(self)
         self.env_applied = False
         self.output = OutputRelay(self._send_stream)
+        self.channel = connecting.result()
 
     def send(self, message: FromWorker) -> None:
         with self.output.ordered():  # the text written before it goes first
@@ -128,6 +132,11 @@ class CellRunner:
         from gpulane.kernel.returns import pack_returns
         from gpulane.kernel.transfer import shared_spill_dir, to_cpu, unpack
 
+        if not gc.isenabled() and not self.env_applied:
+            # Off since main(): what start-up made is kept for good, and the cell's own
+            # objects are collected as in any Python.
+            gc.freeze()
+            gc.enable()
         if not self.env_applied:
             os.environ.update(message.env)
             notes = memory_caps.install(os.environ)
@@ -222,9 +231,35 @@ def main() -> int:
     # An interrupt must reach user code as KeyboardInterrupt; the kernel sends SIGINT first.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    channel = connect_channel()
-    runner = CellRunner(channel)
+    # Start-up allocates much and frees little: collections then only cost time (~10 ms
+    # before a cold worker's first line). On again before the first cell's code runs.
+    gc.disable()
+    runner = CellRunner(connect_channel)
     return runner.serve()
+
+
+class _InBackground:
+    """One call on its own thread; ``result()`` waits for it and re-raises its error here."""
+
+    def __init__(self, call: Callable[[], Connection], name: str) -> None:
+        self._call = call
+        self._value: Connection | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as error:  # handed to the caller's thread, not lost in this one
+            self._error = error
+
+    def result(self) -> Connection:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import mmap
 import os
@@ -35,8 +36,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import cloudpickle  # type: ignore[import-untyped]
 
 from gpulane.jobs import format_bytes
 
@@ -110,22 +109,31 @@ def _summarize_error(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, plus plain CPU tensors as numpy arrays so their data goes out of band,
-    and large strided arrays out of band too (numpy pickles those in band)."""
+@functools.cache
+def _pickler() -> type[pickle.Pickler]:
+    """cloudpickle, imported where values are pickled, not where they are loaded: a cold
+    worker loads its inputs before the cell's first line, and needs no pickler until it
+    returns names (the import is ~8 ms)."""
+    import cloudpickle  # type: ignore[import-untyped]
 
-    def reducer_override(self, obj: Any) -> Any:
-        torch = sys.modules.get("torch")
-        if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
-            reduced = _reduce_tensor(obj, torch)
-            if reduced is not None:
-                return reduced
-        numpy = sys.modules.get("numpy")
-        if numpy is not None and type(obj) is numpy.ndarray:
-            reduced = _reduce_strided(obj)
-            if reduced is not None:
-                return reduced
-        return super().reducer_override(obj)
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        """cloudpickle, plus plain CPU tensors as numpy arrays so their data goes out of
+        band, and large strided arrays out of band too (numpy pickles those in band)."""
+
+        def reducer_override(self, obj: Any) -> Any:
+            torch = sys.modules.get("torch")
+            if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
+                reduced = _reduce_tensor(obj, torch)
+                if reduced is not None:
+                    return reduced
+            numpy = sys.modules.get("numpy")
+            if numpy is not None and type(obj) is numpy.ndarray:
+                reduced = _reduce_strided(obj)
+                if reduced is not None:
+                    return reduced
+            return super().reducer_override(obj)
+
+    return Pickler
 
 
 OUT_OF_BAND_FROM = 1 << 20  # bytes: a strided array or bytes this big go out of band
@@ -217,7 +225,7 @@ def _dumps(value: Any) -> tuple[bytes, list[memoryview]]:
         return False
 
     stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(value)
+    _pickler()(stream, protocol=5, buffer_callback=out_of_band).dump(value)
     return stream.getvalue(), views
 
 
