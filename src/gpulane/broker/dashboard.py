@@ -2,8 +2,9 @@
 
 It runs inside the broker process (which the hub manages) on a loopback port the
 hub's proxy forwards to, and reads the broker's state directly. Everyone with
-access to the service sees the GPUs, the holders, the queue and the usage; only
-owners see their commands; users cancel their own jobs, admins
+access to the service sees the GPUs, the holders, the queue, the usage and each
+user's decayed fair-share standing; only owners see their commands and their ended
+jobs' reasons (admins see every user's); users cancel their own jobs, admins
 (``custom:gpulane:admin``) any. What a user may not touch answers 404.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import tornado.web
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 
+from gpulane.broker import board
 from gpulane.broker.core import Broker
 from gpulane.broker.hub_auth import ADMIN_SCOPE
 from gpulane.broker.identity import NO_UID, Identity
@@ -76,8 +78,11 @@ class StateHandler(_Base):
     @tornado.web.authenticated
     def get(self) -> None:
         who = self.identity()
-        state = self.broker.status(who)
-        state["usage"] = self.broker.usage_report()
+        now = self.broker.clock()
+        state: dict[str, Any] = dict(self.broker.status(who))
+        state["usage"] = self.broker.usage_report(now)
+        state["ended"] = board.ended_jobs(self.broker, who, now)
+        state["standings"] = board.standings(self.broker, now)
         self.write_json(state)
 
 
