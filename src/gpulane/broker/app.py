@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from traitlets import TraitError, TraitType, Unicode, default
+from traitlets import Enum, TraitError, TraitType, Unicode, default
 from traitlets.config import Application, Config
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader, _KVArgParser
 
@@ -335,6 +335,21 @@ class BrokerApp(Application):
         "30s", help="Close a connection whose answer goes unread this long."
     ).tag(config=True)
 
+    gpu_source = Enum(
+        ["nvml", "k8s"],
+        "nvml",
+        help="Where the GPUs come from: nvml (this machine's) or k8s (the Kubernetes "
+        "cluster's allocatable GPUs, followed as nodes come and go; see docs/admin-kubernetes.md).",
+    ).tag(config=True)
+    kubeconfig = Unicode(
+        "", help="With --gpu-source k8s: a kubeconfig (default: the pod's service account)."
+    ).tag(config=True)
+    gpu_resource = Unicode(
+        "nvidia.com/gpu",
+        help="With --gpu-source k8s: the node resource that counts (nvidia.com/gpu.shared "
+        "after time-slicing --rename-shared).",
+    ).tag(config=True)
+
     # Application declares these as instance attributes, so they cannot be ClassVars here.
     aliases: dict[Any, Any] = {  # noqa: RUF012
         _option(name)[2:]: f"BrokerApp.{name}"
@@ -348,6 +363,7 @@ class BrokerApp(Application):
             "dashboard_port", "log_level",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout",
+            "gpu_source", "kubeconfig", "gpu_resource",
         )
     }  # fmt: skip
     flags: dict[Any, Any] = {}  # noqa: RUF012
@@ -435,6 +451,15 @@ class BrokerApp(Application):
         )
         if self.simulate_gpus is not None:
             inventory = Inventory.simulate(self.simulate_gpus, self.gpu_memory)
+        elif self.gpu_source == "k8s":
+            from gpulane.broker.k8s_capacity import KubeInventory, KubeReader
+
+            inventory = KubeInventory(
+                KubeReader(self.kubeconfig or None),
+                int(self.slices),
+                int(self.gpu_memory),
+                self.gpu_resource,
+            )
         else:
             inventory = Inventory.from_nvml()  # RuntimeError where there are none
         store = Store(Path(self.state_dir) / "broker.sqlite3")

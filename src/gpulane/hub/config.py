@@ -59,6 +59,13 @@ class GpulaneHub(LoggingConfigurable):
 
     gpu_memory = Unicode("16G", help="Memory of each simulated GPU.").tag(config=True)
 
+    gpu_source = Unicode(
+        "nvml",
+        help="Where the broker's GPUs come from: 'nvml' (this machine) or 'k8s' (the "
+        "cluster's allocatable GPUs, read with the hub pod's service account; set slices to "
+        "the time-slicing replicas).",
+    ).tag(config=True)
+
     slices = Integer(1, help="Cut each GPU into this many time-sliced slices.").tag(config=True)
 
     max_running_per_user = Integer(
@@ -161,6 +168,13 @@ class GpulaneHub(LoggingConfigurable):
             raise ValueError(f"GpulaneHub.{proposal['trait'].name} must be positive, not {value}")
         return value
 
+    @validate("gpu_source")
+    def _gpu_source(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if value not in ("nvml", "k8s"):
+            raise TraitError(f"GpulaneHub.gpu_source {value!r} must be 'nvml' or 'k8s'")
+        return value
+
     @validate("group_source")
     def _group_source(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
@@ -209,6 +223,8 @@ class GpulaneHub(LoggingConfigurable):
         ]  # fmt: skip
         if self.simulate_gpus:
             command += ["--simulate-gpus", str(self.simulate_gpus), "--gpu-memory", self.gpu_memory]
+        elif self.gpu_source == "k8s":
+            command += ["--gpu-source", "k8s"]
         if self.max_running_per_user:
             command += ["--max-running-per-user", str(self.max_running_per_user)]
         for name, broker_default in BROKER_DURATIONS.items():

@@ -1,0 +1,175 @@
+"""The broker's GPUs on Kubernetes: the cluster's allocatable GPUs, less what others use.
+
+``gpulane broker --gpu-source k8s`` (``GpulaneHub.gpu_source = "k8s"``) reads, with the
+real ``kubernetes`` client (the hub pod's service account in the cluster, a kubeconfig
+elsewhere):
+
+- every Ready, schedulable node's *allocatable* GPU resource (``nvidia.com/gpu``, or
+  ``nvidia.com/gpu.shared`` after ``time-slicing --rename-shared``). With time-slicing
+  the device plugin already advertises each physical GPU ``replicas`` times, so one
+  unit is one slice: the broker's ``--slices`` must equal those replicas, and the
+  broker's GPU count is the slices divided by it;
+- the GPU requests of pods on those nodes that gpulane did not lease (no
+  :data:`LEASE_LABEL`): a GPU another tool took is not the broker's to give.
+
+The list is read again every ``interval`` seconds, so nodes that join or leave (an
+autoscaler, a drained node) change the capacity the queue plans with. A failed read
+keeps the last known capacity and logs one line (the API server may be restarting).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpulane.broker.gpus import Inventory
+
+log = logging.getLogger(__name__)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# Pods a gpulane lease created carry this label (its value: the broker's job id).
+LEASE_LABEL = "gpulane.io/lease"
+# Phases in which a pod holds the GPUs it requested on its node.
+HOLDING_PHASES = frozenset({"Pending", "Running", "Unknown"})
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster offers: slices in all, slices others hold, and the nodes counted."""
+
+    slices: int
+    foreign: int
+    nodes: tuple[str, ...]
+
+    def gpus(self, slices_per_gpu: int) -> int:
+        """Whole broker GPUs (each ``slices_per_gpu`` slices) free for gpulane."""
+        return max(0, self.slices - self.foreign) // max(1, slices_per_gpu)
+
+
+def _units(value: Any) -> int:
+    try:
+        return max(0, int(str(value)))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _schedulable(node: Mapping[str, Any]) -> bool:
+    if (node.get("spec") or {}).get("unschedulable"):
+        return False
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _pod_units(pod: Mapping[str, Any], resource: str) -> int:
+    spec = pod.get("spec") or {}
+    total = 0
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        limits = resources.get("limits") or {}
+        requests = resources.get("requests") or {}
+        # Extended resources: the limit is the request (Kubernetes refuses them unequal).
+        total += _units(limits.get(resource, requests.get(resource)))
+    return total
+
+
+def capacity(
+    nodes: Iterable[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]],
+    resource: str = GPU_RESOURCE,
+) -> Capacity:
+    """The capacity the broker may lease from these nodes and pods (API objects as dicts)."""
+    counted: dict[str, int] = {}
+    for node in nodes:
+        name = str((node.get("metadata") or {}).get("name", ""))
+        units = _units(((node.get("status") or {}).get("allocatable") or {}).get(resource))
+        if name and units and _schedulable(node):
+            counted[name] = units
+    foreign = 0
+    for pod in pods:
+        metadata = pod.get("metadata") or {}
+        if LEASE_LABEL in (metadata.get("labels") or {}):
+            continue
+        if (pod.get("status") or {}).get("phase") not in HOLDING_PHASES:
+            continue
+        where = str((pod.get("spec") or {}).get("nodeName") or "")
+        if where in counted:
+            foreign += _pod_units(pod, resource)
+    return Capacity(sum(counted.values()), min(foreign, sum(counted.values())), tuple(counted))
+
+
+class KubeReader:
+    """Lists nodes and pods with the ``kubernetes`` client."""
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None) -> None:
+        from kubernetes import client, config
+
+        if kubeconfig:
+            api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, context=context
+            )
+        else:
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config(context=context)  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient()
+        self._api = client.CoreV1Api(api_client)
+        self._serialize = api_client.sanitize_for_serialization
+
+    def read(self, resource: str) -> Capacity:
+        nodes = self._api.list_node(_request_timeout=30).items
+        pods = self._api.list_pod_for_all_namespaces(_request_timeout=30).items
+        return capacity(
+            (self._serialize(n) for n in nodes), (self._serialize(p) for p in pods), resource
+        )
+
+
+class KubeInventory(Inventory):
+    """The broker's inventory on Kubernetes: ``count`` follows the cluster (see above)."""
+
+    def __init__(
+        self,
+        reader: KubeReader,
+        slices_per_gpu: int,
+        memory: int,
+        resource: str = GPU_RESOURCE,
+        interval: float = 30.0,
+    ) -> None:
+        self._reader = reader
+        self._resource = resource
+        self._slices_per_gpu = slices_per_gpu
+        self._interval = interval
+        self._stop = threading.Event()
+        first = reader.read(resource)  # an error here stops the broker, named
+        super().__init__(0, memory, [], simulated=True)
+        self.apply(first)
+        self._thread = threading.Thread(target=self._follow, daemon=True, name="gpulane-k8s")
+        self._thread.start()
+
+    def apply(self, seen: Capacity) -> None:
+        count = seen.gpus(self._slices_per_gpu)
+        if count != self.count:
+            log.info(
+                "Kubernetes capacity: %d %s on %d node(s), %d held by other pods: %d GPU(s)",
+                seen.slices,
+                self._resource,
+                len(seen.nodes),
+                seen.foreign,
+                count,
+            )
+        # names first: readers index names by 0..count-1.
+        self.names = [f"Kubernetes GPU {i}" for i in range(count)]
+        self.count = count
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.apply(self._reader.read(self._resource))
+            except Exception as error:  # the API server restarting must not stop the broker
+                log.warning("Kubernetes capacity not read (keeping %d GPUs): %s", self.count, error)
+
+    def close(self) -> None:
+        self._stop.set()
