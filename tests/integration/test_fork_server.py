@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -191,3 +193,56 @@ def test_without_the_fork_server_a_cell_is_a_fresh_python(broker, kernels):
     cell = k.execute("%%gpu\n" + WHO)
     assert cell.status == "ok", cell.messages
     assert who(cell.stream())["parent"] == str(k.pid) and fork_servers(k.pid) == []
+
+
+def test_an_idle_fork_server_exits_and_comes_back_for_the_next_cell(broker, kernels):
+    k = kernels(ALICE, broker, {"GPULANE_FORKSERVER_IDLE": "2s"})
+    first = k.execute("%%gpu\n" + WHO)
+    assert first.status == "ok", first.messages
+    (server,) = fork_servers(k.pid)
+    # No cell for longer than its idle time: it exits by itself (and its spare child with it).
+    wait_for(lambda: fork_servers(k.pid) == [], what="the idle fork server to exit", timeout=30)
+    cell = k.execute("%%gpu\n" + WHO + "print('after idle')", timeout=60)
+    assert cell.status == "ok", cell.messages
+    assert "after idle" in cell.stream()
+    again = k.execute("%%gpu\n" + WHO, timeout=60)
+    (new_server,) = fork_servers(k.pid)
+    assert new_server != server and who(again.stream())["parent"] == str(new_server)
+
+
+# A module that starts a thread when imported: forking a process holding it is unsafe.
+THREAD_AT_IMPORT = (
+    "import threading, time\n"
+    "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+)
+
+
+def test_a_module_unsafe_to_fork_is_named_and_the_cell_starts_clean(broker, kernels, request):
+    modules = Path(tempfile.mkdtemp(prefix="gpl-modules-"))
+    request.addfinalizer(lambda: shutil.rmtree(modules, ignore_errors=True))
+    modules.chmod(0o755)  # the user's kernel and its fork server import from here
+    (modules / "gpl_thread_at_import.py").write_text(THREAD_AT_IMPORT)
+    (modules / "gpl_thread_at_import.py").chmod(0o644)
+    k = kernels(ALICE, broker, {"PYTHONPATH": str(modules)})
+    assert k.execute("%%gpu\n" + WHO).status == "ok"
+    made = k.execute("import gpl_thread_at_import")
+    assert made.status == "ok", made.messages
+    # The fork server preloads what the notebook imported, finds the thread, says so and
+    # exits; a cell after that says why, and runs.
+    said = ""
+    for _ in range(5):
+        cell = k.execute("%%gpu\n" + WHO + "print('ran')", timeout=60)
+        assert cell.status == "ok", cell.messages
+        assert "ran" in cell.stream()
+        said = cell.stream() + cell.stream("stderr")
+        if "cannot fork safely" in said:
+            break
+        time.sleep(1)
+    assert "importing gpl_thread_at_import started a Python thread" in said, said
+    assert "no longer preloads it" in said
+    # The next fork server leaves the module out and forks cells again.
+    spare = k.execute(SPARE_MODULES, timeout=150).stream()
+    assert "gpl_thread_at_import" not in spare and "[" in spare
+    again = k.execute("%%gpu\n" + WHO, timeout=60)
+    (server,) = fork_servers(k.pid)
+    assert who(again.stream())["parent"] == str(server)
