@@ -269,17 +269,26 @@ def _check_dashboard_for_ben(dashboard: Any, expect: Any) -> None:
     expect(dashboard.locator("#standings-note")).to_contain_text("half-life of")
 
 
-def _ada_dismisses_cancelling_bens_job(chromium: Any, hub: Any, job: int, expect: Any) -> None:
-    """Ada logs in, clicks cancel on Ben's queued job and says no to the question."""
+@contextlib.contextmanager
+def _dashboard_as(chromium: Any, hub: Any, user: str) -> Iterator[Any]:
+    """A fresh browser that logs ``user`` in through the hub's form, on the dashboard."""
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(30 * SECOND)
     try:
         page = context.new_page()
         page.goto(f"{hub.url}/hub/login?next=/services/gpulane/")
-        page.fill("#username_input", ADA)
-        page.fill("#password_input", hub.passwords[ADA])
+        page.fill("#username_input", user)
+        page.fill("#password_input", hub.passwords[user])
         page.click("#login_submit")
         page.wait_for_url(re.compile(r"/services/gpulane/(\?.*)?$"), timeout=60 * SECOND)
+        yield page
+    finally:
+        context.close()
+
+
+def _ada_dismisses_cancelling_bens_job(chromium: Any, hub: Any, job: int, expect: Any) -> None:
+    """Ada logs in, clicks cancel on Ben's queued job and says no to the question."""
+    with _dashboard_as(chromium, hub, ADA) as page:
         expect(page.locator("#who")).to_contain_text(f"signed in as {ADA} (admin)")
         expect(page.locator("#ended-scope")).to_contain_text("every user")
         expect(page.locator("#ended tbody")).to_contain_text(BEN)  # an admin sees all
@@ -299,8 +308,6 @@ def _ada_dismisses_cancelling_bens_job(chromium: Any, hub: Any, job: int, expect
         expect(row).to_contain_text(BEN)
         expect(page.locator("#error")).to_be_empty()
         page.screenshot(path=ARTIFACTS / "browser-5-admin-dashboard-after-no.png", full_page=True)
-    finally:
-        context.close()
 
 
 def _in_a_thread(function: Any, *args: Any) -> Any:
@@ -360,7 +367,7 @@ def _dashboard_state(hub: Any, token: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(180)
 def test_dashboard_data_ended_reasons_are_private_and_standings_public(
-    hub: Any, ada: HubUser
+    hub: Any, ada: HubUser, chromium: Any
 ) -> None:
     """api/state: a user sees their own ended jobs' reasons and an admin everyone's;
     every user sees everyone's decayed GPU-hours and share (as sshare shows them)."""
@@ -385,7 +392,8 @@ def test_dashboard_data_ended_reasons_are_private_and_standings_public(
         by_name = {j["name"]: j for j in admin_view["ended"]}
         for name, owner in (("ada-fails", ADA), ("ben-fails", BEN)):
             job = by_name[name]
-            assert job["user"] == owner and job["state"] == "failed" and job["reason"], job
+            assert job["user"] == owner and job["state"] == "failed", job
+            assert re.fullmatch(r"exited with status \d+|killed by \w+", job["reason"]), job
         bens_view = _dashboard_state(hub, ben.token)
         assert bens_view["ended"], bens_view
         assert {j["user"] for j in bens_view["ended"]} == {BEN}  # never Ada's reasons
@@ -403,6 +411,19 @@ def test_dashboard_data_ended_reasons_are_private_and_standings_public(
             r["user"] for r in bens_view["standings"]
         ]
         assert rows[ADA]["gpu_hours"] > 0  # her job of the browser test, cancelled later
+        # The same on the page: the admin sees both failures and their reasons, Ben his own.
+        from playwright.sync_api import expect
+
+        for user, shot in (
+            (ADA, "browser-7-admin-failed-jobs.png"),
+            (BEN, "browser-8-ben-failed-job.png"),
+        ):
+            with _dashboard_as(chromium, hub, user) as page:
+                ended = page.locator("#ended tbody")
+                expect(ended).to_contain_text(by_name["ben-fails"]["reason"])
+                fails = ended.locator("tr", has_text="ada-fails")
+                expect(fails).to_have_count(1 if user == ADA else 0)
+                page.screenshot(path=ARTIFACTS / shot, full_page=True)
     finally:
         with contextlib.suppress(Exception):
             ben.server_api("DELETE", f"/kernels/{ben.kernel}")
