@@ -149,3 +149,30 @@ def test_a_broker_process_plans_with_the_clusters_gpus(api: Any, make_broker: An
     snapshot = json.loads(broker.call(None, "status", "--json").stdout)
     assert len(snapshot["gpus"]) == 1
     assert "Kubernetes capacity: 2 nvidia.com/gpu on 1 node(s)" in broker.log_text()
+
+
+def test_a_node_that_joins_lets_a_queued_job_start(
+    api: Any, make_broker: Any, tmp_path: Path
+) -> None:
+    import json
+
+    _, kubeconfig, core = api
+    core.create_node(gpu_node("gpu-1", 1))
+    broker = make_broker(
+        "--gpu-source", "k8s", "--kubeconfig", str(kubeconfig), "--k8s-interval", "1s"
+    )
+
+    def states() -> dict[str, str]:
+        snapshot = json.loads(broker.call(None, "status", "--json").stdout)
+        jobs = snapshot["running"] + snapshot["queue"]
+        return {j["name"]: j["state"] for j in jobs}
+
+    holder = broker.spawn(None, "run", "--name", "holder", "--", "sleep", "120")
+    wait_for(lambda: states() == {"holder": "running"})
+    waiting = broker.spawn(None, "run", "--name", "second", "--", "true")
+    wait_for(lambda: states() == {"holder": "running", "second": "queued"})
+    core.create_node(gpu_node("gpu-2", 1))
+    # No job ended or arrived: the new node alone starts the second job.
+    assert waiting.wait(timeout=30) == 0
+    assert holder.poll() is None
+    assert "Kubernetes capacity: 2 nvidia.com/gpu on 2 node(s)" in broker.log_text()

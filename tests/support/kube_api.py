@@ -214,6 +214,14 @@ def make_handler(store: Store) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up (a watch closed early) is routine, not an error to print.
+        pass
+
+
 KUBECONFIG = """\
 apiVersion: v1
 kind: Config
@@ -234,8 +242,7 @@ current-context: loopback
 def kube_api(folder: Path) -> Iterator[tuple[Store, Path]]:
     """Serve a fresh API on a free loopback port; yields the store and a kubeconfig for it."""
     store = Store()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(store))
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), make_handler(store))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     kubeconfig = folder / "kubeconfig"

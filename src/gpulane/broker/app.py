@@ -349,6 +349,9 @@ class BrokerApp(Application):
         help="With --gpu-source k8s: the node resource that counts (nvidia.com/gpu.shared "
         "after time-slicing --rename-shared).",
     ).tag(config=True)
+    k8s_interval = Duration(
+        "30s", help="With --gpu-source k8s: how often the nodes and pods are listed again."
+    ).tag(config=True)
 
     # Application declares these as instance attributes, so they cannot be ClassVars here.
     aliases: dict[Any, Any] = {  # noqa: RUF012
@@ -363,7 +366,7 @@ class BrokerApp(Application):
             "dashboard_port", "log_level",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout",
-            "gpu_source", "kubeconfig", "gpu_resource",
+            "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval",
         )
     }  # fmt: skip
     flags: dict[Any, Any] = {}  # noqa: RUF012
@@ -459,12 +462,22 @@ class BrokerApp(Application):
                 int(self.slices),
                 int(self.gpu_memory),
                 self.gpu_resource,
+                float(self.k8s_interval),
             )
         else:
             inventory = Inventory.from_nvml()  # RuntimeError where there are none
         store = Store(Path(self.state_dir) / "broker.sqlite3")
         broker = Broker(settings, inventory, store)
-        asyncio.run(serve(broker, Path(self.socket), self.dashboard_port))
+
+        async def serve_following() -> None:
+            # An inventory that changes (Kubernetes nodes) wakes the queue when it does.
+            follow = getattr(inventory, "follow", None)
+            if follow is not None:
+                loop = asyncio.get_running_loop()
+                follow(lambda: loop.call_soon_threadsafe(broker.capacity_changed))
+            await serve(broker, Path(self.socket), self.dashboard_port)
+
+        asyncio.run(serve_following())
 
 
 def file_config(path: str | None = None) -> Config:

@@ -135,6 +135,10 @@ class Broker:
         self.timers.cancel_all()
         self.store.close()
 
+    def capacity_changed(self) -> None:
+        """The inventory's count changed (nodes came or went): grant what now fits."""
+        self._schedule()
+
     # ----------------------------------------------------------------- requests
 
     def submit(self, who: Identity, request: Request) -> JobView:

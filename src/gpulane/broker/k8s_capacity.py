@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +143,7 @@ class KubeInventory(Inventory):
         self._slices_per_gpu = slices_per_gpu
         self._interval = interval
         self._stop = threading.Event()
+        self._on_change: Callable[[], None] | None = None
         first = reader.read(resource)  # an error here stops the broker, named
         super().__init__(0, memory, [], simulated=True)
         self.apply(first)
@@ -161,8 +162,15 @@ class KubeInventory(Inventory):
                 count,
             )
         # names first: readers index names by 0..count-1.
+        changed = count != self.count
         self.names = [f"Kubernetes GPU {i}" for i in range(count)]
         self.count = count
+        if changed and self._on_change is not None:
+            self._on_change()
+
+    def follow(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change`` (from this inventory's thread) whenever the count changes."""
+        self._on_change = on_change
 
     def _follow(self) -> None:
         while not self._stop.wait(self._interval):
