@@ -133,6 +133,9 @@ class Request:
     slices: int = 0
     time_limit: int | None = None  # seconds; None: the scheduler's default
     mem: int | None = None  # host memory, bytes
+    # GPU memory asked of one GPU, bytes (None: whole GPUs or slices). Sent only when set,
+    # so brokers that predate it keep taking requests from new clients.
+    gpu_mem: int | None = None
     name: str = "job"
     command: tuple[str, ...] = field(default_factory=tuple)
     # The command may outlive its client: once started, the lease follows the command's
@@ -150,6 +153,13 @@ class Request:
             raise OptionError(f"--time must be positive and at most {MAX_TIME_SECONDS} s")
         if self.mem is not None and not 0 < self.mem <= 1024**5:
             raise OptionError("--mem must be positive and at most 1 PiB")
+        if self.gpu_mem is not None:
+            if not 0 < self.gpu_mem <= 1024**5:
+                raise OptionError("--gpu-mem must be positive and at most 1 PiB")
+            if self.slices or self.gpus != 1:
+                raise OptionError(
+                    "--gpu-mem asks for memory of one GPU: leave out --gpus and --slices"
+                )
         if not NAME_RE.fullmatch(self.name):
             raise OptionError(
                 f"--name {self.name!r} must be 1-64 letters, digits or _.:+- "
@@ -171,6 +181,8 @@ class Request:
         return self.slices == 0
 
     def describe(self) -> str:
+        if self.gpu_mem is not None:
+            return f"{format_bytes(self.gpu_mem)} of one GPU"
         return f"{self.slices} slice(s)" if self.slices else f"{self.gpus} GPU(s)"
 
     def to_json(self) -> dict[str, Any]:
@@ -178,6 +190,8 @@ class Request:
         data["command"] = list(self.command)
         if not self.detached:
             del data["detached"]  # a broker that predates it refuses unknown fields
+        if self.gpu_mem is None:
+            del data["gpu_mem"]  # likewise
         return data
 
     @classmethod
@@ -185,11 +199,11 @@ class Request:
         """Build from a posted document: a bounded schema, unknown keys refused."""
         if not isinstance(data, Mapping):
             raise OptionError("the request must be a JSON object")
-        known = {"gpus", "slices", "time_limit", "mem", "name", "command", "detached"}
+        known = {"gpus", "slices", "time_limit", "mem", "gpu_mem", "name", "command", "detached"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise OptionError(f"unknown field(s) in request: {', '.join(unknown)}")
-        for key in ("gpus", "slices", "time_limit", "mem"):
+        for key in ("gpus", "slices", "time_limit", "mem", "gpu_mem"):
             value = data.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise OptionError(f"{key} must be an integer")
@@ -207,6 +221,7 @@ class Request:
             slices=data.get("slices") or 0,
             time_limit=data.get("time_limit"),
             mem=data.get("mem"),
+            gpu_mem=data.get("gpu_mem"),
             name=name,
             command=tuple(command),
             detached=detached,
@@ -221,6 +236,7 @@ def build_request(
     mem: str | None = None,
     name: str | None = None,
     command: Sequence[str] = (),
+    gpu_mem: str | None = None,
 ) -> Request:
     """Parse the textual options every front end shares into a :class:`Request`."""
     if gpus is not None and slices is not None:
@@ -230,6 +246,7 @@ def build_request(
         slices=parse_count(slices, "--slices") if slices is not None else 0,
         time_limit=parse_duration(time) if time is not None else None,
         mem=parse_memory(mem) if mem is not None else None,
+        gpu_mem=parse_memory(gpu_mem, "--gpu-mem") if gpu_mem is not None else None,
         name=name if name is not None else "job",
         command=tuple(command),
     )

@@ -364,3 +364,22 @@ def test_from_json_only_raises_option_error(document: dict[str, Any]) -> None:
     else:
         assert 1 <= request.gpus <= 64
         assert all(isinstance(arg, str) for arg in request.command)
+
+
+def test_gpu_mem_parsed_and_sent_only_when_set() -> None:
+    request = build_request(gpu_mem="10G")
+    assert request.gpu_mem == 10 * 1024**3
+    assert request.to_json()["gpu_mem"] == 10 * 1024**3
+    assert Request.from_json(request.to_json()) == request
+    assert "gpu_mem" not in build_request().to_json()  # an older broker refuses unknown keys
+    assert request.describe() == "10.0 GiB of one GPU"
+
+
+def test_gpu_mem_refused_with_gpus_or_slices_or_out_of_range() -> None:
+    for kwargs in ({"gpus": "2"}, {"slices": "1"}):
+        with pytest.raises(OptionError, match="--gpu-mem asks for memory of one GPU"):
+            build_request(gpu_mem="8G", **kwargs)
+    with pytest.raises(OptionError, match="--gpu-mem"):
+        build_request(gpu_mem="lots")
+    with pytest.raises(OptionError, match="gpu_mem must be an integer"):
+        Request.from_json({"gpu_mem": "8G"})
