@@ -83,3 +83,28 @@ def test_only_jobs_over_their_grant_are_warned_or_ended(
     assert {(s.gpu, s.pid) for s in decision.strays} == {
         (r.gpu, r.pid) for r in readings if (r.gpu, r.pid) not in owned
     }
+
+
+class _FakeNvml:
+    """The two pynvml calls read_nvml makes, as pynvml returns them (parsing only)."""
+
+    class _Process:
+        def __init__(self, pid: int, used: int | None) -> None:
+            self.pid, self.usedGpuMemory = pid, used
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_Process]:
+        return [self._Process(10 + handle, GiB), self._Process(20 + handle, None)]
+
+
+def test_read_nvml_maps_processes_and_unknown_memory_to_zero() -> None:
+    from gpulane.broker.watchdog import read_nvml
+
+    assert read_nvml(_FakeNvml(), 2) == [
+        ProcessReading(0, 10, GiB),
+        ProcessReading(0, 20, 0),
+        ProcessReading(1, 11, GiB),
+        ProcessReading(1, 21, 0),
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from gpulane.jobs import format_bytes
 
@@ -122,3 +123,19 @@ def decide(
         else:
             still_over[holder.job_id] = since
     return Decision(tuple(warnings), tuple(ends), tuple(strays), still_over)
+
+
+def read_nvml(nvml: Any, gpu_count: int) -> list[ProcessReading]:
+    """Per-process GPU memory through NVML (``nvmlDeviceGetComputeRunningProcesses``).
+
+    ``nvml`` is the imported ``pynvml`` module, already initialised (the inventory's).
+    NVML reports ``usedGpuMemory`` as None where it cannot tell (some MIG and permission
+    setups): that process counts as using 0 bytes, so it is still seen as a stray.
+    """
+    readings: list[ProcessReading] = []
+    for index in range(gpu_count):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            used = getattr(process, "usedGpuMemory", None)
+            readings.append(ProcessReading(index, int(process.pid), int(used or 0)))
+    return readings
