@@ -13,6 +13,10 @@ if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
     # The browser tests drive Debian's Chromium with Playwright (its own browser download is not used).
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+if [ "$(id -u)" = 0 ] && ! command -v setfacl >/dev/null; then
+    # The device-access tests (and a root broker that enforces it) set ACLs with setfacl.
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq acl >/dev/null
+fi
 venv=$(choose_venv "$repo")
 make_venv "$venv" ".[test]"
 # PyTorch paths of %%gpu run on the CPU here: this machine kind has the CPU build of

@@ -68,11 +68,22 @@ def final_words(job: JobView) -> str:
     return f"{state}" + (f": {message}" if message else "")
 
 
+def _device_access(snapshot: Snapshot) -> list[str]:
+    """The broker's line on GPU device access (none from other back ends)."""
+    access = snapshot.get("device_access")
+    if not access:
+        return []
+    if access == "enforced":
+        return ["GPU device access: enforced (a GPU opens only to its holders, by the queue)"]
+    return [f"{access}: any user can reach the GPUs outside the queue"]
+
+
 def status_table(snapshot: Snapshot) -> str:
     """``gpulane status``: the GPUs and their holders, then the queue in order."""
     now = snapshot["now"]
     lines = [
         f"back end: {snapshot['backend']} ({snapshot['backend_reason']})",
+        *_device_access(snapshot),
         "",
         f"{'GPU':<4} {'name':<22} {'memory':<22} {'util':>5}  holders",
     ]

@@ -113,6 +113,8 @@ class Snapshot(TypedDict):
     usage: NotRequired[UsageReport]  # the dashboard's state adds it
     queue_total: NotRequired[int]  # broker only: the whole queue's length (``queue`` is a page)
     queue_offset: NotRequired[int]  # broker only: the page's first place (0-based)
+    # broker only: "enforced" (GPU device files open only to holders) or why it is not
+    device_access: NotRequired[str]
 
 
 class JobEvent(TypedDict):

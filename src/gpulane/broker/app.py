@@ -9,9 +9,11 @@ accepted forms, exit status 2.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -182,6 +184,35 @@ class Shares(_Typed):
         raise OptionError(f"{option} {value!r} is not a set of shares; use {self.info_text}")
 
 
+class DeviceFiles(_Typed):
+    """Each GPU's device files, typed as ``0=/dev/nvidia0,1=/dev/nvidia1``; empty: the
+    machine's own (/dev/nvidiaN and MIG capability files)."""
+
+    info_text = "GPU=FILE pairs separated by commas, such as 0=/dev/nvidia0,1=/dev/nvidia1"
+
+    def parse(self, text: str, option: str) -> dict[int, tuple[str, ...]]:
+        from gpulane.broker.devices import parse_device_files
+
+        return parse_device_files(text, option)
+
+    def check(self, value: Any, option: str) -> dict[int, tuple[str, ...]]:
+        if isinstance(value, dict):  # parsed already, or {GPU: [files]} from Python
+            pairs = [f"{gpu}={path}" for gpu, paths in value.items() for path in paths]
+            return self.parse(",".join(pairs), option)
+        raise OptionError(f"{option} {value!r} is not a set of device files; use {self.info_text}")
+
+
+class Enforcement(_Typed):
+    """Whether GPU device access is enforced: ``auto``, ``on`` or ``off``."""
+
+    info_text = "auto (where root with device files), on or off"
+
+    def parse(self, text: str, option: str) -> str:
+        if text.strip() not in ("auto", "on", "off"):
+            raise OptionError(f"{option} {text!r} is not a choice; use {self.info_text}")
+        return text.strip()
+
+
 class LogLevel(_Typed):
     """A logging level by name."""
 
@@ -310,6 +341,34 @@ class BrokerApp(Application):
         allow_none=True,
         help="Serve the JupyterHub dashboard on this loopback port (as a hub service).",
     ).tag(config=True)
+    gpu_source = Enum(
+        ["nvml", "k8s"],
+        "nvml",
+        help="Where the GPUs come from: nvml (this machine's) or k8s (the Kubernetes "
+        "cluster's allocatable GPUs, followed as nodes come and go; see docs/admin-kubernetes.md).",
+    ).tag(config=True)
+    kubeconfig = Unicode(
+        "", help="With --gpu-source k8s: a kubeconfig (default: the pod's service account)."
+    ).tag(config=True)
+    gpu_resource = Unicode(
+        "nvidia.com/gpu",
+        help="With --gpu-source k8s: the node resource that counts (nvidia.com/gpu.shared "
+        "after time-slicing --rename-shared).",
+    ).tag(config=True)
+    k8s_interval = Duration(
+        "30s", help="With --gpu-source k8s: how often the nodes and pods are listed again."
+    ).tag(config=True)
+    gpu_device_files = DeviceFiles(
+        "",
+        help="Each GPU's device files, opened to a job's user only while it holds the GPU "
+        "(default: /dev/nvidiaN by NVML minor number, plus MIG capability files).",
+    ).tag(config=True)
+    enforce_devices = Enforcement(
+        "auto",
+        help="GPU device files open only to their holders: auto (where the broker is root "
+        "and there are device files), on (refuse to start where it cannot hold) or off "
+        "(also --no-enforce-devices).",
+    ).tag(config=True)
     # Replaces Application's numeric log_level: the broker logs through the root logger.
     log_level = LogLevel("INFO", help="How much the broker logs.").tag(config=True)
     # Load limits: what one user's connections and requests may take of the shared broker.
@@ -335,24 +394,6 @@ class BrokerApp(Application):
         "30s", help="Close a connection whose answer goes unread this long."
     ).tag(config=True)
 
-    gpu_source = Enum(
-        ["nvml", "k8s"],
-        "nvml",
-        help="Where the GPUs come from: nvml (this machine's) or k8s (the Kubernetes "
-        "cluster's allocatable GPUs, followed as nodes come and go; see docs/admin-kubernetes.md).",
-    ).tag(config=True)
-    kubeconfig = Unicode(
-        "", help="With --gpu-source k8s: a kubeconfig (default: the pod's service account)."
-    ).tag(config=True)
-    gpu_resource = Unicode(
-        "nvidia.com/gpu",
-        help="With --gpu-source k8s: the node resource that counts (nvidia.com/gpu.shared "
-        "after time-slicing --rename-shared).",
-    ).tag(config=True)
-    k8s_interval = Duration(
-        "30s", help="With --gpu-source k8s: how often the nodes and pods are listed again."
-    ).tag(config=True)
-
     # Application declares these as instance attributes, so they cannot be ClassVars here.
     aliases: dict[Any, Any] = {  # noqa: RUF012
         _option(name)[2:]: f"BrokerApp.{name}"
@@ -365,11 +406,16 @@ class BrokerApp(Application):
             "max_submits_per_minute", "retention", "max_ended_per_user",
             "dashboard_port", "log_level",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
-            "idle_timeout", "write_timeout",
+            "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval",
         )
     }  # fmt: skip
-    flags: dict[Any, Any] = {}  # noqa: RUF012
+    flags: dict[Any, Any] = {  # noqa: RUF012
+        "no-enforce-devices": (
+            {"BrokerApp": {"enforce_devices": "off"}},
+            "Leave GPU device files as they are (the same as --enforce-devices off).",
+        )
+    }
 
     @default("socket")
     def _socket_default(self) -> str:
@@ -411,6 +457,7 @@ class BrokerApp(Application):
         import asyncio
         import logging
 
+        from gpulane.broker import devices, nvidia_driver
         from gpulane.broker.core import Broker
         from gpulane.broker.gpus import Inventory
         from gpulane.broker.policy import PolicyConfig
@@ -466,8 +513,19 @@ class BrokerApp(Application):
             )
         else:
             inventory = Inventory.from_nvml()  # RuntimeError where there are none
+        files = self.gpu_device_files or (
+            {} if inventory.simulated else devices.nvidia_device_files(inventory.count)
+        )
+        device_settings = devices.plan(
+            self.enforce_devices,
+            files,
+            is_root=os.geteuid() == 0,
+            driver=nvidia_driver.live_params(),
+        )
+        settings = replace(settings, devices=device_settings)
         store = Store(Path(self.state_dir) / "broker.sqlite3")
         broker = Broker(settings, inventory, store)
+        broker.devices.close_all()  # before anyone is let in; start() reopens reattached jobs'
 
         async def serve_following() -> None:
             # An inventory that changes (Kubernetes nodes) wakes the queue when it does.

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from gpulane.broker import access, policy, procs, views
+from gpulane.broker.devices import DeviceGuard
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.groups import GroupReader
@@ -81,6 +82,8 @@ class Broker:
         self._schedule_retry: asyncio.TimerHandle | None = None
         self._gone_why: dict[int, str] = {}  # clients gone whose job's end is not saved yet
         self.can_kill_any = os.geteuid() == 0
+        # GPU device files open only to holders; app.py closed them all before start().
+        self.devices = DeviceGuard(settings.devices)
 
     # ----------------------------------------------------------------- life cycle
 
@@ -123,7 +126,8 @@ class Broker:
                 self._command_keeps_lease(job)
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
         self.leases.start()
-        self._schedule()
+        self._schedule()  # opens the GPUs to the reattached jobs' users
+        self.devices.sweep()
         self._prune()
 
     def stop(self) -> None:
@@ -292,6 +296,7 @@ class Broker:
             ],
             queue_total=len(queue),
             queue_offset=offset,
+            device_access="enforced" if self.devices.enforcing else self.devices.settings.why_off,
         )
 
     def holders(self, now: float) -> list[Holder]:
@@ -388,6 +393,8 @@ class Broker:
             self.metrics.granted(now - job.submitted_at)
             self.timers.arm(job.id, job.time_limit, self._time_limit_reached)
             log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
+        # Every grant and every end passes here (_finalize schedules): device access follows.
+        self.devices.sync(self.jobs.values())
         self._publish(urgent=granted)
 
     def _retry_schedule(self) -> None:

@@ -106,3 +106,46 @@ def signal_group(pgid: int, started: str | None, sig: signal.Signals) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def open_device_files(inodes: set[tuple[int, int]]) -> list[tuple[int, str, int, tuple[int, int]]]:
+    """Processes (not root's) holding a file of ``inodes`` open: (pid, start time, uid, inode).
+
+    Matched by the file's (st_dev, st_ino), not its path or device number, so a second
+    name for the same node is found and another node with the same numbers is not.
+    """
+    found: list[tuple[int, str, int, tuple[int, int]]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        uid = owner_uid(pid)
+        if not uid:  # root's (or gone)
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        held: set[tuple[int, int]] = set()
+        for fd in fds:
+            try:
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) in inodes:
+                held.add((info.st_dev, info.st_ino))
+        started = start_time(pid) if held else None
+        if started is not None:
+            found.extend((pid, started, uid, key) for key in sorted(held))
+    return found
+
+
+def kill_process(pid: int, started: str) -> bool:
+    """SIGKILL ``pid`` if it is still the process that started at ``started``."""
+    if not is_alive(pid, started):
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

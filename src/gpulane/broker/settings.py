@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpulane.broker import policy
+from gpulane.broker.devices import DeviceSettings
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,5 @@ class BrokerSettings:
     group_source: str = "hub"
     admin_users: frozenset[str] = frozenset()  # admins by name, by token or socket (access.py)
     prune_batch: int = 500  # rows deleted at most per prune step, so one never holds the loop
+    # GPU device files open only to holders (broker/devices.py); off unless app.py enforces.
+    devices: DeviceSettings = field(default_factory=DeviceSettings)

@@ -179,6 +179,7 @@ def snapshot(
     queue_page: list[JobView],
     queue_total: int,
     queue_offset: int,
+    device_access: str = "",
 ) -> Snapshot:
     """The broker's answer to ``gpulane status``: GPUs, running jobs, one page of the queue.
 
@@ -198,6 +199,7 @@ def snapshot(
         "queue": queue_page,
         "queue_total": queue_total,
         "queue_offset": queue_offset,
+        "device_access": device_access,
     }
 
 

@@ -209,6 +209,10 @@ def check_gpus(site: BrokerSite) -> Finding:
         p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia(\d+|ctl|-uvm)", p)
     )
     closed = [p for p in files if stat.S_IMODE(os.stat(p).st_mode) & 0o006 != 0o006]
+    health = _health(site)
+    if isinstance(health, dict) and health.get("device_access") == "enforced":
+        # The broker opens /dev/nvidiaN to each holder; only the shared files must be open.
+        closed = [p for p in closed if not re.fullmatch(r"/dev/nvidia\d+", p)]
     if closed:
         return Finding(
             "gpus",
@@ -219,6 +223,32 @@ def check_gpus(site: BrokerSite) -> Finding:
     return Finding(
         "gpus", "ok", f"NVML reads {count} GPU(s) ({detail}); device files open to users"
     )
+
+
+def check_device_driver(site: BrokerSite) -> Finding:
+    """Does the NVIDIA driver leave the broker's device permissions alone (issue 14)?"""
+    from gpulane.broker import nvidia_driver
+
+    name = "device access"
+    if site.simulated:
+        return Finding(name, "ok", "simulated GPUs: no device files to guard")
+    live = nvidia_driver.live_params()
+    if live is None:
+        return Finding(
+            name, "warn", f"{nvidia_driver.PARAMS} is missing: no NVIDIA driver loaded",
+            "modprobe nvidia && nvidia-smi",
+        )  # fmt: skip
+    why = nvidia_driver.resets_open(live)
+    if not why:
+        return Finding(name, "ok", "the NVIDIA driver keeps GPU device files closed to users")
+    staged = nvidia_driver.modprobe_params()
+    if staged is not None and not nvidia_driver.resets_open(staged):
+        return Finding(
+            name, "warn",
+            f"{why}; {nvidia_driver.MODPROBE_DIR} fixes it once the module is loaded again",
+            "update-initramfs -u && reboot  # or reload the nvidia module",
+        )  # fmt: skip
+    return Finding(name, "fail", f"{why}: the queue cannot be enforced", nvidia_driver.FIX_LINE)
 
 
 def check_kernel_extension(site: BrokerSite) -> Finding:
@@ -321,6 +351,7 @@ BROKER_CHECKS: tuple[Callable[[BrokerSite], Finding], ...] = (
     check_socket,
     check_state,
     check_gpus,
+    check_device_driver,
     check_kernel_extension,
     check_hub,
     check_groups,
