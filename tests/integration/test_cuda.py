@@ -37,15 +37,27 @@ pytestmark = [
 ALICE, BOB = "gpl-alice", "gpl-bob"
 
 
+def _device_args() -> list[str]:
+    """Enforce GPU device access where the driver lets it hold; elsewhere (the driver's
+    default resets the files open) a root broker would refuse to start: turn it off."""
+    from gpulane.broker import nvidia_driver
+
+    live = nvidia_driver.live_params()
+    return ["--no-enforce-devices"] if live and nvidia_driver.resets_open(live) else []
+
+
+DEVICES = _device_args()
+
+
 def test_status_reads_the_gpus_through_nvml(make_broker):
-    broker = make_broker()  # no --simulate-gpus: NVML
+    broker = make_broker(*DEVICES)  # no --simulate-gpus: NVML
     snapshot = json.loads(broker.call(None, "status", "--json").stdout)
     gpu = snapshot["gpus"][0]
     assert not gpu["simulated"] and gpu["memory_total"] > 0 and gpu["utilization"] is not None
 
 
 def test_a_cell_computes_on_cuda_and_tensors_come_back_on_the_cpu(make_broker, kernels):
-    broker = make_broker()
+    broker = make_broker(*DEVICES)
     k = kernels(ALICE, broker)
     cell = k.execute(
         "%%gpu\nimport torch\nx = torch.randn(1024, 1024, device='cuda')\ny = (x @ x).sum()\n"
@@ -58,7 +70,7 @@ def test_a_cell_computes_on_cuda_and_tensors_come_back_on_the_cpu(make_broker, k
 
 
 def test_two_users_share_a_card_in_slices_with_memory_caps(make_broker, kernels):
-    broker = make_broker("--slices", "2")
+    broker = make_broker("--slices", "2", *DEVICES)
     alice, bob = kernels(ALICE, broker), kernels(BOB, broker)
     cap_cell = (
         "%%gpu --slices 1\nimport torch, os\n"
