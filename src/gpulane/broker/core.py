@@ -156,6 +156,12 @@ class Broker:
                 f"{who.user} may not use GPUs here: not in the GPU {where} "
                 f"{' or '.join(groups)}; {self.groups.how_to_add(who.user, groups[0])}"
             )
+        if request.gpu_mem is not None:
+            # Placement by memory (gpu_memory.py) is not wired into the policy yet: refused,
+            # never run on a whole GPU as if nothing had been asked.
+            raise InvalidRequest(
+                "--gpu-mem is not supported by this broker yet; ask for --slices N or --gpus N"
+            )
         time_limit = request.time_limit or min(cfg.default_time, cfg.max_time)
         if time_limit > cfg.max_time:
             raise InvalidRequest(
