@@ -118,32 +118,30 @@ def test_a_revoked_job_whose_client_reports_in_time_keeps_the_revoked_state(
     assert house.call(house.broker.lookup, ALICE, running["id"])["ended_at"] == ended["ended_at"]
 
 
-def test_a_cancel_that_comes_after_the_command_ended_leaves_its_exit_status(
+def test_a_cancel_that_comes_after_the_command_ended_leaves_its_success(
     broker_house: House,
 ) -> None:
     # The race CI met: the command exits 0, and a cancel lands before its client reports.
-    house = broker_house(gpus=1, kill_grace=10.0)
+    house = broker_house(gpus=3, kill_grace=10.0)
     me = person("alice", pid=os.getpid())
-    done = submit(house, me)
-    unreported = submit(house, me)  # queued behind it
-    command = subprocess.Popen(["true"], start_new_session=True)
-    house.call(house.broker.started, me, done["id"], command.pid)
-    command.wait()
-    told = house.call(house.broker.cancel, me, done["id"])
-    assert (told["state"], told["ending"]) == ("running", None)
-    ended = house.call(house.broker.finish, me, done["id"], 0)
+    done, failed, silent = (submit(house, me)["id"] for _ in range(3))
+    for job_id in (done, failed, silent):
+        command = subprocess.Popen(["true"], start_new_session=True)
+        house.call(house.broker.started, me, job_id, command.pid)
+        command.wait()
+        told = house.call(house.broker.cancel, me, job_id)
+        assert (told["state"], told["ending"]) == ("running", "cancelled")
+    # A success reported after it stays a success.
+    ended = house.call(house.broker.finish, me, done, 0)
     assert (ended["state"], ended["exit_status"], ended["message"]) == ("completed", 0, "")
-
-    # With no report after the grace period, the cancel stands and the GPU is freed.
-    assert house.state(me, unreported["id"]) == "running"
-    command = subprocess.Popen(["true"], start_new_session=True)
-    house.call(house.broker.started, me, unreported["id"], command.pid)
-    command.wait()
-    house.call(house.broker.cancel, me, unreported["id"])
+    # Any other end is the cancel's (an interrupted cell exits 1 before its kernel cancels).
+    ended = house.call(house.broker.finish, me, failed, 1)
+    assert (ended["state"], ended["message"]) == ("cancelled", "cancelled by alice")
+    # With no report, the cancel ends it after the grace period.
     house.advance(9.5)
-    assert house.state(me, unreported["id"]) == "running"
+    assert house.state(me, silent) == "running"
     house.advance(1)
-    final = house.call(house.broker.lookup, me, unreported["id"])
+    final = house.call(house.broker.lookup, me, silent)
     assert (final["state"], final["message"]) == ("cancelled", "cancelled by alice")
 
 

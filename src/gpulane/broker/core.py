@@ -81,6 +81,7 @@ class Broker:
         self._prune_handle: asyncio.TimerHandle | None = None
         self._schedule_retry: asyncio.TimerHandle | None = None
         self._gone_why: dict[int, str] = {}  # clients gone whose job's end is not saved yet
+        self._ended_before_revoke: set[int] = set()  # revoked after their command had ended
         self.can_kill_any = os.geteuid() == 0
         # GPU device files open only to holders; app.py closed them all before start().
         self.devices = DeviceGuard(settings.devices)
@@ -250,7 +251,9 @@ class Broker:
         if job.state is JobState.QUEUED:
             self._finalize(job, JobState.CANCELLED, "withdrawn by its client")
         elif job.state is JobState.RUNNING:
-            if job.ending_state is not None:
+            if job.ending_state is not None and not (
+                exit_status == 0 and job.id in self._ended_before_revoke
+            ):
                 self._finalize(job, job.ending_state, job.message, exit_status)
             elif exit_status == 0:
                 self._finalize(job, JobState.COMPLETED, "", exit_status)
@@ -445,13 +448,9 @@ class Broker:
         if job.ending_state is not None:
             return
         if self._command_already_ended(job):
-            # Too late to stop: its command ended by itself, and its client's report, with the
-            # real exit status, is on its way. Only if none comes does the revoke take effect.
-            log.info("job %d: its command had already ended when %s", job.id, message)
-            self.timers.arm(
-                job.id, self.settings.kill_grace, lambda j: self._unreported_end(j, state, message)
-            )
-            return
+            # Its command had ended by itself when the revoke came: a success its client is
+            # about to report stays a success (finish); anything else ends as revoked.
+            self._ended_before_revoke.add(job.id)
         self._save_changes(job, ending_state=state, message=message, ending_at=self.clock())
         log.info("job %d of %s revoked: %s", job.id, job.user, message)
         self._signal_job(job, signal.SIGTERM)
@@ -465,12 +464,6 @@ class Broker:
             and self._may_signal(job)
             and not procs.is_alive(job.cmd_pid, job.cmd_start)
         )
-
-    def _unreported_end(self, job_id: int, state: JobState, message: str) -> None:
-        job = self.jobs.get(job_id)
-        if job is not None and job.state is JobState.RUNNING:
-            self._signal_job(job, signal.SIGKILL)  # what it left behind in its group
-            self._finalize(job, state, message)
 
     def _force_end(self, job_id: int) -> None:
         """The grace period is over: kill what is left and free the GPU, reported or not."""
@@ -582,6 +575,7 @@ class Broker:
             self.usage[job.user] = used
             self.metrics.used(job.user, gpu_seconds)
         self.jobs.pop(job.id, None)
+        self._ended_before_revoke.discard(job.id)
         self.pruner.job_ended(job.user)
         self.leases.end(job.id, job.client_pid, job.cmd_pid)
         self.timers.cancel(job.id)
