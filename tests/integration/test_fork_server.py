@@ -60,6 +60,13 @@ def who(text: str) -> dict[str, str]:
     return dict(zip(("pid", "parent", "leader", "torch"), found.groups(), strict=True))
 
 
+def assert_a_new_fork_server_forks_the_next_cell(kernel, old_server: int) -> None:
+    """A fork server started on demand (the old one gone) forks the next cell."""
+    again = kernel.execute("%%gpu\n" + WHO, timeout=60)
+    (new_server,) = fork_servers(kernel.pid)
+    assert new_server != old_server and who(again.stream())["parent"] == str(new_server)
+
+
 @pytest.fixture
 def broker(make_broker):
     return make_broker("--simulate-gpus", "1", "--kill-grace", "1s")
@@ -166,10 +173,7 @@ def test_the_fork_server_killed_the_next_cell_still_runs(broker, kernels):
     cell = k.execute("%%gpu\n" + WHO + "print('still runs')", timeout=60)
     assert cell.status == "ok", cell.messages
     assert "still runs" in cell.stream()
-    # A new fork server, started on demand, forks the next one.
-    again = k.execute("%%gpu\n" + WHO, timeout=60)
-    (new_server,) = fork_servers(k.pid)
-    assert new_server != server and who(again.stream())["parent"] == str(new_server)
+    assert_a_new_fork_server_forks_the_next_cell(k, server)
 
 
 def test_the_gpu_is_freed_the_moment_a_forked_child_ends(broker, kernels):
@@ -205,9 +209,7 @@ def test_an_idle_fork_server_exits_and_comes_back_for_the_next_cell(broker, kern
     cell = k.execute("%%gpu\n" + WHO + "print('after idle')", timeout=60)
     assert cell.status == "ok", cell.messages
     assert "after idle" in cell.stream()
-    again = k.execute("%%gpu\n" + WHO, timeout=60)
-    (new_server,) = fork_servers(k.pid)
-    assert new_server != server and who(again.stream())["parent"] == str(new_server)
+    assert_a_new_fork_server_forks_the_next_cell(k, server)
 
 
 # A module that starts a thread when imported: forking a process holding it is unsafe.
