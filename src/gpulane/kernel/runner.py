@@ -239,7 +239,10 @@ def main() -> int:
 
 
 class _InBackground:
-    """One call on its own thread; ``result()`` waits for it and re-raises its error here."""
+    """One call on its own thread; ``result()`` waits for it and re-raises its error here.
+
+    Not ``concurrent.futures``: its import costs ~10 ms on the cold start this saves time on.
+    """
 
     def __init__(self, call: Callable[[], Connection], name: str) -> None:
         self._call = call
