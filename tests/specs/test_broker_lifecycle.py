@@ -4,7 +4,9 @@ time limit, lease expiry, restart and reattach. No root, no socket, no child pro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +145,50 @@ def test_a_cancel_that_comes_after_the_command_ended_leaves_its_success(
     house.advance(1)
     final = house.call(house.broker.lookup, me, silent)
     assert (final["state"], final["message"]) == ("cancelled", "cancelled by alice")
+
+
+def test_a_late_cancel_keeps_the_success_across_a_broker_restart(broker_house: House) -> None:
+    # The broker is killed between the cancel and the client's report of exit 0.
+    house = broker_house(gpus=1, kill_grace=10.0)
+    me = person("alice", pid=os.getpid())
+    job_id = submit(house, me)["id"]
+    command = subprocess.Popen(["true"], start_new_session=True)
+    house.call(house.broker.started, me, job_id, command.pid)
+    command.wait()
+    house.call(house.broker.cancel, me, job_id)
+    house.restart(down_for=1)
+    ended = house.call(house.broker.finish, me, job_id, 0)
+    assert (ended["state"], ended["message"]) == ("completed", "")
+
+
+def test_a_cancel_before_the_command_is_registered_keeps_its_success(
+    broker_house: House,
+) -> None:
+    # The cancel lands first; the client registers a command that has already ended (exit 0,
+    # not yet reaped), then reports it. A command still running when registered is stopped.
+    house = broker_house(gpus=2, kill_grace=10.0)
+    me = person("alice", pid=os.getpid())
+    ended_first, still_running = (submit(house, me)["id"] for _ in range(2))
+    for job_id in (ended_first, still_running):
+        house.call(house.broker.cancel, me, job_id)
+    done = subprocess.Popen(["true"], start_new_session=True)
+    while not _is_zombie(done.pid):
+        time.sleep(0.01)
+    house.call(house.broker.started, me, ended_first, done.pid)
+    done.wait()
+    ended = house.call(house.broker.finish, me, ended_first, 0)
+    assert (ended["state"], ended["message"]) == ("completed", "")
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    house.call(house.broker.started, me, still_running, sleeper.pid)
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    ended = house.call(house.broker.finish, me, still_running, 0)  # it says 0: it was stopped
+    assert (ended["state"], ended["message"]) == ("cancelled", "cancelled by alice")
+
+
+def _is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        data = handle.read()
+    return data[data.rfind(b")") + 2 :].split()[0] == b"Z"
 
 
 def test_an_admin_revokes_another_users_running_job(broker_house: House) -> None:

@@ -81,7 +81,6 @@ class Broker:
         self._prune_handle: asyncio.TimerHandle | None = None
         self._schedule_retry: asyncio.TimerHandle | None = None
         self._gone_why: dict[int, str] = {}  # clients gone whose job's end is not saved yet
-        self._ended_before_revoke: set[int] = set()  # revoked after their command had ended
         self.can_kill_any = os.geteuid() == 0
         # GPU device files open only to holders; app.py closed them all before start().
         self.devices = DeviceGuard(settings.devices)
@@ -241,8 +240,19 @@ class Broker:
                 "process group, descend from the process that submitted the job"
                 + ("" if owner is None else f" and belong to {job.user}")
             )
-        self._save_changes(job, cmd_pid=pid, cmd_start=procs.start_time(pid))
-        if job.ending_state is not None:
+        cmd_start = procs.start_time(pid)
+        # Revoked before its client could register the command (a cancel racing a restart):
+        # if that command has ended by itself meanwhile, the revoke never reached it.
+        ended_first = job.ending_state is not None and self._command_already_ended(
+            job, pid, cmd_start
+        )
+        self._save_changes(
+            job,
+            cmd_pid=pid,
+            cmd_start=cmd_start,
+            ended_before_revoke=job.ended_before_revoke or ended_first,
+        )
+        if job.ending_state is not None and not ended_first:
             self._signal_job(job, signal.SIGTERM)
         return self.view(job, who)
 
@@ -251,9 +261,7 @@ class Broker:
         if job.state is JobState.QUEUED:
             self._finalize(job, JobState.CANCELLED, "withdrawn by its client")
         elif job.state is JobState.RUNNING:
-            if job.ending_state is not None and not (
-                exit_status == 0 and job.id in self._ended_before_revoke
-            ):
+            if job.ending_state is not None and not (exit_status == 0 and job.ended_before_revoke):
                 self._finalize(job, job.ending_state, job.message, exit_status)
             elif exit_status == 0:
                 self._finalize(job, JobState.COMPLETED, "", exit_status)
@@ -447,23 +455,25 @@ class Broker:
         """Take a running job's GPU back: its client is told, its processes get SIGTERM, then SIGKILL."""
         if job.ending_state is not None:
             return
-        if self._command_already_ended(job):
-            # Its command had ended by itself when the revoke came: a success its client is
-            # about to report stays a success (finish); anything else ends as revoked.
-            self._ended_before_revoke.add(job.id)
-        self._save_changes(job, ending_state=state, message=message, ending_at=self.clock())
+        # Its command may have ended by itself just before the revoke came: a success its
+        # client is about to report then stays a success (finish); anything else ends as
+        # revoked. Saved with the revoke, so a broker restart in between keeps it.
+        ended_first = self._command_already_ended(job, job.cmd_pid, job.cmd_start)
+        self._save_changes(
+            job,
+            ending_state=state,
+            message=message,
+            ending_at=self.clock(),
+            ended_before_revoke=ended_first,
+        )
         log.info("job %d of %s revoked: %s", job.id, job.user, message)
         self._signal_job(job, signal.SIGTERM)
         self.timers.arm(job.id, self.settings.kill_grace, self._force_end)
         self._publish(urgent={job.id})
 
-    def _command_already_ended(self, job: JobRecord) -> bool:
+    def _command_already_ended(self, job: JobRecord, pid: int | None, started: str | None) -> bool:
         # Judged only where the broker could have stopped the command itself.
-        return (
-            bool(job.cmd_pid)
-            and self._may_signal(job)
-            and not procs.is_alive(job.cmd_pid, job.cmd_start)
-        )
+        return bool(pid) and self._may_signal(job) and not procs.is_alive(pid, started)
 
     def _force_end(self, job_id: int) -> None:
         """The grace period is over: kill what is left and free the GPU, reported or not."""
@@ -575,7 +585,6 @@ class Broker:
             self.usage[job.user] = used
             self.metrics.used(job.user, gpu_seconds)
         self.jobs.pop(job.id, None)
-        self._ended_before_revoke.discard(job.id)
         self.pruner.job_ended(job.user)
         self.leases.end(job.id, job.client_pid, job.cmd_pid)
         self.timers.cancel(job.id)

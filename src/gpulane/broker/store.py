@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     ending_state TEXT,
     ending_at REAL,
     source TEXT NOT NULL DEFAULT '',
-    detached INTEGER NOT NULL DEFAULT 0
+    detached INTEGER NOT NULL DEFAULT 0,
+    ended_before_revoke INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended_at) WHERE ended_at IS NOT NULL;
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS usage (
 _ADDED_COLUMNS = {
     "source": "TEXT NOT NULL DEFAULT ''",
     "detached": "INTEGER NOT NULL DEFAULT 0",
+    "ended_before_revoke": "INTEGER NOT NULL DEFAULT 0",
 }
 
 log = logging.getLogger("gpulane.broker")
@@ -107,6 +109,9 @@ class JobRecord:
     # before this was kept, which then answers to its uid from either source.
     source: str = ""
     detached: bool = False  # the lease passes to the command when the client goes
+    # Its command had ended by itself when a revoke (cancel, time limit) reached it: a
+    # success its client then reports stays a success. Stored, so a restart keeps it.
+    ended_before_revoke: bool = False
     id: int = 0
 
 
@@ -131,6 +136,7 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     data["assigned_gpus"] = json.loads(data["assigned_gpus"] or "[]")
     data["state"] = JobState(data["state"])
     data["detached"] = bool(data["detached"])
+    data["ended_before_revoke"] = bool(data["ended_before_revoke"])
     data["ending_state"] = JobState(data["ending_state"]) if data["ending_state"] else None
     return JobRecord(**data)
 
