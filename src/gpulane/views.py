@@ -30,6 +30,7 @@ class JobDetails(TypedDict, total=False):
     slices: int
     time_limit: float | None  # seconds
     mem: int | None  # host memory, bytes
+    gpu_mem: int | None  # bytes of one GPU asked with --gpu-mem
     submitted_at: float  # epoch seconds, as are the next two
     started_at: float | None
     ended_at: float | None
@@ -37,7 +38,7 @@ class JobDetails(TypedDict, total=False):
     message: str  # why it ended, or why it is being stopped
     assigned_gpus: list[int]
     assigned_slices: int | None
-    gpu_memory_limit: int | None  # bytes, for a slice of a GPU
+    gpu_memory_limit: int | None  # bytes given on a shared GPU (a slice's part, or --gpu-mem)
     gpu_memory_fraction: float | None
     ending: str | None  # the state a job being stopped will end in
     # Once started:
@@ -74,6 +75,10 @@ class Holder(TypedDict):
     elapsed: float | None
     remaining: float | None
     node: NotRequired[str]  # Slurm only
+    # Broker only: GPU memory given (a slice's part or --gpu-mem; None: the whole GPU) and
+    # in use by its processes by the last watchdog reading (None: no reading).
+    gpu_mem: NotRequired[int | None]
+    gpu_mem_used: NotRequired[int | None]
 
 
 class GpuRow(TypedDict):

@@ -10,9 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
-from gpulane.errors import InvalidRequest
 from gpulane.jobs import Request
 from tests.support.inprocess_broker import BrokerHouse, person
 
@@ -385,12 +382,3 @@ def test_a_clock_stepped_back_across_a_restart_leaves_no_more_than_the_limit(
     assert house.call(house.broker.lookup, me, running["id"])["ending"] is None
     house.advance(2)  # 30 s, the whole limit, and not 3,625 s
     assert house.call(house.broker.lookup, me, running["id"])["ending"] == "timeout"
-
-
-def test_a_gpu_memory_request_is_refused_until_the_broker_places_by_memory(
-    broker_house: House,
-) -> None:
-    house = broker_house(gpus=1)
-    with pytest.raises(InvalidRequest, match="--gpu-mem is not supported by this broker yet"):
-        submit(house, ALICE, gpu_mem=8 * 1024**3)
-    assert house.call(house.broker.status, ALICE)["running"] == []

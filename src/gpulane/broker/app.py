@@ -143,6 +143,18 @@ class Size(_Typed):
         return parse_memory(str(value), option)
 
 
+class SizeOrZero(Size):
+    """Bytes, or 0 for none."""
+
+    info_text = "0 or a size such as 512M or 1G"
+
+    def parse(self, text: str, option: str) -> int:
+        return 0 if text.strip() == "0" else parse_memory(text, option)
+
+    def check(self, value: Any, option: str) -> int:
+        return 0 if value == 0 else super().check(value, option)
+
+
 class Groups(_Typed):
     """Unix group names, typed as ``a,b`` (a list in TOML or Python); empty: none."""
 
@@ -287,6 +299,11 @@ class BrokerApp(Application):
     ).tag(config=True)
     gpu_memory = Size("16G", help="Memory of each simulated GPU.").tag(config=True)
     slices = Count("1", help="Cut each GPU into K time-sliced slices.").tag(config=True)
+    gpu_mem_reserve = SizeOrZero(
+        "0",
+        help="GPU memory kept back on each GPU for CUDA contexts, not offered to jobs: a "
+        "GPU offers its total less this to --gpu-mem and slice jobs.",
+    ).tag(config=True)
     max_running_per_user = Cap("0", help="Cap on running jobs per user (0: none).").tag(config=True)
     default_time = Duration("1h", help="Time limit of a job that gives none.").tag(config=True)
     max_time = Duration("24h", help="Longest time limit a job may ask for.").tag(config=True)
@@ -398,7 +415,7 @@ class BrokerApp(Application):
     aliases: dict[Any, Any] = {  # noqa: RUF012
         _option(name)[2:]: f"BrokerApp.{name}"
         for name in (
-            "socket", "state_dir", "simulate_gpus", "gpu_memory", "slices",
+            "socket", "state_dir", "simulate_gpus", "gpu_memory", "slices", "gpu_mem_reserve",
             "max_running_per_user", "default_time", "max_time", "half_life",
             "starvation_after", "user_shares", "group_shares",
             "gpu_groups", "admin_groups", "admin_users", "group_source",
@@ -485,6 +502,7 @@ class BrokerApp(Application):
                 user_groups=share_groups(self.group_shares),
                 gpu_groups=self.gpu_groups,
                 admin_groups=self.admin_groups,
+                gpu_mem_reserve=int(self.gpu_mem_reserve),
             ),
             group_source=self.group_source,
             admin_users=self.admin_users,

@@ -66,7 +66,9 @@ def ended_jobs(broker: Broker, who: Identity, now: float) -> list[EndedRow]:
 def standings(broker: Broker, now: float) -> list[StandingRow]:
     """Every user with decayed use or a job now, most recent use first."""
     config = broker.config
-    state = policy_state(broker.jobs.values(), broker.inventory.count, broker.usage)
+    state = policy_state(
+        broker.jobs.values(), broker.inventory.count, broker.usage, broker.inventory.memory
+    )
     usage = user_usage(state, now, config)
     active = {j.user for j in state.queued} | {j.user for j in state.running}
     # Use decays without end: a user whose use has faded below a GPU-second drops off.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from gpulane.broker import access, policy, procs, views
+from gpulane.broker import access, gpu_memory, policy, procs, views
 from gpulane.broker.devices import DeviceGuard
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
@@ -156,20 +156,16 @@ class Broker:
                 f"{who.user} may not use GPUs here: not in the GPU {where} "
                 f"{' or '.join(groups)}; {self.groups.how_to_add(who.user, groups[0])}"
             )
-        if request.gpu_mem is not None:
-            # Placement by memory (gpu_memory.py) is not wired into the policy yet: refused,
-            # never run on a whole GPU as if nothing had been asked.
-            raise InvalidRequest(
-                "--gpu-mem is not supported by this broker yet; ask for --slices N or --gpus N"
-            )
         time_limit = request.time_limit or min(cfg.default_time, cfg.max_time)
         if time_limit > cfg.max_time:
             raise InvalidRequest(
                 f"--time {format_duration(time_limit)} is over this broker's maximum "
                 f"{format_duration(cfg.max_time)}; ask for less",
             )
-        never = policy.fits_machine(
-            request.gpus, request.slices, self.inventory.count, cfg.slices_per_gpu
+        never = policy.never_runs(
+            policy.Pending(0, who.user, request.gpus, request.slices, 0, 0.0, request.gpu_mem),
+            policy.State(self.inventory.count, gpu_memory=self.inventory.memory),
+            cfg,
         )
         if never:
             raise InvalidRequest(f"this request can never run here: it {never}")
@@ -190,6 +186,7 @@ class Broker:
             slices=request.slices,
             time_limit=time_limit,
             mem=request.mem,
+            gpu_mem=request.gpu_mem,
             command=list(request.command),
             submitted_at=now,
             client_pid=who.pid,
@@ -317,7 +314,7 @@ class Broker:
         )
 
     def holders(self, now: float) -> list[Holder]:
-        return views.holders(self.jobs.values(), now)
+        return views.holders(self.jobs.values(), now, self.config, self.inventory.memory)
 
     def view(
         self,
@@ -368,7 +365,9 @@ class Broker:
     # ----------------------------------------------------------------- scheduling
 
     def _policy_state(self) -> policy.State:
-        return policy_state(self.jobs.values(), self.inventory.count, self.usage)
+        return policy_state(
+            self.jobs.values(), self.inventory.count, self.usage, self.inventory.memory
+        )
 
     def _explain(self, now: float) -> dict[int, policy.Waiting]:
         """Every queued job's position, reason and estimate (see broker/explain.py)."""
@@ -556,8 +555,9 @@ class Broker:
         gpu_seconds = 0.0
         if job.state is JobState.RUNNING and job.started_at is not None:
             share = policy.gpu_share(
-                policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0),
+                policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0, job.gpu_mem),
                 self.config.slices_per_gpu,
+                gpu_memory.offered(self.inventory.memory, self.config.gpu_mem_reserve),
             )
             gpu_seconds = share * max(0.0, now - job.started_at)
             used = self.usage.get(job.user, policy.Usage()).add(

@@ -37,7 +37,10 @@ def loop_time() -> float:
 
 
 def policy_state(
-    jobs: Iterable[JobRecord], gpu_count: int, usage: dict[str, policy.Usage]
+    jobs: Iterable[JobRecord],
+    gpu_count: int,
+    usage: dict[str, policy.Usage],
+    gpu_memory: int = 0,
 ) -> policy.State:
     """The policy's view of the queued and running jobs."""
     queued, running = [], []
@@ -45,15 +48,23 @@ def policy_state(
         if job.state is JobState.QUEUED:
             queued.append(
                 policy.Pending(
-                    job.id, job.user, job.gpus, job.slices, job.time_limit, job.submitted_at
+                    job.id,
+                    job.user,
+                    job.gpus,
+                    job.slices,
+                    job.time_limit,
+                    job.submitted_at,
+                    job.gpu_mem,
                 )
             )
         elif job.state is JobState.RUNNING and job.started_at is not None:
-            assignment = policy.Assignment(tuple(job.assigned_gpus), job.assigned_slices or 0)
+            assignment = policy.Assignment(
+                tuple(job.assigned_gpus), job.assigned_slices or 0, job.gpu_mem
+            )
             running.append(
                 policy.Active(job.id, job.user, assignment, job.started_at, job.time_limit)
             )
-    return policy.State(gpu_count, tuple(queued), tuple(running), usage)
+    return policy.State(gpu_count, tuple(queued), tuple(running), usage, gpu_memory)
 
 
 class QueueExplainer:

@@ -22,16 +22,20 @@ The rules, in order:
    for it (EASY backfill). So the held job starts by its reservation, and a
    whole-GPU job is not starved by a stream of slice jobs.
 3. A user at the per-user cap of running jobs waits; others pass them.
-4. Whole-GPU jobs take GPUs with every slice free; slice jobs take the
-   fullest GPU that still has room (best fit), keeping whole GPUs free.
+4. Whole-GPU jobs take GPUs nobody holds; slice jobs and ``--gpu-mem`` jobs take
+   the fullest GPU that still has room (best fit), keeping whole GPUs free. Room
+   is counted twice, and a job fits where both have it: slices (a ``--gpu-mem``
+   job takes none) and memory (a GPU offers its total less ``gpu_mem_reserve``;
+   each holder declares its part, :mod:`gpulane.broker.gpu_memory`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from gpulane.broker import gpu_memory
 from gpulane.broker.shares import Standing, effective_shares, standings
 
 
@@ -50,14 +54,18 @@ class PolicyConfig:
     user_shares: Mapping[str, float] = field(default_factory=dict)
     group_shares: Mapping[str, float] = field(default_factory=dict)
     user_groups: Mapping[str, str] = field(default_factory=dict)
+    # Bytes kept back on each GPU for CUDA contexts and the driver: not offered to jobs.
+    gpu_mem_reserve: int = 0
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """GPU indices and the slices taken on each (``slices == slices_per_gpu``: whole GPUs)."""
+    """GPU indices and the slices taken on each (``slices == slices_per_gpu``: whole GPUs);
+    a ``--gpu-mem`` job takes no slice but ``gpu_mem`` bytes of its one GPU."""
 
     gpus: tuple[int, ...]
     slices: int
+    gpu_mem: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Pending:
     slices: int  # 0: whole GPUs
     time_limit: int
     submitted_at: float
+    gpu_mem: int | None = None  # bytes of one GPU (gpus and slices are then 1 and 0)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class State:
     queued: tuple[Pending, ...] = ()
     running: tuple[Active, ...] = ()
     usage: Mapping[str, Usage] = field(default_factory=dict)
+    gpu_memory: int = 0  # bytes per GPU (the inventory's); 0: unknown, no --gpu-mem job fits
 
 
 @dataclass(frozen=True)
@@ -129,9 +139,51 @@ class Waiting:
     held_until: float | None = None
 
 
-def gpu_share(assignment: Assignment, slices_per_gpu: int) -> float:
-    """GPU-equivalents held: two whole GPUs are 2.0, one slice of four is 0.25."""
+def gpu_share(assignment: Assignment, slices_per_gpu: int, offer: int = 0) -> float:
+    """GPU-equivalents held: two whole GPUs are 2.0, one slice of four is 0.25, 6 GiB of
+    the 24 GiB a GPU offers (``offer``) 0.25 (a whole GPU where the offer is unknown)."""
+    if assignment.gpu_mem is not None:
+        return min(1.0, assignment.gpu_mem / offer) if offer > 0 else 1.0
     return len(assignment.gpus) * assignment.slices / slices_per_gpu
+
+
+def offer(state: State, config: PolicyConfig) -> int:
+    """The memory each GPU offers jobs: its total less the reserve."""
+    return gpu_memory.offered(state.gpu_memory, config.gpu_mem_reserve)
+
+
+@dataclass
+class Room:
+    """What is free on each GPU: slices, and memory (what the GPU offers less what its
+    holders declared). A job fits a GPU only where both have room for it."""
+
+    slices: list[int]
+    mem: list[int]
+    offer: int
+
+    def copy(self) -> Room:
+        return Room(list(self.slices), list(self.mem), self.offer)
+
+    def take(self, assignment: Assignment, slices_per_gpu: int, sign: int = 1) -> None:
+        """Take what ``assignment`` holds (``sign=-1``: give it back)."""
+        held = gpu_memory.Held(0, assignment.slices, assignment.gpu_mem)
+        need = gpu_memory.declared(held, self.offer, slices_per_gpu)
+        for index in assignment.gpus:
+            self.slices[index] -= sign * assignment.slices
+            self.mem[index] -= sign * need
+
+    def overdrawn(self) -> bool:
+        return min(self.slices, default=0) < 0 or min(self.mem, default=0) < 0
+
+
+def free_room(state: State, config: PolicyConfig) -> Room:
+    spg = config.slices_per_gpu
+    room = Room(
+        [spg] * state.gpu_count, [offer(state, config)] * state.gpu_count, offer(state, config)
+    )
+    for job in state.running:
+        room.take(job.assignment, spg)
+    return room
 
 
 def free_slices(gpu_count: int, running: Iterable[Active], slices_per_gpu: int) -> list[int]:
@@ -157,14 +209,42 @@ def fits_machine(gpus: int, slices: int, gpu_count: int, slices_per_gpu: int) ->
     return None
 
 
-def fit(job: Pending, free: Sequence[int], slices_per_gpu: int) -> Assignment | None:
+def never_runs(job: Pending, state: State, config: PolicyConfig) -> str | None:
+    """``None`` if ``job`` could ever run on this machine, else the reason it never can."""
+    if job.gpu_mem is None:
+        return fits_machine(job.gpus, job.slices, state.gpu_count, config.slices_per_gpu)
+    if state.gpu_count and state.gpu_memory <= 0:
+        return (
+            "asks for --gpu-mem but this broker does not know its GPUs' memory; ask for --slices N"
+        )
+    totals = [state.gpu_memory] * state.gpu_count
+    return gpu_memory.never_fits(job.gpu_mem, totals, config.gpu_mem_reserve)
+
+
+def fit(job: Pending, free: Room, slices_per_gpu: int) -> Assignment | None:
+    """Where ``job`` fits now: whole GPUs nobody holds; else the fullest GPU (best fit)
+    with room for its slices and the memory they declare, or for its ``--gpu-mem`` (on a
+    GPU with a slice left: a GPU whose slices are all taken has all its memory declared)."""
+    if job.gpu_mem is not None:
+        need = job.gpu_mem
+        mem = [(r, i) for i, r in enumerate(free.mem) if r >= need and free.slices[i] > 0]
+        return Assignment((min(mem)[1],), 0, need) if mem else None
     if job.slices:
-        candidates = [(room, i) for i, room in enumerate(free) if room >= job.slices]
+        need = free.offer * job.slices // max(1, slices_per_gpu)
+        candidates = [
+            (room, free.mem[i], i)
+            for i, room in enumerate(free.slices)
+            if room >= job.slices and free.mem[i] >= need
+        ]
         if not candidates:
             return None
-        _, index = min(candidates)  # best fit: the fullest GPU that still has room
+        index = min(candidates)[2]  # best fit: the fullest GPU that still has room
         return Assignment((index,), job.slices)
-    whole = [i for i, room in enumerate(free) if room == slices_per_gpu]
+    whole = [
+        i
+        for i, room in enumerate(free.slices)
+        if room == slices_per_gpu and free.mem[i] >= free.offer
+    ]
     if len(whole) < job.gpus:
         return None
     return Assignment(tuple(whole[: job.gpus]), slices_per_gpu)
@@ -174,7 +254,8 @@ def user_usage(state: State, now: float, config: PolicyConfig) -> dict[str, floa
     """Recent GPU-seconds per user: decayed history plus what running jobs used so far."""
     totals = {user: u.decayed(now, config.half_life) for user, u in state.usage.items()}
     for job in state.running:
-        used = max(0.0, now - job.started_at) * gpu_share(job.assignment, config.slices_per_gpu)
+        share = gpu_share(job.assignment, config.slices_per_gpu, offer(state, config))
+        used = max(0.0, now - job.started_at) * share
         totals[job.user] = totals.get(job.user, 0.0) + used
     return totals
 
@@ -203,7 +284,7 @@ def held_job(state: State, now: float, config: PolicyConfig) -> tuple[Pending, f
     cap = config.max_running_per_user
     best: tuple[float, float, int, Pending] | None = None
     for job in state.queued:
-        if fits_machine(job.gpus, job.slices, state.gpu_count, config.slices_per_gpu):
+        if never_runs(job, state, config):
             continue
         if cap and running_count.get(job.user, 0) >= cap:
             continue  # it waits for its own user's jobs, not for anyone else's
@@ -270,14 +351,13 @@ class Plan:
 
 
 def _reserve(
-    job: Pending, free: Sequence[int], ends: Iterable[tuple[float, Assignment]], spg: int
-) -> tuple[float, list[int]]:
+    job: Pending, free: Room, ends: Iterable[tuple[float, Assignment]], spg: int
+) -> tuple[float, Room]:
     """The earliest time ``job`` fits if every running job uses its whole time limit, and
-    the slices free then (before anything else is started)."""
-    room = list(free)
+    the room free then (before anything else is started)."""
+    room = free.copy()
     for end, assignment in sorted(ends, key=lambda e: (e[0], e[1].gpus)):
-        for index in assignment.gpus:
-            room[index] += assignment.slices
+        room.take(assignment, spg, -1)
         if fit(job, room, spg) is not None:
             return end, room
     raise AssertionError("a job that fits the machine fits once every running job ends")
@@ -285,12 +365,12 @@ def _reserve(
 
 def plan(state: State, now: float, config: PolicyConfig) -> Plan:
     spg = config.slices_per_gpu
-    free = free_slices(state.gpu_count, state.running, spg)
+    free = free_room(state, config)
     running_count = _running_count(state.running)
     result = Plan(held=held_job(state, now, config))
-    reservation: tuple[float, list[int]] | None = None  # the held job's time and room then
+    reservation: tuple[float, Room] | None = None  # the held job's time and room then
     for job in order_queue(state, now, config):
-        if fits_machine(job.gpus, job.slices, state.gpu_count, spg):
+        if never_runs(job, state, config):
             result.reasons[job.id] = "never_fits"
             continue
         cap = config.max_running_per_user
@@ -310,16 +390,14 @@ def plan(state: State, now: float, config: PolicyConfig) -> Plan:
             continue
         if reservation is not None and now + job.time_limit > reservation[0]:
             # Backfill: it would still run at the reservation; only if it leaves room.
-            room = list(reservation[1])
-            for index in assignment.gpus:
-                room[index] -= assignment.slices
+            room = reservation[1].copy()
+            room.take(assignment, spg)
             assert result.held is not None
-            if min(room) < 0 or fit(result.held[0], room, spg) is None:
+            if room.overdrawn() or fit(result.held[0], room, spg) is None:
                 result.reasons[job.id] = "reserved"
                 continue
             reservation = (reservation[0], room)
-        for index in assignment.gpus:
-            free[index] -= assignment.slices
+        free.take(assignment, spg)
         running_count[job.user] = running_count.get(job.user, 0) + 1
         result.grants.append(Grant(job.id, assignment))
     return result
@@ -408,7 +486,8 @@ def _replay(
         usage = dict(sim.usage)
         for j in sim.running:
             if j.started_at + j.time_limit <= clock:
-                used = (clock - j.started_at) * gpu_share(j.assignment, config.slices_per_gpu)
+                share = gpu_share(j.assignment, config.slices_per_gpu, offer(state, config))
+                used = (clock - j.started_at) * share
                 usage[j.user] = usage.get(j.user, Usage()).add(used, clock, config.half_life)
         sim = replace(
             sim,

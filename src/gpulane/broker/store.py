@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     ending_at REAL,
     source TEXT NOT NULL DEFAULT '',
     detached INTEGER NOT NULL DEFAULT 0,
-    ended_before_revoke INTEGER NOT NULL DEFAULT 0
+    ended_before_revoke INTEGER NOT NULL DEFAULT 0,
+    gpu_mem INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended_at) WHERE ended_at IS NOT NULL;
@@ -66,6 +67,7 @@ _ADDED_COLUMNS = {
     "source": "TEXT NOT NULL DEFAULT ''",
     "detached": "INTEGER NOT NULL DEFAULT 0",
     "ended_before_revoke": "INTEGER NOT NULL DEFAULT 0",
+    "gpu_mem": "INTEGER",
 }
 
 log = logging.getLogger("gpulane.broker")
@@ -112,6 +114,7 @@ class JobRecord:
     # Its command had ended by itself when a revoke (cancel, time limit) reached it: a
     # success its client then reports stays a success. Stored, so a restart keeps it.
     ended_before_revoke: bool = False
+    gpu_mem: int | None = None  # bytes of one GPU asked with --gpu-mem (then slices is 0)
     id: int = 0
 
 

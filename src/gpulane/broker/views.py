@@ -7,8 +7,9 @@ the wire format (:mod:`gpulane.views`) is built in one place and tested alone.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from gpulane.broker.gpu_memory import offered
 from gpulane.broker.gpus import GpuReading
 from gpulane.broker.policy import PolicyConfig, Waiting
 from gpulane.broker.store import JobRecord
@@ -18,10 +19,26 @@ from gpulane.views import GpuRow, Holder, JobView, Snapshot, UsageReport
 
 
 def memory_limit(job: JobRecord, config: PolicyConfig, gpu_memory: int) -> int | None:
-    """The bytes of GPU memory a job on slices may use; None for whole GPUs (no cap)."""
+    """The bytes of GPU memory a job may use on a shared GPU: its ``--gpu-mem``, or for
+    slices what they declare (the GPU's offer, its total less the reserve, times s/K:
+    gpu_memory.py); None for whole GPUs (no cap)."""
+    if job.gpu_mem is not None:
+        return job.gpu_mem
     if not job.slices or config.slices_per_gpu <= 1 or not gpu_memory:
         return None
-    return gpu_memory * job.slices // config.slices_per_gpu
+    return offered(gpu_memory, config.gpu_mem_reserve) * job.slices // config.slices_per_gpu
+
+
+def memory_fraction(job: JobRecord, config: PolicyConfig, gpu_memory: int) -> float | None:
+    """The limit as a fraction of the card's total, which PyTorch and XLA are told."""
+    limit = memory_limit(job, config, gpu_memory)
+    if limit is None or gpu_memory <= 0:
+        return None
+    if job.gpu_mem is None:
+        share = job.slices / config.slices_per_gpu
+        offer = offered(gpu_memory, config.gpu_mem_reserve)
+        return share if offer == gpu_memory else share * offer / gpu_memory
+    return min(1.0, limit / gpu_memory)
 
 
 def reason_text(reason: str, config: PolicyConfig) -> str:
@@ -116,9 +133,11 @@ def job_view(
         "assigned_gpus": job.assigned_gpus,
         "assigned_slices": job.assigned_slices,
         "gpu_memory_limit": limit,
-        "gpu_memory_fraction": job.slices / config.slices_per_gpu if limit else None,
+        "gpu_memory_fraction": memory_fraction(job, config, gpu_memory),
         "ending": job.ending_state.value if job.ending_state else None,
     }
+    if job.gpu_mem is not None:  # only where asked, as on the wire of a request
+        view["gpu_mem"] = job.gpu_mem
     if job.started_at is not None:
         elapsed = (job.ended_at if job.ended_at is not None else now) - job.started_at
         view["elapsed"] = elapsed
@@ -133,23 +152,32 @@ def job_view(
     return view
 
 
-def holders(jobs: Iterable[JobRecord], now: float) -> list[Holder]:
-    """Who holds GPUs now: every running job, as anyone may see it."""
+def holders(
+    jobs: Iterable[JobRecord],
+    now: float,
+    config: PolicyConfig | None = None,
+    gpu_memory: int = 0,
+    used: Mapping[int, int] | None = None,
+) -> list[Holder]:
+    """Who holds GPUs now: every running job, as anyone may see it; with ``config``,
+    the GPU memory each was given, and ``used``: job id -> bytes its processes use."""
     result: list[Holder] = []
     for job in jobs:
         if job.state is JobState.RUNNING and job.started_at is not None:
             elapsed = now - job.started_at
-            result.append(
-                {
-                    "job": job.id,
-                    "user": job.user,
-                    "name": job.name,
-                    "gpus": job.assigned_gpus,
-                    "slices": job.assigned_slices,
-                    "elapsed": elapsed,
-                    "remaining": max(0.0, job.time_limit - elapsed),
-                }
-            )
+            holder: Holder = {
+                "job": job.id,
+                "user": job.user,
+                "name": job.name,
+                "gpus": job.assigned_gpus,
+                "slices": job.assigned_slices,
+                "elapsed": elapsed,
+                "remaining": max(0.0, job.time_limit - elapsed),
+            }
+            if config is not None:
+                holder["gpu_mem"] = memory_limit(job, config, gpu_memory)
+                holder["gpu_mem_used"] = (used or {}).get(job.id)
+            result.append(holder)
     return result
 
 
