@@ -120,13 +120,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def _define_run(run: argparse.ArgumentParser) -> None:
     run.usage = (
-        "gpulane run [--gpus N | --slices K] [--time T] [--mem M] [--name NAME] -- CMD [ARGS...]"
+        "gpulane run [--gpus N | --slices K | --gpu-mem M] [--time T] [--mem M] [--name NAME] "
+        "-- CMD [ARGS...]"
     )
     run.set_defaults(func=cmd_run)
     run.add_argument("--gpus", metavar="N", help="whole GPUs (default 1)")
     run.add_argument(
         "--slices", metavar="K", help="K time-sliced slices of one GPU instead of whole GPUs"
     )
+    run.add_argument("--gpu-mem", metavar="M", help="this much memory of one GPU, such as 10G")
     run.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, MM:SS, 90m, 2h")
     run.add_argument("--mem", metavar="M", help="host memory, such as 8G or 512M")
     run.add_argument("--name", metavar="NAME", help="a name shown in the queue")
@@ -200,6 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = build_request(
         gpus=args.gpus,
         slices=args.slices,
+        gpu_mem=args.gpu_mem,
         time=args.time,
         mem=args.mem,
         name=args.name or (program if NAME_RE.fullmatch(program) else "job"),

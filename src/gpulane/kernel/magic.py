@@ -35,7 +35,7 @@ from gpulane.kernel.worker import WarmPool, launch_for
 from gpulane.scheduler import Scheduler, SchedulerError, connect
 
 USAGE = """%gpu status | %gpu cancel [JOB] | %gpu wait [JOB] | %gpu result [JOB]
-%gpu session start [--idle 15m] [--gpus N | --slices K] [--time T] | %gpu session stop"""
+%gpu session start [--idle 15m] [--gpus N | --slices K | --gpu-mem M] [--time T] | %gpu session stop"""
 
 
 @magics_class

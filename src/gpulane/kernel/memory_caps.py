@@ -111,6 +111,7 @@ def oom_hint(etype: Any, evalue: Any, env: MutableMapping[str, str]) -> str | No
         return "The GPU ran out of memory. Use smaller batches, or ask for more GPUs with --gpus."
     limit, fraction = cap
     return (
-        f"This job may use {format_bytes(limit)} of GPU memory ({fraction:.0%} of the card, "
-        "from its slices); ask for more with a larger --slices, or --gpus 1 for a whole card."
+        f"This job was given {format_bytes(limit)} of GPU memory ({fraction:.0%} of the card); "
+        "ask for more with --gpu-mem (e.g. --gpu-mem 16G), a larger --slices, "
+        "or --gpus 1 for a whole card."
     )

@@ -26,7 +26,10 @@ from gpulane.jobs import OptionError, Request, build_request, parse_duration, pa
 DEFAULT_MAX_TRANSFER = 2 * 1024**3
 DEFAULT_SESSION_IDLE = 15 * 60.0
 _KEY_VALUE = re.compile(r"^([a-z][a-z_-]*)=(.*)$")
-_KEYS = {"gpus", "slices", "time", "mem", "name", "return", "max-transfer", "max_transfer"}
+_KEYS = {"gpus", "slices", "gpu-mem", "gpu_mem", "time", "mem", "name", "return"} | {
+    "max-transfer",
+    "max_transfer",
+}
 _ALL = "*"  # a bare --no-return: no names at all
 
 _Func = TypeVar("_Func", bound=Callable[..., Any])
@@ -69,6 +72,7 @@ _ARGUMENTS: tuple[ArgDecorator, ...] = (
     exclusive(
         _option("--gpus", metavar="N", help="whole GPUs (default 1)"),
         _option("--slices", metavar="K", help="K time-sliced slices of one GPU"),
+        _option("--gpu-mem", metavar="M", help="this much memory of one GPU: 10G, 512M"),
     ),
     _option("--time", metavar="T", help="time limit: HH:MM:SS, MM:SS, 90m, 2h"),
     _option("--mem", metavar="M", help="host memory: 8G, 512M"),
@@ -201,6 +205,7 @@ def _cell_options(args: argparse.Namespace, default_name: str, prog: str) -> Cel
         request = build_request(
             gpus=args.gpus,
             slices=args.slices,
+            gpu_mem=args.gpu_mem,
             time=args.time,
             mem=args.mem,
             name=args.name or default_name,

@@ -291,6 +291,10 @@ def job_environment(job: JobView) -> dict[str, str]:
     if job.get("gpu_memory_limit"):
         env[GPU_MEMORY_LIMIT_ENV] = str(job["gpu_memory_limit"])
         env[GPU_MEMORY_FRACTION_ENV] = str(job["gpu_memory_fraction"])
+        # Read by JAX/XLA and TensorFlow at start, so a plain command (gpulane run) that
+        # never imports gpulane is capped too; PyTorch needs a call (kernel/memory_caps.py).
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{float(job['gpu_memory_fraction'] or 0):.4f}"
+        env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
     if job.get("slices"):
         env[SLICES_ENV] = str(job["slices"])
     return env

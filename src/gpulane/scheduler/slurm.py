@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from gpulane.jobs import Request, format_duration, is_finished
+from gpulane.jobs import OptionError, Request, format_duration, is_finished
 from gpulane.scheduler import slurm_parse as sp
 from gpulane.scheduler.base import (
     Holder,
@@ -285,6 +285,10 @@ class SlurmScheduler(Scheduler):
 
     def _job_options(self, request: Request, env: Mapping[str, str]) -> list[str]:
         """The options sbatch and srun share: name, GPUs, limits, placement, environment."""
+        if request.gpu_mem is not None:  # never a whole GPU as if nothing had been asked
+            raise OptionError(
+                "--gpu-mem is not supported on Slurm: ask for --slices K (GPU shards) or --gpus N"
+            )
         gres = f"--gres=shard:{request.slices}" if request.slices else f"--gres=gpu:{request.gpus}"
         options = [f"--job-name={JOB_NAME_PREFIX}{request.name}", gres, f"--chdir={os.getcwd()}"]
         if request.time_limit:
