@@ -113,10 +113,11 @@ def _python_suffix_names(line: str) -> set[str]:
     return set()
 
 
-def names_assigned(code: str) -> list[str]:
-    """Public names the cell binds at module level, in the order they are first bound."""
+def names_assigned(code: str, tree: ast.Module | None = None) -> list[str]:
+    """Public names the cell binds at module level, in the order they are first bound
+    (``tree``: the cell already parsed, where it is plain Python, as IPython leaves it)."""
     bound: dict[str, None] = {}  # an ordered set
-    _bind_statements(_parse(code).body, bound)
+    _bind_statements((tree or _parse(code)).body, bound)
     return [name for name in bound if not name.startswith("_")]
 
 

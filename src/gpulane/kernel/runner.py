@@ -2,7 +2,9 @@
 
 Started by the kernel side (``python -m gpulane.kernel.runner``) before the GPU is
 granted, so that Python, IPython and the channel are ready when the turn
-comes: the grant only sends the cell. It talks over a
+comes: the grant only sends the cell. Where it cannot be started early (inside a Slurm
+allocation) it starts cold, and its first cell runs before IPython is imported when the
+cell is plain Python (:mod:`gpulane.kernel.plain`). It talks over a
 ``multiprocessing.connection`` channel:
 
 - an inherited socket (``GPULANE_RUNNER_FD``), for a worker on the same machine;
@@ -18,19 +20,23 @@ alike) go over the same channel, in order with its displays
 
 from __future__ import annotations
 
+import ast
+import builtins
+import contextlib
 import gc
 import os
 import queue
 import signal
 import sys
 import threading
+import types
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
 from gpulane.config import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV
-from gpulane.kernel import memory_caps
+from gpulane.kernel import memory_caps, plain
 from gpulane.kernel.channel import receive_message, send_message
 from gpulane.kernel.outputs import OutputRelay
 from gpulane.kernel.protocol import (
@@ -71,14 +77,33 @@ class CellRunner:
     """
 
     def __init__(self, connect: Callable[[], Connection]) -> None:
-        # The shell is built (~55 ms of IPython) while the channel connects: on a cluster node
-        # that connection waits on the network and on the kernel's key check.
         connecting = _InBackground(connect, "gpulane-connect")
         self.inbox: queue.Queue[RunCell | Stop] = queue.Queue()
-        self.shell = _make_shell(self)
+        self.shell: Any = None  # the IPython shell, once built
+        self.module: types.ModuleType | None = None  # a cold worker's __main__, until then
+        self._plain_cells: dict[str, int] = {}  # code name -> number, for the shell's tracebacks
+        if "IPython" in sys.modules:
+            # Forked with IPython imported: the shell (~25 ms) is built while the channel
+            # connects (on a cluster node that waits on the network and the key check).
+            self.shell = _make_shell(self, None)
+        else:
+            # A cold Python: its first cell runs before IPython is imported (kernel/plain.py;
+            # the import and the shell are ~130 ms); the shell is built when a cell needs it.
+            self.module = plain.main_module()
+            sys.meta_path.insert(0, _ShellOnImport(self.build_shell))
         self.env_applied = False
         self.output = OutputRelay(self._send_stream)
         self.channel = connecting.result()
+
+    def build_shell(self) -> Any:
+        """The IPython shell, built now if it is not yet (it adopts the cold worker's
+        ``__main__`` and the code names of the cells that ran without it)."""
+        if self.shell is None:
+            for finder in [f for f in sys.meta_path if isinstance(f, _ShellOnImport)]:
+                sys.meta_path.remove(finder)
+            self.shell = _make_shell(self, self.module)
+            self.shell.compile._filename_map.update(self._plain_cells)
+        return self.shell
 
     def send(self, message: FromWorker) -> None:
         with self.output.ordered():  # the text written before it goes first
@@ -112,7 +137,14 @@ class CellRunner:
         status = 0
         while True:
             try:
-                message = self.inbox.get()
+                if self.shell is None:
+                    try:
+                        message = self.inbox.get(timeout=SHELL_WHEN_IDLE_S)
+                    except queue.Empty:
+                        self.build_shell()  # no cell waiting (a spare): build it meanwhile
+                        continue
+                else:
+                    message = self.inbox.get()
             except KeyboardInterrupt:
                 continue  # an interrupt between cells has nothing to stop
             if isinstance(message, Stop):
@@ -121,6 +153,7 @@ class CellRunner:
             status = 0 if ok else 1
             if message.once:
                 break
+            self.build_shell()  # a session's next cells: between cells, not in one
         self.output.close()
         # The process ends next: its last collection would walk every object the shell made
         # (~25 ms with IPython alone) while the kernel waits for the exit to free the GPU.
@@ -128,8 +161,6 @@ class CellRunner:
         return status
 
     def run(self, message: RunCell) -> bool:
-        from gpulane.kernel.names import names_assigned
-        from gpulane.kernel.returns import pack_returns
         from gpulane.kernel.transfer import shared_spill_dir, to_cpu, unpack
 
         if not gc.isenabled() and not self.env_applied:
@@ -146,28 +177,146 @@ class CellRunner:
         values, failures = unpack(message.inputs)
         for name, reason in failures.items():
             self.send(CellWarning(f"{name} could not be restored on the GPU worker: {reason}"))
-        self.shell.user_ns.update(values)
-        self.shell.execution_count = message.execution_count or 1
-        self.shell.displayhook.value = None  # this cell's last expression, if it has one
-        result = self.shell.run_cell(message.code, store_history=False)
-        if not result.success:
+        number = message.execution_count or 1
+        cell: plain.Plan | None = None
+        if self.shell is None and self.module is not None:
+            self.module.__dict__.update(values)
+            cell = plain.plan(message.code, number, self.module.__dict__)
+            if cell is None:
+                self.build_shell()  # the cell needs IPython (a magic, display, ...)
+        if cell is not None:
+            ok, value = self._run_plain(cell, message.code, number)
+            namespace: dict[str, Any] = self.module.__dict__ if self.module else {}
+        else:
+            self.shell.user_ns.update(values)
+            self.shell.execution_count = number
+            self.shell.displayhook.value = None  # this cell's last expression, if it has one
+            result = self.shell.run_cell(message.code, store_history=False)
+            ok, value = result.success, self.shell.displayhook.value
+            namespace = self.shell.user_ns
+        if not ok:
             self.send(Done(ok=False))
             return False
+        # Imported after the cell's code, which waits for nothing they do.
+        from gpulane.kernel.names import names_assigned
+        from gpulane.kernel.returns import pack_returns
+
         wanted = message.returns
-        names = names_assigned(message.code) if wanted is None else list(wanted)
-        outputs = {n: to_cpu(self.shell.user_ns[n]) for n in names if n in self.shell.user_ns}
-        value = self.shell.displayhook.value
+        if wanted is not None:
+            names = list(wanted)
+        else:  # a plain cell's own parse: the transformer would import IPython for nothing
+            names = names_assigned(message.code, ast.parse(cell.source) if cell else None)
+        outputs = {n: to_cpu(namespace[n]) for n in names if n in namespace}
         spill_dir = shared_spill_dir(message.spill_dir)  # None elsewhere: over the channel
         packed, notes, show = pack_returns(outputs, to_cpu(value), spill_dir, message.max_transfer)
         for note in notes:
             self.send(CellWarning(note))
         if show:
-            self.shell.displayhook.show(value)
+            self.build_shell().displayhook.show(value)
         self.send(Done(ok=True, outputs=packed))
         return True
 
+    def _run_plain(self, cell: plain.Plan, code: str, number: int) -> tuple[bool, Any]:
+        """Run a cell without the shell; (ok, its last expression's value)."""
+        self._plain_cells[cell.name] = number
+        stubs = {"get_ipython": self.build_shell, "display": self._display}
+        for name, stub in stubs.items():
+            setattr(builtins, name, stub)  # what the shell's builtins give a cell, on demand
+        try:
+            outcome = plain.run(cell, self.module.__dict__ if self.module else {}, self._error)
+        finally:
+            for name, stub in stubs.items():
+                if getattr(builtins, name, None) is stub:
+                    delattr(builtins, name)
+        if self.shell is not None:  # built during the cell: its hooks (an inline figure) run
+            _cell_ended(self.shell, code, cell, number, outcome)
+        return outcome.error is None, outcome.value
 
-def _make_shell(runner: CellRunner) -> Any:
+    def _display(self, *objs: Any, **kwargs: Any) -> Any:
+        self.build_shell()
+        from IPython.display import display
+
+        return display(*objs, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _error(self, error: BaseException) -> None:
+        """Show what a plain cell raised as the shell's ``run_code`` would show it."""
+        shell = self.build_shell()
+        if isinstance(error, SystemExit) or type(error).__name__ == "BdbQuit":
+            # Its own branches (no traceback; a hint to use exit): let run_code take it.
+            shell.user_ns[_RAISED] = error
+            try:
+                _sync(shell.run_code(compile(f"raise {_RAISED}", "<gpulane>", "exec")))
+            finally:
+                shell.user_ns.pop(_RAISED, None)
+            return
+        # From the cell's own frame: the shell hides its run_code frame by its module, and
+        # plain.run's frame is this one's equivalent.
+        below = error.__traceback__.tb_next if error.__traceback__ else None
+        shell.showtraceback((type(error), error, below), running_compiled_code=True)
+
+
+_RAISED = "__gpulane_raised__"
+SHELL_WHEN_IDLE_S = 0.05  # a cold worker with no cell this soon builds its shell meanwhile
+
+
+def _sync(coroutine: Any) -> None:
+    """Run a coroutine that never awaits (IPython's run_code of non-async code)."""
+    with contextlib.suppress(StopIteration):
+        coroutine.send(None)
+
+
+def _cell_ended(shell: Any, code: str, cell: plain.Plan, number: int, outcome: Any) -> None:
+    from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult
+
+    info = ExecutionInfo(code, False, False, True, None, transformed_cell=cell.source)  # type: ignore[no-untyped-call]
+    result = ExecutionResult(info)  # type: ignore[no-untyped-call]
+    result.execution_count = number
+    result.result = outcome.value
+    result.error_in_exec = outcome.error
+    shell.events.trigger("post_execute")
+    shell.events.trigger("post_run_cell", result)
+
+
+class _ShellOnImport:
+    """Builds the shell as soon as IPython is imported (by the cell, or by a module it
+    imports: matplotlib's inline backend), before the importer uses it: without a shell,
+    IPython's ``display`` prints the value instead of showing it."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self.build = build
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "IPython":
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenBuild(spec.loader, self.build)
+                return spec
+        return None
+
+
+class _ThenBuild:
+    """IPython's own loader, then the shell, with the module left as if loaded plainly."""
+
+    def __init__(self, loader: Any, build: Callable[[], Any]) -> None:
+        self.loader, self.build = loader, build
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        self.build()
+
+
+def _make_shell(runner: CellRunner, module: types.ModuleType | None) -> Any:
     """An IPython shell whose displays, results and tracebacks go over the channel."""
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
@@ -223,6 +372,7 @@ def _make_shell(runner: CellRunner) -> Any:
         config=config,
         display_pub_class=ChannelPublisher,
         displayhook_class=ChannelDisplayHook,
+        user_module=module,  # None: a fresh __main__
     )
     return shell
 

@@ -1,0 +1,110 @@
+"""A cold worker (no fork server, no warm spare: what a Slurm node starts) runs its first cell
+before IPython is imported (kernel/plain.py); what the notebook sees must be what a worker
+with its IPython shell built shows.
+
+Real ipykernel kernels as a real user against a real broker: one kernel whose workers start
+cold, one with the default fork server (its workers have the shell), the same `%%gpu` cells
+in both; outputs, results, `Out[n]`, `_`, returned names and tracebacks compared.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gpulane.kernel.protocol import CellError, RunCell
+from gpulane.kernel.transfer import pack
+from gpulane.kernel.worker import LocalWorker
+from tests.integration.test_output_order import outputs
+from tests.support.kernels import CellResult
+
+ALICE = "gpl-alice"
+COLD = {"GPULANE_FORKSERVER": "0", "GPULANE_WARM_WORKER": "0"}
+
+CELLS = [
+    "print('x')",  # one line: the plain path
+    "a = 6\nb = a * 7\nprint('b is', b)\nb",  # names and a last expression
+    "print('only a statement');",
+    "for i in range(3):\n    print(i)\ni + 0.5",
+    # A module imports IPython inside the cell: the shell is built then, and displays show.
+    "from IPython.display import display as show\nprint('before')\nshow('shown')\nprint('after')",
+    "display('a display')\nprint('then')",  # a shell name: the shell is built first
+    "pwd",  # automagic: not plain Python in IPython's eyes
+    "def f():\n    return 1 / 0\n\nprint('runs first')\nf()",  # a traceback through a function
+    "raise SystemExit(3)",
+    "import warnings\nwarnings.warn('careful', DeprecationWarning)\nprint('warned')",
+    "x = 1\nexec('x + 41', None, None)",  # nothing shown: exec's own display is not a result
+]
+
+
+def seen(cell: CellResult) -> list[tuple[str, ...]]:
+    """Outputs, the cell's result and its error, in order (the card left out)."""
+    result = [(c["data"].get("text/plain", ""),) for c in cell.of_type("execute_result")]
+    error = cell.error()
+    failure = [(error["ename"], error["evalue"], *error["traceback"])] if error else []
+    return [*outputs(cell), *result, *failure]  # type: ignore[list-item]
+
+
+@pytest.fixture
+def broker(make_broker):
+    return make_broker("--simulate-gpus", "1", "--kill-grace", "1s")
+
+
+@pytest.mark.usefixtures("unix_users")
+def test_a_cold_workers_cells_show_what_a_worker_with_its_shell_shows(broker, kernels):
+    cold = kernels(ALICE, broker, COLD)
+    warm = kernels(ALICE, broker)
+    for code in CELLS:
+        got = cold.execute("%%gpu\n" + code, timeout=120)
+        want = warm.execute("%%gpu\n" + code, timeout=120)
+        assert got.status == want.status, (code, got.messages)
+        assert seen(got) == seen(want), code
+    # The last expression is the kernel's Out[n] and _, and assigned names came back.
+    cell = cold.execute("%%gpu\na = 6\nb = a * 7\nb")
+    number = cell.reply["execution_count"]
+    check = cold.execute(f"print(_, Out[{number}], a, b)")
+    assert check.stream() == "42 42 6 42\n", check.messages
+
+
+def test_the_shell_built_after_a_plain_cell_keeps_its_names_and_numbers():
+    # A worker that keeps running after a plain first cell (a session's, on a cluster node)
+    # adopts that cell's __main__: the shell's cells see its names, tracebacks say In[1].
+    worker = LocalWorker()  # a cold Python, as a Slurm node starts one
+    sink = Collect()
+    worker.attach(sink)
+    try:
+        for number, code in enumerate(
+            ["kept = 41\ndef g():\n    return kept / 0\nprint('plain')", "%time kept += 1", "g()"],
+            start=1,
+        ):
+            worker.run({}, RunCell(code, pack({}, None, 1 << 20), (), number, "/nonexistent",
+                                   1 << 20, False))  # fmt: skip
+            assert worker.done.wait(60), sink.items
+        texts = "".join(text for kind, text in sink.items if kind == "stdout")
+        assert texts.startswith("plain\n") and "CPU times" in texts, sink.items
+        errors = [item for kind, item in sink.items if kind == "error"]
+        assert len(errors) == 1 and errors[0].ename == "ZeroDivisionError", sink.items
+        trace = strip_ansi("".join(errors[0].traceback))
+        assert "Cell In[1], line 3" in trace and "return kept / 0" in trace, trace
+    finally:
+        worker.stop()
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, object]] = []
+
+    def stream(self, name: str, text: str) -> None:
+        self.items.append((name, text))
+
+    def message(self, message: object) -> None:
+        kind = "error" if isinstance(message, CellError) else type(message).__name__
+        self.items.append((kind, message))
+
+    def flush(self) -> None:
+        pass
+
+
+def strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
