@@ -166,7 +166,8 @@ class _Progress:
         if self.quiet:
             return
         if update.state == "running" and not update.job.get("ending"):
-            if not self.announced_run:
+            # Said once, and again for each GPU memory warning (the line then changes).
+            if not self.announced_run or update.job.get("gpu_mem_warning"):
                 self._line(wait_line(update), final=True)
                 self.announced_run = True
             return

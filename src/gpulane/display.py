@@ -16,6 +16,15 @@ def describe_holder(holder: Holder) -> str:
     )
 
 
+def describe_memory(holder: Holder) -> str:
+    """`` · GPU memory 9.3 GiB of 8.0 GiB`` where the broker gave or read any, else ''."""
+    given, used = holder.get("gpu_mem"), holder.get("gpu_mem_used")
+    if given is None and used is None:
+        return ""
+    of = f" of {format_bytes(given)}" if given is not None else " (whole GPU)"
+    return f" · GPU memory {format_bytes(used) if used is not None else '?'}{of}"
+
+
 def describe_eta(eta: float | None, now: float) -> str:
     if eta is None:
         return "start time unknown"
@@ -54,8 +63,12 @@ def wait_line(update: JobUpdate) -> str:
     if state == "running":
         gpus = ",".join(str(g) for g in job.get("assigned_gpus") or [])
         share = f"{job['slices']} slice(s) of GPU {gpus}" if job.get("slices") else f"GPU {gpus}"
+        if job.get("gpu_mem") is not None:
+            share = f"{format_bytes(job.get('gpu_mem'))} of GPU {gpus}"
         if job.get("ending"):
             return f"{head} is being stopped: {job.get('message', '')}"
+        if job.get("gpu_mem_warning"):
+            return f"{head} on {share}: {job['gpu_mem_warning']}"
         return f"{head} runs on {share}, time limit {format_duration(job.get('time_limit'))}"
     return f"{head} {final_words(job)}"
 
@@ -95,15 +108,22 @@ def status_table(snapshot: Snapshot) -> str:
         util = f"{gpu['utilization']}%" if gpu["utilization"] is not None else "-"
         holders = gpu["holders"]
         slices = gpu["slices"]
-        used = sum(h["slices"] or slices for h in holders)
+        used = sum(slices if h["slices"] is None else h["slices"] for h in holders)
         free = f"[{used}/{slices} slices] " if slices > 1 else ""
         who = "; ".join(
             f"job {h['job']} {describe_holder(h)}"
-            + (f" ({h['slices']} slice(s))" if slices > 1 else "")
+            + (f" ({h['slices']} slice(s))" if slices > 1 and h["slices"] else "")
+            + describe_memory(h)
             for h in holders
         )
         lines.append(
             f"{gpu['index']:<4} {gpu['name'][:22]:<22} {memory:<22} {util:>5}  {free}{who or 'free'}"
+        )
+    for stray in snapshot.get("strays", []):
+        lines.append(
+            f"GPU {stray['gpu']}: process {stray['pid']} of {stray['user']} uses "
+            f"{format_bytes(stray['used'])} outside the queue"
+            + (" (ended by the broker)" if stray["ended"] else "")
         )
     queue = snapshot["queue"]
     lines.append("")
@@ -113,6 +133,8 @@ def status_table(snapshot: Snapshot) -> str:
     lines.append(f"{'pos':<4} {'job':<7} {'user':<12} {'asks':<12} {'limit':<9} {'ETA':<8} why")
     for job in queue:
         asks = f"{job['slices']} slice(s)" if job.get("slices") else f"{job['gpus']} GPU(s)"
+        if job.get("gpu_mem") is not None:
+            asks = format_bytes(job.get("gpu_mem"))
         eta = job.get("eta")
         eta_text = (
             "now"

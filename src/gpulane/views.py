@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-__all__ = ["GpuRow", "Holder", "JobDetails", "JobEvent", "JobView", "Snapshot", "UsageReport"]
+__all__ = [
+    "GpuRow",
+    "Holder",
+    "JobDetails",
+    "JobEvent",
+    "JobView",
+    "Snapshot",
+    "Stray",
+    "UsageReport",
+]
 
 
 class JobDetails(TypedDict, total=False):
@@ -31,6 +40,8 @@ class JobDetails(TypedDict, total=False):
     time_limit: float | None  # seconds
     mem: int | None  # host memory, bytes
     gpu_mem: int | None  # bytes of one GPU asked with --gpu-mem
+    gpu_mem_used: int | None  # bytes its processes use on its fullest GPU (watchdog reading)
+    gpu_mem_warning: str  # while it is over its GPU memory: what the watchdog told it
     submitted_at: float  # epoch seconds, as are the next two
     started_at: float | None
     ended_at: float | None
@@ -81,6 +92,16 @@ class Holder(TypedDict):
     gpu_mem_used: NotRequired[int | None]
 
 
+class Stray(TypedDict):
+    """A process using a GPU that belongs to no grant (the broker's watchdog saw it)."""
+
+    gpu: int
+    pid: int
+    used: int  # bytes
+    user: str
+    ended: bool  # the broker ended it (stray processes are ended where enforced)
+
+
 class GpuRow(TypedDict):
     """One GPU (on Slurm: one node) and who holds it."""
 
@@ -120,6 +141,7 @@ class Snapshot(TypedDict):
     queue_offset: NotRequired[int]  # broker only: the page's first place (0-based)
     # broker only: "enforced" (GPU device files open only to holders) or why it is not
     device_access: NotRequired[str]
+    strays: NotRequired[list[Stray]]  # broker only, where its watchdog reads GPU memory
 
 
 class JobEvent(TypedDict):

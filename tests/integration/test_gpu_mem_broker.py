@@ -59,3 +59,61 @@ def test_gpu_mem_jobs_share_a_simulated_card_with_their_caps(make_broker, shared
     assert len(lines) == 1 and "16.0 GiB" in lines[0] and "15.0 GiB" in lines[0], refused.stderr
     for proc in (holder, small):
         assert finish(proc)[0] == 0
+
+
+def _readings(path, entries: list[tuple[int, int, int]]) -> None:
+    """Feed the broker's watchdog (--gpu-readings): what NVML would report."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"gpu": g, "pid": p, "used": u} for g, p, u in entries]))
+    tmp.replace(path)  # the broker never reads half a file
+
+
+def _pid(path) -> int:
+    wait_for(lambda: path.exists() and path.read_text().strip(), what=f"{path.name}")
+    return int(path.read_text())
+
+
+def test_the_watchdog_warns_ends_a_job_over_its_memory_and_ends_strays(make_broker, shared_dir):
+    readings = shared_dir / "readings.json"
+    broker = make_broker(
+        "--simulate-gpus", "1", "--gpu-memory", "16G", "--gpu-readings", str(readings),
+        "--memory-watch-grace", "3s", "--gpu-mem-slack", "0", "--stray-gpu-processes", "end",
+    )  # fmt: skip
+    # A child in each job's process group is what uses the GPU.
+    job = "sleep 60 & echo $! > {d}/{n}.pid; wait"
+    over = broker.spawn(
+        ALICE, "run", "--gpu-mem", "8G", "--name", "over", "--", "sh", "-c",
+        job.format(d=shared_dir, n="over"),
+    )  # fmt: skip
+    under = broker.spawn(
+        BOB, "run", "--gpu-mem", "4G", "--name", "under", "--", "sh", "-c",
+        job.format(d=shared_dir, n="under"),
+    )  # fmt: skip
+    over_pid, under_pid = _pid(shared_dir / "over.pid"), _pid(shared_dir / "under.pid")
+    # Outside the queue: carol's own process, in a session of its own.
+    stray = subprocess.Popen(["setpriv", "--reuid=gpl-carol", "--regid=gpl-carol",
+                              "--init-groups", "--", "setsid", "sleep", "60"])  # fmt: skip
+    _readings(readings, [(0, over_pid, 10 * GiB), (0, under_pid, 3 * GiB), (0, stray.pid, GiB)])
+    # The warning reaches `gpulane run`'s output while the job still runs ...
+    wait_for(lambda: stray.poll() is not None, what="the stray process ended")
+    snapshot = status(broker, BOB)
+    assert [(s["pid"], s["user"], s["ended"]) for s in snapshot["strays"]] == [
+        (stray.pid, "gpl-carol", True)
+    ]
+    holders = {h["user"]: h for h in snapshot["gpus"][0]["holders"]}
+    assert (holders[BOB]["gpu_mem_used"], holders[BOB]["gpu_mem"]) == (3 * GiB, 4 * GiB)
+    assert holders[ALICE]["gpu_mem_used"] == 10 * GiB
+    text = broker.call(BOB, "status").stdout
+    assert "GPU memory 3.0 GiB of 4.0 GiB" in text and "outside the queue" in text, text
+    # ... and after the grace the job is ended, with the same words.
+    code, _, err = finish(over)
+    said = "your job uses 10.0 GiB of the 8.0 GiB of GPU memory it was given"
+    warned = [line for line in err.splitlines() if said in line]
+    assert code != 0 and len(warned) >= 2, err  # the warning, then the end
+    assert "failed: ended by the GPU memory watchdog: " + said in err, err
+    assert under.poll() is None, "the neighbour under its grant was ended too"
+    running = status(broker, BOB)["running"]
+    assert [j["name"] for j in running] == ["under"]
+    assert "job" in broker.log_text() and said in broker.log_text()
+    broker.call(BOB, "cancel", str(running[0]["id"]))
+    finish(under)

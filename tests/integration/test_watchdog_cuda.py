@@ -1,13 +1,14 @@
 """The watchdog's real NVML path (issue 14): raw CUDA allocations, seen per process.
 
 Needs an NVIDIA GPU (marker ``cuda``; deselected in CI). Raw CUDA through ctypes
-(``cuMemAlloc``), not a framework, so no framework cap is in the way. The broker
-wiring of the watchdog is not built yet: this checks the readings and the decisions
-on them, and that ending the one over its share leaves its neighbour running.
+(``cuMemAlloc``), not a framework, so no framework cap is in the way. The first test
+checks the readings and the decisions on them; the second the broker's own watchdog
+loop on NVML with real `gpulane run` jobs. Never run where these were written (no GPU).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,3 +93,41 @@ def test_the_job_over_its_share_is_ended_its_neighbour_runs_a_stray_is_found() -
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
+
+
+def test_a_real_broker_ends_the_job_over_its_memory_through_nvml(make_broker, tmp_path) -> None:
+    """The broker's own watchdog on NVML: two `gpulane run --gpu-mem 1G` jobs allocating
+    with raw CUDA; the one past its grant (plus the default 512 MiB slack for its CUDA
+    context) is warned then ended, its neighbour keeps running, a process outside the
+    queue is reported (ended only where device access is enforced)."""
+    from gpulane.broker import nvidia_driver
+
+    live = nvidia_driver.live_params()
+    devices = ["--no-enforce-devices"] if live and nvidia_driver.resets_open(live) else []
+    broker = make_broker("--memory-watch-grace", "2s", *devices)
+    script = tmp_path / "allocate.py"
+    script.write_text(_ALLOCATE)
+    script.chmod(0o644)
+    tmp_path.chmod(0o755)
+    within = broker.spawn(None, "run", "--gpu-mem", "1G", "--", sys.executable, str(script), "256")
+    over = broker.spawn(None, "run", "--gpu-mem", "1G", "--", sys.executable, str(script), "2048")
+    stray = _allocate(64)
+    try:
+        _, err = over.communicate(timeout=90)
+        assert over.returncode != 0
+        assert "your job uses" in err and "of the 1.0 GiB of GPU memory it was given" in err
+        assert "ended by the GPU memory watchdog" in err
+        assert within.poll() is None
+        result = broker.call(None, "status", "--json")
+        snapshot = json.loads(result.stdout)
+        assert stray.pid in {s["pid"] for s in snapshot["strays"]}
+        holders = snapshot["gpus"][0]["holders"]
+        assert holders and all((h.get("gpu_mem_used") or 0) > 256 * MiB for h in holders)
+    finally:
+        for process in (within, over):
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        if stray.poll() is None:
+            os.killpg(stray.pid, signal.SIGKILL)
+            stray.wait(timeout=30)

@@ -26,7 +26,7 @@ def test_over_limit_is_warned_then_ended_after_the_grace() -> None:
     assert during.warnings == () and during.ends == () and during.over_since == {1: 10.0}
     after = decide(readings, holders, during.over_since, now=15.0, grace=5.0, enforce=True)
     assert [e.job_id for e in after.ends] == [1]  # the neighbour, job 2, keeps running
-    assert after.ends[0].message.startswith("ended: your job uses 9.3 GiB")
+    assert after.ends[0].message.startswith("ended by the GPU memory watchdog: your job uses 9.3")
 
 
 def test_back_under_its_grant_starts_afresh() -> None:

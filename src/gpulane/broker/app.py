@@ -225,6 +225,17 @@ class Enforcement(_Typed):
         return text.strip()
 
 
+class StrayChoice(_Typed):
+    """What the memory watchdog does with a process on a GPU outside any grant."""
+
+    info_text = "auto (end it where device access is enforced), end or report"
+
+    def parse(self, text: str, option: str) -> str:
+        if text.strip() not in ("auto", "end", "report"):
+            raise OptionError(f"{option} {text!r} is not a choice; use {self.info_text}")
+        return text.strip()
+
+
 class LogLevel(_Typed):
     """A logging level by name."""
 
@@ -386,6 +397,27 @@ class BrokerApp(Application):
         "and there are device files), on (refuse to start where it cannot hold) or off "
         "(also --no-enforce-devices).",
     ).tag(config=True)
+    memory_watch_interval = Duration(
+        "1s", help="How often the GPU memory watchdog reads per-process GPU memory."
+    ).tag(config=True)
+    memory_watch_grace = Duration(
+        "5s", help="How long a job may stay over its GPU memory after the warning."
+    ).tag(config=True)
+    gpu_mem_slack = SizeOrZero(
+        "512M",
+        help="GPU memory a job may use over its grant before the watchdog warns (NVML counts "
+        "each process's CUDA context, which framework caps do not).",
+    ).tag(config=True)
+    stray_gpu_processes = StrayChoice(
+        "auto",
+        help="A process using a GPU outside any grant: auto (ended where device access is "
+        "enforced, else reported), end or report. Root's processes are only reported.",
+    ).tag(config=True)
+    gpu_readings = Unicode(
+        "",
+        help="Read per-process GPU memory from this JSON file instead of NVML (tests; sites "
+        'that read GPUs another way): [{"gpu": 0, "pid": 123, "used": bytes}, ...].',
+    ).tag(config=True)
     # Replaces Application's numeric log_level: the broker logs through the root logger.
     log_level = LogLevel("INFO", help="How much the broker logs.").tag(config=True)
     # Load limits: what one user's connections and requests may take of the shared broker.
@@ -425,6 +457,8 @@ class BrokerApp(Application):
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval",
+            "memory_watch_interval", "memory_watch_grace", "gpu_mem_slack",
+            "stray_gpu_processes", "gpu_readings",
         )
     }  # fmt: skip
     flags: dict[Any, Any] = {  # noqa: RUF012
@@ -477,6 +511,7 @@ class BrokerApp(Application):
         from gpulane.broker import devices, nvidia_driver
         from gpulane.broker.core import Broker
         from gpulane.broker.gpus import Inventory
+        from gpulane.broker.memory_watch import WatchSettings
         from gpulane.broker.policy import PolicyConfig
         from gpulane.broker.server import serve
         from gpulane.broker.settings import BrokerSettings
@@ -540,7 +575,17 @@ class BrokerApp(Application):
             is_root=os.geteuid() == 0,
             driver=nvidia_driver.live_params(),
         )
-        settings = replace(settings, devices=device_settings)
+        settings = replace(
+            settings,
+            devices=device_settings,
+            memory_watch=WatchSettings(
+                interval=float(self.memory_watch_interval),
+                grace=float(self.memory_watch_grace),
+                slack=int(self.gpu_mem_slack),
+                strays=self.stray_gpu_processes,
+                readings_file=self.gpu_readings,
+            ),
+        )
         store = Store(Path(self.state_dir) / "broker.sqlite3")
         broker = Broker(settings, inventory, store)
         broker.devices.close_all()  # before anyone is let in; start() reopens reattached jobs'

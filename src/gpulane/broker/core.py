@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from gpulane.broker import access, gpu_memory, policy, procs, views
+from gpulane.broker import access, gpu_memory, memory_watch, policy, procs, views
 from gpulane.broker.devices import DeviceGuard
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
@@ -84,6 +84,19 @@ class Broker:
         self.can_kill_any = os.geteuid() == 0
         # GPU device files open only to holders; app.py closed them all before start().
         self.devices = DeviceGuard(settings.devices)
+        # The GPU memory watchdog, where per-process readings exist (NVML or a file).
+        reader = memory_watch.reader_for(settings.memory_watch, inventory)
+        self.memory = None
+        if reader is not None:
+            self.memory = memory_watch.MemoryWatch(
+                reader,
+                settings.memory_watch,
+                self.jobs.values,
+                self._memory_given,
+                self._over_memory,
+                lambda job_ids: self._publish(urgent=job_ids),
+                lambda: self.devices.enforcing,
+            )
 
     # ----------------------------------------------------------------- life cycle
 
@@ -126,12 +139,16 @@ class Broker:
                 self._command_keeps_lease(job)
             log.info("reattached job %d (%s, %s)", job.id, job.user, job.state.value)
         self.leases.start()
+        if self.memory is not None:
+            self.memory.start()
         self._schedule()  # opens the GPUs to the reattached jobs' users
         self.devices.sweep()
         self._prune()
 
     def stop(self) -> None:
         self.leases.stop()
+        if self.memory is not None:
+            self.memory.stop()
         if self._prune_handle is not None:
             self._prune_handle.cancel()
         if self._schedule_retry is not None:
@@ -296,7 +313,7 @@ class Broker:
         holders = self.holders(now)
         spg = self.config.slices_per_gpu
         queue = self.explainer.order(self.jobs.values(), waiting)
-        return views.snapshot(
+        snapshot = views.snapshot(
             now=now,
             user=who.user,
             is_admin=self._is_admin(who),
@@ -312,9 +329,13 @@ class Broker:
             queue_offset=offset,
             device_access="enforced" if self.devices.enforcing else self.devices.settings.why_off,
         )
+        if self.memory is not None:
+            snapshot["strays"] = self.memory.stray_views()
+        return snapshot
 
     def holders(self, now: float) -> list[Holder]:
-        return views.holders(self.jobs.values(), now, self.config, self.inventory.memory)
+        used = self.memory.used if self.memory is not None else None
+        return views.holders(self.jobs.values(), now, self.config, self.inventory.memory, used)
 
     def view(
         self,
@@ -331,6 +352,7 @@ class Broker:
             config=self.config,
             gpu_memory=self.inventory.memory,
             waiting=waiting,
+            memory=None if self.memory is None else self.memory.of(job.id),
         )
 
     def _event(
@@ -481,6 +503,15 @@ class Broker:
             return
         self._signal_job(job, signal.SIGKILL)
         self._finalize(job, job.ending_state, job.message)
+
+    def _memory_given(self, job: JobRecord) -> int | None:
+        return views.memory_limit(job, self.config, self.inventory.memory)
+
+    def _over_memory(self, job_id: int, message: str) -> None:
+        """The watchdog's end: over its GPU memory for longer than the grace."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.state is JobState.RUNNING:
+            self._revoke(job, JobState.FAILED, message)
 
     def _time_limit_reached(self, job_id: int) -> None:
         job = self.jobs.get(job_id)

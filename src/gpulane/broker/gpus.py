@@ -59,6 +59,10 @@ class Inventory:
         inventory._nvml = pynvml
         return inventory
 
+    def nvml(self) -> Any:
+        """The initialised ``pynvml`` module where the GPUs are real, else None."""
+        return self._nvml
+
     def read(self) -> list[GpuReading]:
         if self._nvml is None:
             return [

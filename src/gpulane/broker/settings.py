@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from gpulane.broker import policy
 from gpulane.broker.devices import DeviceSettings
+from gpulane.broker.memory_watch import WatchSettings
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,5 @@ class BrokerSettings:
     prune_batch: int = 500  # rows deleted at most per prune step, so one never holds the loop
     # GPU device files open only to holders (broker/devices.py); off unless app.py enforces.
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    # The GPU memory watchdog (broker/memory_watch.py): runs where there are readings.
+    memory_watch: WatchSettings = field(default_factory=WatchSettings)

@@ -113,6 +113,7 @@ def job_view(
     config: PolicyConfig,
     gpu_memory: int,
     waiting: Waiting | None = None,
+    memory: tuple[int | None, str | None] | None = None,
 ) -> JobView:
     """The job as ``viewer`` sees it at ``now``; ``waiting`` where it is queued and explained."""
     limit = memory_limit(job, config, gpu_memory)
@@ -138,6 +139,11 @@ def job_view(
     }
     if job.gpu_mem is not None:  # only where asked, as on the wire of a request
         view["gpu_mem"] = job.gpu_mem
+    used, warning = memory or (None, None)
+    if job.state is JobState.RUNNING and used is not None:  # the watchdog's last reading
+        view["gpu_mem_used"] = used
+    if job.state is JobState.RUNNING and warning:
+        view["gpu_mem_warning"] = warning
     if job.started_at is not None:
         elapsed = (job.ended_at if job.ended_at is not None else now) - job.started_at
         view["elapsed"] = elapsed

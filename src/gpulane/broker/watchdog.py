@@ -3,8 +3,9 @@
 grants in force, what to do: warn a job over its memory, end it after a grace,
 report (and, with enforcement on, end) a process that uses a GPU without a grant.
 
-Nothing here does I/O or reads the clock; the broker wiring (not built yet) reads
-NVML once a second, calls :func:`decide`, and acts on the result.
+Nothing here does I/O or reads the clock; the broker's loop
+(:mod:`gpulane.broker.memory_watch`) reads NVML once a second, calls :func:`decide`,
+and acts on the result.
 """
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ def decide(
     now: float,
     grace: float,
     enforce: bool,
+    slack: int = 0,
 ) -> Decision:
     """Per job, the most memory it uses on any one of its GPUs against its grant.
 
-    A job over its grant is warned the first time and ended once it has stayed over
+    A job is over once it uses more than its grant plus ``slack`` (NVML counts a
+    process's CUDA context, a few hundred MiB, which no framework cap includes; the
+    message still names the grant itself). A job over its grant is warned the first time and ended once it has stayed over
     for ``grace`` seconds; a job back under its grant starts afresh. A process whose
     PID belongs to no holder of that GPU is a stray (a process on a GPU its job was
     not given is a stray too: the grant is per GPU). A job whose processes are gone
@@ -111,7 +115,7 @@ def decide(
     still_over: dict[int, float] = {}
     for holder in holders:
         used = max((u for (job, _), u in per_job_gpu.items() if job == holder.job_id), default=0)
-        if used <= holder.granted:
+        if used <= holder.granted + slack:
             continue
         message = over_message(used, holder.granted)
         since = over_since.get(holder.job_id)
@@ -119,7 +123,7 @@ def decide(
             still_over[holder.job_id] = now
             warnings.append(Warn(holder.job_id, message))
         elif now - since >= grace:
-            ends.append(End(holder.job_id, f"ended: {message}"))
+            ends.append(End(holder.job_id, f"ended by the GPU memory watchdog: {message}"))
         else:
             still_over[holder.job_id] = since
     return Decision(tuple(warnings), tuple(ends), tuple(strays), still_over)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpulane.display import describe_eta, describe_holders, final_words
-from gpulane.jobs import format_duration
+from gpulane.jobs import format_bytes, format_duration
 from gpulane.scheduler.base import JobUpdate, JobView
 
 _COLOURS = {"queued": "#b26a00", "running": "#1b6e20", "completed": "#1b6e20"}
@@ -57,11 +57,12 @@ def render(update: JobUpdate) -> CardView:
             return CardView(f"{head} is being stopped", [str(job.get("message", ""))], "ending")
         gpus = ",".join(map(str, job.get("assigned_gpus") or []))
         share = f"{job['slices']} slice(s) of GPU {gpus}" if job.get("slices") else f"GPU {gpus}"
-        return CardView(
-            f"{head} runs on {share}",
-            [f"time limit {format_duration(job.get('time_limit'))}"],
-            state,
-        )
+        if job.get("gpu_mem") is not None:
+            share = f"{format_bytes(job.get('gpu_mem'))} of GPU {gpus}"
+        lines = [f"time limit {format_duration(job.get('time_limit'))}"]
+        if job.get("gpu_mem_warning"):  # the broker's watchdog: over its GPU memory
+            lines.append(f"warning: {job['gpu_mem_warning']}; it ends soon unless it frees some")
+        return CardView(f"{head} runs on {share}", lines, state)
     return render_final(job)
 
 
