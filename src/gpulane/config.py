@@ -118,7 +118,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         GPU_MEMORY_LIMIT_ENV,
         "",
         "gpulane / the profile",
-        "bytes of GPU memory this slice job may use",
+        "bytes of GPU memory this job may use (a slice's part, or its `--gpu-mem`)",
     ),
     EnvVar(
         GPU_MEMORY_FRACTION_ENV,
