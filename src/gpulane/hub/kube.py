@@ -320,7 +320,14 @@ def check_for_kubernetes(pset: ProfileSet) -> None:
     With time-slicing on, every unit of ``nvidia.com/gpu`` is one slice: a profile
     asking for "1 whole GPU" would get a slice. Whole GPUs then need the slices
     renamed (``time-slicing --rename-shared``, ``slice_resource = nvidia.com/gpu.shared``).
+    Refuse ``gpu_mem`` too: only the broker places by memory; a pod would get no GPU.
     """
+    by_memory = [p.slug for p in pset.profiles if p.gpu_mem is not None]
+    if by_memory:
+        raise ProfileError(
+            f"profile(s) {', '.join(by_memory)} ask for gpu_mem, which only gpulane's broker "
+            "on one machine places; on Kubernetes give gpus or slices"
+        )
     if pset.slices_per_gpu < 2 or pset.slice_resource != GPU_RESOURCE:
         return
     whole = [p.slug for p in pset.profiles if p.gpus]

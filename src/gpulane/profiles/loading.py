@@ -126,7 +126,7 @@ _TOP_KEYS = ("gpu", "profile", "custom")
 _GPU_KEYS = ("slices_per_gpu", "memory", "slice_resource")
 _PROFILE_KEYS = (
     "slug", "display_name", "description", "cpu_limit", "cpu_guarantee", "mem_limit",
-    "mem_guarantee", "gpus", "slices", "image", "groups", "default",
+    "mem_guarantee", "gpus", "slices", "gpu_mem", "image", "groups", "default",
 )  # fmt: skip
 _CUSTOM_KEYS = (
     "groups", "images", "free_image", "gpus", "slices", "cpus", "memory", "display_name",
@@ -253,6 +253,7 @@ def _load_profile(raw: Mapping[str, Any], index: int, context: _Context) -> Prof
             "give whole GPUs or slices of one GPU"
         )
     context.check_slices(slices, f"{where}: slices")
+    gpu_mem = _gpu_mem(raw, where, context, gpus or slices)
     image = _image(raw["image"], f"{where}: image") if "image" in raw else None
     groups = _groups(raw.get("groups", []), f"{where}: groups")
     default = raw.get("default", False)
@@ -271,7 +272,29 @@ def _load_profile(raw: Mapping[str, Any], index: int, context: _Context) -> Prof
         image=image,
         groups=groups,
         default=default,
+        gpu_mem=gpu_mem,
     )
+
+
+def _gpu_mem(raw: Mapping[str, Any], where: str, context: _Context, other: int) -> int | None:
+    """A profile's ``gpu_mem`` (memory of one GPU, as ``--gpu-mem``), checked."""
+    if "gpu_mem" not in raw:
+        return None
+    size = parse_profile_memory(raw["gpu_mem"], f"{where}: gpu_mem")
+    if other:
+        raise ProfileError(
+            f"{where}: gpu_mem asks for memory of one GPU; leave out gpus and slices"
+        )
+    if context.gpu_memory is None:
+        raise ProfileError(
+            f'{where}: gpu_mem needs [gpu] memory (the memory of one GPU, such as "32G")'
+        )
+    if size > context.gpu_memory:
+        raise ProfileError(
+            f"{where}: gpu_mem {format_memory(size)} is more than a GPU has "
+            f"([gpu] memory = {format_memory(context.gpu_memory)})"
+        )
+    return size
 
 
 def _load_custom(raw: Mapping[str, Any], context: _Context) -> CustomChoices:

@@ -63,10 +63,11 @@ class Profile:
     image: str | None
     groups: frozenset[str]  # empty: everyone
     default: bool = False
+    gpu_mem: int | None = None  # bytes of one GPU's memory (exclusive with gpus and slices)
 
     @property
     def uses_gpu(self) -> bool:
-        return self.gpus > 0 or self.slices > 0
+        return self.gpus > 0 or self.slices > 0 or self.gpu_mem is not None
 
     def open_to(self, groups: Iterable[str]) -> bool:
         return not self.groups or not self.groups.isdisjoint(groups)
@@ -175,6 +176,8 @@ def describe_profile(profile: Profile, pset: ProfileSet | None = None) -> str:
         parts.append(memory)
     if profile.gpus:
         parts.append(f"{profile.gpus} whole GPU{'s' if profile.gpus > 1 else ''}")
+    elif profile.gpu_mem is not None:
+        parts.append(f"{describe_memory(profile.gpu_mem)} of a GPU's memory")
     elif profile.slices:
         text = f"{profile.slices} slice{'s' if profile.slices > 1 else ''} of a GPU"
         if pset is not None and pset.slices_per_gpu > 1:
@@ -207,15 +210,19 @@ def gpu_environment(profile: Profile, pset: ProfileSet) -> dict[str, str]:
     GPULANE_* variables. Whole GPUs and CPU-only profiles get nothing.
     """
     fraction = slice_fraction(profile, pset)
-    if fraction is None:
+    if fraction is None and profile.gpu_mem is None:
         return {}
     if pset.gpu_memory is None:
         raise ProfileError(
-            f"profile {profile.slug!r} uses GPU slices but [gpu] memory is not set; "
+            f"profile {profile.slug!r} uses part of a GPU but [gpu] memory is not set; "
             'give the memory of one GPU, such as "32G"'
         )
+    limit = int(pset.gpu_memory * (fraction or 0.0))
+    if profile.gpu_mem is not None:  # its own --gpu-mem: that much of the card
+        limit, fraction = profile.gpu_mem, min(1.0, profile.gpu_mem / pset.gpu_memory)
+    assert fraction is not None
     return {
-        GPU_MEMORY_LIMIT_ENV: str(int(pset.gpu_memory * fraction)),
+        GPU_MEMORY_LIMIT_ENV: str(limit),
         GPU_MEMORY_FRACTION_ENV: f"{fraction:.4f}",
         "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.4f}",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
