@@ -338,3 +338,59 @@ def test_a_broken_profile_file_stops_the_hub(tmp_path: Path) -> None:
         ProfileError, match=r"profiles.toml: profile 'gpu': slices = 2 needs \[gpu\]"
     ):
         configure_kubespawner(Config(), str(broken))
+
+
+# ---------------------------------------------------------------------------- queued GPU profiles
+
+
+def lease_spawn(name: str, slug: str, job_id: int | None) -> tuple[Any, dict[str, Any]]:
+    """GpulaneKubeSpawner's pre-spawn decision and, as after a grant of ``job_id``, its pod."""
+    from kubespawner import KubeSpawner  # noqa: F401  (the offline kubeconfig is set)
+    from traitlets.config import Config
+
+    from gpulane.hub.kube_spawner import GpulaneKubeSpawner
+
+    kubernetes_validate = need_module("kubernetes_validate")
+
+    async def main() -> tuple[Any, dict[str, Any]]:
+        config = Config()
+        configure_kubespawner(config, str(EXAMPLE))
+        config.GpulaneKubeSpawner.profiles_file = str(EXAMPLE)
+        spawner = GpulaneKubeSpawner(config=config, user=User(name, USERS[name]), _mock=True)
+        spawner.user_options = {"profile": slug}
+        await spawner.run_pre_spawn_hook()
+        spawner._job_id = job_id
+        await spawner.load_user_options()
+        manifest = await spawner.get_pod_manifest()
+        pod = spawner.api.api_client.sanitize_for_serialization(manifest)
+        pod.update(apiVersion="v1", kind="Pod")
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        return spawner, pod
+
+    return asyncio.run(main())
+
+
+def test_a_gpu_profile_queues_first_and_its_pod_carries_the_lease() -> None:
+    from gpulane.broker.k8s_capacity import LEASE_LABEL
+
+    spawner, pod = lease_spawn("alice", "gpu-slice", 42)
+    assert spawner._lease is not None  # it waits in the broker's queue before any pod
+    assert spawner.start_timeout == spawner.queue_timeout  # the hub waits for the queue
+    assert spawner._own_start_timeout == 60  # the pod itself gets KubeSpawner's time
+    assert pod["metadata"]["labels"][LEASE_LABEL] == "42"
+    assert env(pod)["GPULANE_JOB_ID"] == "42"
+    assert container(pod)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_a_cpu_profile_is_plain_kubespawner() -> None:
+    from gpulane.broker.k8s_capacity import LEASE_LABEL
+
+    spawner, pod = lease_spawn("alice", "cpu", None)
+    assert spawner._lease is None and spawner.start_timeout == 60
+    assert LEASE_LABEL not in pod["metadata"]["labels"]
+    assert "GPULANE_JOB_ID" not in env(pod)
+
+
+def test_a_forged_gpu_profile_is_refused_before_it_queues() -> None:
+    with pytest.raises(ProfileError, match="no profile 'gpu-slice' for you"):
+        lease_spawn("bob", "gpu-slice", None)

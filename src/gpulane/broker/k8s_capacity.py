@@ -100,24 +100,29 @@ def capacity(
     return Capacity(sum(counted.values()), min(foreign, sum(counted.values())), tuple(counted))
 
 
+def core_api(kubeconfig: str | None = None, context: str | None = None) -> tuple[Any, Any]:
+    """A ``CoreV1Api`` and its serializer: the service account in a pod, else a kubeconfig
+    (``kubeconfig``, or ``$KUBECONFIG`` / ``~/.kube/config``)."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, context=context
+        )
+    else:
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(context=context)  # type: ignore[no-untyped-call]
+        api_client = client.ApiClient()
+    return client.CoreV1Api(api_client), api_client.sanitize_for_serialization
+
+
 class KubeReader:
     """Lists nodes and pods with the ``kubernetes`` client."""
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None) -> None:
-        from kubernetes import client, config
-
-        if kubeconfig:
-            api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, context=context
-            )
-        else:
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                config.load_kube_config(context=context)  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
-        self._api = client.CoreV1Api(api_client)
-        self._serialize = api_client.sanitize_for_serialization
+        self._api, self._serialize = core_api(kubeconfig, context)
 
     def read(self, resource: str) -> Capacity:
         nodes = self._api.list_node(_request_timeout=30).items

@@ -12,6 +12,7 @@ inside the hub the settings are applied when the hub starts, after the whole fil
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,15 @@ class GpulaneHub(LoggingConfigurable):
         command += ["--group-source", self.group_source]
         return command + list(self.broker_args)
 
+    def broker_environment(self) -> dict[str, str]:
+        """What the managed broker needs of the hub's environment beyond JupyterHub's few
+        kept variables: on Kubernetes, where the API is (the service account's host and
+        port in the hub pod, or a kubeconfig elsewhere)."""
+        if self.gpu_source != "k8s":
+            return {}
+        names = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG")
+        return {name: os.environ[name] for name in names if name in os.environ}
+
     def apply(self, c: Any) -> None:
         """Write the settings into JupyterHub's config object ``c``."""
         services = list(_existing(c.JupyterHub, "services", []))
@@ -258,6 +268,7 @@ class GpulaneHub(LoggingConfigurable):
                 "oauth_no_confirm": True,
                 "display": True,
                 "info": {"description": "GPU queue and usage"},
+                "environment": self.broker_environment(),
             }
         )
         roles = list(_existing(c.JupyterHub, "load_roles", []))
