@@ -484,28 +484,53 @@ def gib_out(kernel: BenchKernel, settle: Callable[[], None]) -> float:
     return last_line_to_done(GIB_FLOATS) - tiny
 
 
-def copy_floor() -> Callable[[], float]:
-    """np.copy of a 1 GiB array into fresh memory, in this process: one copy, the floor of
-    any transfer that is not shared memory from the start (a plain kernel needs none)."""
+def floor_rows(settle: Callable[[], None]) -> list[Row]:
+    """What a GiB of memory costs here, in this process, beside the transfer rows: a copy into
+    memory already faulted in (memory speed), np.copy into fresh memory (a copy plus first
+    touch: on this VM fresh pages cost 0.3-2.3 s a GiB), and a write of it into a fresh
+    /dev/shm file (the transfer's own mechanism: its pages are allocated as it is written)."""
     import numpy as np
 
     source = np.random.default_rng(0).random(GIB_FLOATS)
+    faulted = np.zeros_like(source)  # written once: its pages stay faulted in
+    view = memoryview(source).cast("B")
 
-    def measure() -> float:
+    def timed(action: Callable[[], object]) -> float:
         started = time.perf_counter()
-        copied = np.copy(source)
-        took = time.perf_counter() - started
-        del copied
-        return took
+        action()
+        return time.perf_counter() - started
 
-    return measure
+    def shm_write() -> float:
+        descriptor, name = tempfile.mkstemp(dir="/dev/shm", prefix="gpulane-cellbench-")
+        try:
+            started = time.perf_counter()
+            written = 0
+            while written < view.nbytes:
+                written += os.write(descriptor, view[written:])
+            return time.perf_counter() - started
+        finally:
+            os.close(descriptor)
+            os.unlink(name)
+
+    return [
+        Row(
+            "memcpy of 1 GiB into faulted-in memory (floor)",
+            lambda: timed(lambda: np.copyto(faulted, source)),
+            settle,
+        ),
+        Row("np.copy of 1 GiB into fresh memory", lambda: timed(lambda: np.copy(source)), settle),
+        Row("write of 1 GiB into a fresh /dev/shm file", shm_write, settle),
+    ]
+
+
+FLOORS = 3  # the floor rows that lead transfer_rows' list
 
 
 def transfer_rows(kernel: BenchKernel, settle: Callable[[], None]) -> list[Row]:
-    """1 GiB in and 1 GiB out through %%gpu, beside np.copy of the same array (the floor)."""
+    """1 GiB in and 1 GiB out through %%gpu, beside the floors of the same run."""
     kernel.first_line(TRANSFER_SETUP)
     return [
-        Row("np.copy of 1 GiB (plain: no transfer; the floor)", copy_floor(), settle),
+        *floor_rows(settle),
         Row(
             "1 GiB in, %%gpu: first line less a tiny input's",
             lambda: gib_in(kernel, settle),
@@ -520,16 +545,20 @@ def transfer_rows(kernel: BenchKernel, settle: Callable[[], None]) -> list[Row]:
 
 
 def print_transfer_rows(rows: list[Row]) -> None:
-    floor = rows[0]
-    print(f"\n{'transfer row':<52}{'n':>4} | {'median':>9} {'p90':>9} | {'row/copy':>9}")
+    memcpy, shm = rows[0], rows[FLOORS - 1]
+    print(f"\n{'transfer row':<52}{'n':>4} | {'median':>9} {'p90':>9} | {'/memcpy':>8} {'/shm':>6}")
     for row in rows:
-        ratio = ""
-        if row is not floor and row.samples and floor.samples:
-            ratio = f"{statistics.median(row.samples) / statistics.median(floor.samples):.2f}x"
+        ratios = [
+            f"{statistics.median(row.samples) / statistics.median(base.samples):.2f}x"
+            if row.samples and base.samples
+            else ""
+            for base in (memcpy, shm)
+        ]
         print(
-            f"{row.name:<52}{len(row.samples):>4} | {ms_cell(row.samples, row.note)} | {ratio:>9}"
+            f"{row.name:<52}{len(row.samples):>4} | {ms_cell(row.samples, row.note)} | "
+            f"{ratios[0]:>8} {ratios[1]:>6}"
         )
-    for row in rows[1:]:
+    for row in rows[FLOORS:]:
         if row.samples:
             med = statistics.median(row.samples) * 1000
             mark = bb.verdict(med <= TRANSFER_TARGET_MS)

@@ -8,13 +8,13 @@ call right after ``import torch`` / ``import tensorflow`` in the cell.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
 from collections.abc import Callable, MutableMapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import importlib.machinery
 
 from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV
 from gpulane.jobs import format_bytes
@@ -72,8 +72,11 @@ def _cap_tensorflow(tf: Any, limit: int) -> None:
     applied.append(f"tensorflow: memory limit {limit // (1024 * 1024)} MiB on {len(gpus)} GPU(s)")
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Run a callback right after a top-level module has been imported (once)."""
+class _AfterImport:
+    """Run a callback right after a top-level module has been imported (once).
+
+    A meta path finder by its ``find_spec`` alone: ``importlib.abc`` costs a cold worker
+    ~20 ms of imports (``importlib.resources``) before its first line."""
 
     def __init__(self, callbacks: dict[str, Callable[[ModuleType], None]]) -> None:
         self.callbacks = callbacks
@@ -84,6 +87,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         callback = self.callbacks.pop(fullname, None)
         if callback is None:
             return None
+        import importlib.util
+
         spec = importlib.util.find_spec(fullname)  # the other finders; we no longer match it
         if spec is None or spec.loader is None:
             return spec
