@@ -159,3 +159,25 @@ def test_the_broker_reads_its_gpu_memory_reserve() -> None:
     assert BrokerApp().gpu_mem_reserve == 0  # nothing kept back unless asked
     with pytest.raises(OptionError, match="--gpu-mem-reserve 'lots' is not a size"):
         BrokerApp().initialize(["--gpu-mem-reserve", "lots"])
+
+
+def test_the_usage_report_counts_gpu_mem_as_its_part_of_the_gpu() -> None:
+    from gpulane.broker.store import JobRecord
+    from gpulane.broker.usage import gpu_seconds_by_user
+
+    record = JobRecord(
+        uid=1000,
+        user="ann",
+        name="j",
+        gpus=1,
+        slices=0,
+        time_limit=600,
+        mem=None,
+        command=[],
+        submitted_at=NOW - 200,
+        started_at=NOW - 100,
+        assigned_gpus=[0],
+        assigned_slices=0,
+        gpu_mem=6 * GiB,
+    )
+    assert gpu_seconds_by_user([record], NOW - 100, NOW, 1, 24 * GiB) == {"ann": 25.0}

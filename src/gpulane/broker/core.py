@@ -371,7 +371,11 @@ class Broker:
         records = {j.id: j for j in self.store.ended_since(views.usage_since(now))}
         records.update(self.jobs)  # the running ones, as they are now
         return views.usage_report(
-            records.values(), now, self.config.slices_per_gpu, self.inventory.count
+            records.values(),
+            now,
+            self.config.slices_per_gpu,
+            self.inventory.count,
+            gpu_memory.offered(self.inventory.memory, self.config.gpu_mem_reserve),
         )
 
     def render_metrics(self) -> bytes:

@@ -17,10 +17,13 @@ from gpulane.broker.store import JobRecord
 MINUTE = 60.0
 
 
-def gpu_share(record: JobRecord, slices_per_gpu: int) -> float:
-    """GPU-equivalents the job holds (0.0 for a job never granted)."""
-    if slices_per_gpu <= 0:
+def gpu_share(record: JobRecord, slices_per_gpu: int, offer: int = 0) -> float:
+    """GPU-equivalents the job holds (0.0 for a job never granted); a ``--gpu-mem`` job
+    its part of what a GPU offers (``offer``; a whole GPU where that is unknown)."""
+    if slices_per_gpu <= 0 or not record.assigned_gpus:
         return 0.0
+    if record.gpu_mem is not None:
+        return min(1.0, record.gpu_mem / offer) if offer > 0 else 1.0
     return len(record.assigned_gpus) * (record.assigned_slices or 0) / slices_per_gpu
 
 
@@ -33,7 +36,7 @@ def _span(record: JobRecord, now: float) -> tuple[float, float] | None:
 
 
 def gpu_seconds_by_user(
-    records: Iterable[JobRecord], since: float, now: float, slices_per_gpu: int
+    records: Iterable[JobRecord], since: float, now: float, slices_per_gpu: int, offer: int = 0
 ) -> dict[str, float]:
     """GPU-equivalent seconds each user used within [since, now]."""
     totals: dict[str, float] = {}
@@ -42,7 +45,7 @@ def gpu_seconds_by_user(
         if span is None:
             continue
         overlap = span[1] - max(span[0], since)
-        share = gpu_share(record, slices_per_gpu)
+        share = gpu_share(record, slices_per_gpu, offer)
         if overlap <= 0 or share <= 0:
             continue
         totals[record.user] = totals.get(record.user, 0.0) + overlap * share
@@ -55,6 +58,7 @@ def busy_per_minute(
     slices_per_gpu: int,
     now: float,
     minutes: int = 60,
+    offer: int = 0,
 ) -> list[dict[str, Any]]:
     """GPU-equivalents in use, averaged per wall-clock minute, for the last ``minutes`` minutes.
 
@@ -68,7 +72,7 @@ def busy_per_minute(
     busy = [0.0] * minutes  # GPU-seconds per minute
     for record in records:
         span = _span(record, now)
-        share = gpu_share(record, slices_per_gpu)
+        share = gpu_share(record, slices_per_gpu, offer)
         if span is None or share <= 0:
             continue
         start, end = max(span[0], first), span[1]

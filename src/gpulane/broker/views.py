@@ -253,12 +253,14 @@ def usage_since(now: float) -> float:
 
 
 def usage_report(
-    jobs: Iterable[JobRecord], now: float, slices_per_gpu: int, gpu_count: int
+    jobs: Iterable[JobRecord], now: float, slices_per_gpu: int, gpu_count: int, offer: int = 0
 ) -> UsageReport:
-    """GPU-seconds per user since local midnight, and GPU use per minute over the last hour."""
+    """GPU-seconds per user since local midnight, and GPU use per minute over the last hour
+    (a ``--gpu-mem`` job counts as its part of ``offer``, what a GPU offers jobs)."""
     records = list(jobs)
+    spg = slices_per_gpu
     return {
-        "today": gpu_seconds_by_user(records, local_midnight(now), now, slices_per_gpu),
-        "last_hour": busy_per_minute(records, gpu_count, slices_per_gpu, now, minutes=60),
+        "today": gpu_seconds_by_user(records, local_midnight(now), now, spg, offer),
+        "last_hour": busy_per_minute(records, gpu_count, spg, now, minutes=60, offer=offer),
         "gpu_count": gpu_count,
     }
