@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,32 @@ def test_the_watchdogs_options() -> None:
     assert (app.memory_watch_grace, app.gpu_mem_slack, app.stray_gpu_processes) == (3, 0, "auto")
     with pytest.raises(OptionError, match=r"^--stray-gpu-processes 'kill' is not a choice"):
         BrokerApp().initialize(["--stray-gpu-processes", "kill"])
+
+
+def test_a_job_being_stopped_owns_its_processes_and_is_not_warned_again() -> None:
+    command = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        job = _job(1, command, uid=os.getuid())
+        readings = [ProcessReading(0, command.pid, 4 * GiB)]  # over its 1 GiB
+        seen: dict[str, list[Any]] = {"ends": [], "changed": []}
+        watch = MemoryWatch(
+            lambda: readings,
+            WatchSettings(grace=0.0, slack=0, strays="end"),
+            lambda: [job],
+            lambda j: j.gpu_mem,
+            lambda job_id, why: seen["ends"].append((job_id, why)),
+            lambda ids: seen["changed"].append(ids),
+            lambda: True,
+        )
+        watch.check(0.0)
+        assert (
+            watch.of(1) == (4 * GiB, watch.warnings[1])
+            and "4.0 GiB of the 1.0 GiB" in (watch.warnings[1])
+        )
+        job.ending_state = JobState.FAILED  # the broker revoked it: SIGTERM, then the grace
+        watch.check(1.0)
+        assert watch.strays == [] and command.poll() is None  # its own, not a stray to kill
+        assert seen["ends"] == [] and 1 not in watch.warnings
+    finally:
+        command.kill()
+        command.wait()

@@ -184,7 +184,7 @@ class MemoryWatch:
     def check(self, now: float) -> None:
         """One reading, one decision, its actions."""
         readings = self.read()
-        running = [j for j in self.jobs() if j.state is JobState.RUNNING and j.ending_state is None]
+        running = [j for j in self.jobs() if j.state is JobState.RUNNING]
         by_pid: dict[int, JobRecord] = {}
         for pid in {r.pid for r in readings}:
             job = job_of(pid, running)
@@ -193,7 +193,8 @@ class MemoryWatch:
         holders = []
         for job in running:
             pids = frozenset(p for p, j in by_pid.items() if j.id == job.id)
-            limit = self.granted(job)
+            # A job being stopped still owns its processes (never strays) but is past warning.
+            limit = None if job.ending_state is not None else self.granted(job)
             holders.append(
                 watchdog.Holder(
                     job.id, pids, frozenset(job.assigned_gpus), NO_LIMIT if limit is None else limit
