@@ -117,3 +117,31 @@ def test_the_watchdog_warns_ends_a_job_over_its_memory_and_ends_strays(make_brok
     assert "job" in broker.log_text() and said in broker.log_text()
     broker.call(BOB, "cancel", str(running[0]["id"]))
     finish(under)
+
+
+def test_a_gpu_mem_cell_is_capped_warned_on_its_card_and_ended(make_broker, kernels, shared_dir):
+    """%%gpu --gpu-mem in a real kernel as a real user: the worker's caps come from the
+    memory given; the watchdog (fed readings) warns on the card, then ends the cell."""
+    readings = shared_dir / "cell-readings.json"
+    broker = make_broker(
+        "--simulate-gpus", "1", "--gpu-memory", "16G", "--gpu-readings", str(readings),
+        "--memory-watch-grace", "2s", "--gpu-mem-slack", "0",
+    )  # fmt: skip
+    k = kernels(ALICE, broker)
+    pid_file = shared_dir / "cell.pid"
+    msg_id = k.submit(
+        "%%gpu --gpu-mem 4G\n"
+        "import os, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "print(os.environ['GPULANE_GPU_MEMORY_LIMIT'], os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n"
+        "time.sleep(60)\n"
+    )
+    pid = _pid(pid_file)
+    _readings(readings, [(0, pid, 5 * GiB)])
+    cell = k.collect(msg_id, timeout=90)
+    assert cell.stream().split()[:2] == [str(4 * GiB), "0.2500"], cell.messages
+    said = "your job uses 5.0 GiB of the 4.0 GiB of GPU memory it was given"
+    texts = " ".join(cell.texts())
+    assert f"warning: {said}" in texts, texts  # the card, while it still ran
+    assert f"ended by the GPU memory watchdog: {said}" in texts, texts
+    assert cell.status == "error"
