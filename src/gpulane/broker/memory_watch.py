@@ -92,7 +92,14 @@ def _group_of(pid: int) -> int | None:
         return None
 
 
-def job_of(pid: int, jobs: Iterable[JobRecord]) -> JobRecord | None:
+def live_commands(jobs: Iterable[JobRecord]) -> list[JobRecord]:
+    """The jobs whose registered command is still the process the broker checked."""
+    return [j for j in jobs if j.cmd_pid and procs.is_alive(j.cmd_pid, j.cmd_start)]
+
+
+def job_of(
+    pid: int, jobs: Iterable[JobRecord], live: list[JobRecord] | None = None
+) -> JobRecord | None:
     """The running job ``pid`` belongs to (see the module's docstring), or None.
 
     A job whose command is not registered yet (just granted) also owns its client's
@@ -101,7 +108,7 @@ def job_of(pid: int, jobs: Iterable[JobRecord]) -> JobRecord | None:
     """
     jobs = list(jobs)
     group = _group_of(pid)
-    live = [j for j in jobs if j.cmd_pid and procs.is_alive(j.cmd_pid, j.cmd_start)]
+    live = live_commands(jobs) if live is None else live  # once per reading, not per PID
     for job in live:
         if pid == job.cmd_pid or group == job.cmd_pid:
             return job
@@ -186,8 +193,9 @@ class MemoryWatch:
         readings = self.read()
         running = [j for j in self.jobs() if j.state is JobState.RUNNING]
         by_pid: dict[int, JobRecord] = {}
+        live = live_commands(running)
         for pid in {r.pid for r in readings}:
-            job = job_of(pid, running)
+            job = job_of(pid, running, live)
             if job is not None:
                 by_pid[pid] = job
         holders = []
