@@ -107,23 +107,39 @@ def job_of(
     root client (the hub) never lends its tree so: its other children are others'.
     """
     jobs = list(jobs)
-    group = _group_of(pid)
     live = live_commands(jobs) if live is None else live  # once per reading, not per PID
-    for job in live:
-        if pid == job.cmd_pid or group == job.cmd_pid:
-            return job
-    for job in live:
-        if procs.descends_from(pid, job.cmd_pid or 0, job.cmd_start):
-            return job
+    commands = {j.cmd_pid: j for j in live}
+    group = _group_of(pid)
+    for key in (pid, group):
+        if key in commands:
+            return commands[key]
+    # Its ancestors, read once (at most procs.MAX_ANCESTRY): the live commands' start
+    # times were just checked, so a PID on this chain that is a command is that command.
+    chain = _ancestors(pid)
+    found = next((commands[a] for a in chain if a in commands), None)
+    if found is not None:
+        return found
     owner = procs.owner_uid(pid)
     for job in jobs:
         if job.cmd_pid or not job.client_pid or not job.uid or owner != job.uid:
             continue
-        if procs.descends_from(pid, job.client_pid, job.client_start) or (
-            pid == job.client_pid and procs.is_alive(pid, job.client_start)
+        if (job.client_pid in chain or pid == job.client_pid) and procs.is_alive(
+            job.client_pid, job.client_start
         ):
             return job
     return None
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain: list[int] = []
+    current = pid
+    for _ in range(procs.MAX_ANCESTRY):
+        parent = procs.parent_pid(current)
+        if parent is None or parent <= 1:
+            break
+        chain.append(parent)
+        current = parent
+    return chain
 
 
 class MemoryWatch:
