@@ -5,7 +5,8 @@ The hub runs GpulaneKubeSpawner against the loopback Kubernetes API (the real
 broker and of the pod keeper); its managed broker reads the cluster's one GPU from
 the API. A test-side node agent runs each pod as a real ``jupyterhub-singleuser``
 of the pod's user on a loopback address of its own, so the hub reaches the server
-as it would reach a pod.
+as it would reach a pod. (A CPU profile's plain pod is checked on KubeSpawner objects
+in test_kubespawner_profiles.py, without a hub, to keep this file to one hub run.)
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ def broker_jobs(hub: RunningHub) -> dict[int, dict[str, Any]]:
     return {int(j["id"]): j for j in snapshot["running"] + snapshot["queue"]}
 
 
-def test_the_second_gpu_server_waits_in_the_queue_and_its_pod_comes_when_the_first_stops(
+def test_gpu_servers_queue_their_pods_come_in_turn_and_leases_live_through_a_hub_restart(
     kube_hub: tuple[RunningHub, Store, NodeAgent],
 ) -> None:
+    from tests.faults.test_hub_restart import restart
+
     hub, store, agent = kube_hub
     need("Kubernetes capacity: 1 nvidia.com/gpu on 1 node(s)" in hub.log_text(), "no k8s broker")
     ada, ben = logged_in(hub.url, hub.passwords, ADA), logged_in(hub.url, hub.passwords, BEN)
@@ -125,7 +128,16 @@ def test_the_second_gpu_server_waits_in_the_queue_and_its_pod_comes_when_the_fir
         assert jobs[ben_job]["state"] == "running" and jobs[ben_job]["user"] == BEN
         assert agent.created == [ada_pod["metadata"]["name"], ben_pod["metadata"]["name"]]
 
-        # Ben stops: his lease ends with his pod.
+        # The hub restarts (and its managed broker with it); the pod and its keeper do not,
+        # and the broker's lease passes to the keeper.
+        restart(hub)
+        assert "its command (process" in hub.log_text() and f"job {ben_job}" in hub.log_text()
+        assert broker_jobs(hub)[ben_job]["state"] == "running"
+        wait_ready(ben, hub, "ben's server was lost in the hub restart")
+        assert list(pods(store)) == [ben_pod["metadata"]["name"]]
+
+        # Ben stops, through the new hub, which holds no thread on the lease: the end of
+        # his pod ends its keeper, and the lease.
         assert ben.api("DELETE", f"/users/{BEN}/server").status_code in (202, 204)
         deadline = time.monotonic() + 30
         while ben_job in broker_jobs(hub):
@@ -136,22 +148,3 @@ def test_the_second_gpu_server_waits_in_the_queue_and_its_pod_comes_when_the_fir
         for user in (ada, ben):
             user.api("DELETE", f"/users/{user.name}/server")
             user.close()
-
-
-def test_a_cpu_profile_is_a_plain_pod_with_no_lease(
-    kube_hub: tuple[RunningHub, Store, NodeAgent],
-) -> None:
-    hub, store, _ = kube_hub
-    ben = logged_in(hub.url, hub.passwords, BEN)
-    try:
-        assert ben.api("POST", f"/users/{BEN}/server", json={"profile": "cpu"}).status_code in (
-            201,
-            202,
-        )
-        wait_ready(ben, hub, "ben's CPU server never started")
-        (pod,) = pods(store).values()
-        assert LEASE_LABEL not in pod["metadata"]["labels"]
-        assert broker_jobs(hub) == {}
-    finally:
-        ben.api("DELETE", f"/users/{BEN}/server")
-        ben.close()

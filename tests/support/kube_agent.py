@@ -99,7 +99,15 @@ class NodeAgent:
                     "phase": "Running",
                     "podIP": ip,
                     "containerStatuses": [
-                        {"name": "notebook", "ready": True, "state": {"running": {}}}
+                        {
+                            "name": "notebook",
+                            "ready": True,
+                            "started": True,
+                            "image": container.get("image", ""),
+                            "imageID": "",
+                            "restartCount": 0,
+                            "state": {"running": {}},
+                        }
                     ],
                 },
             },
