@@ -52,3 +52,12 @@ def test_bad_gpu_mem_profiles_are_one_line(
 def test_kubernetes_refuses_gpu_mem_profiles() -> None:
     with pytest.raises(ProfileError, match="only gpulane's broker on one machine places"):
         check_for_kubernetes(load_profiles(data(gpu_mem="6G")))
+
+
+def test_a_gpu_mem_profiles_server_asks_the_broker_for_that_memory() -> None:
+    from gpulane.hub.gpu_lease import server_request
+
+    profile = load_profiles(data(gpu_mem="6G")).profiles[0]
+    request = server_request(profile, "8h", ("jupyterhub-singleuser",))
+    assert (request.gpu_mem, request.gpus, request.slices) == (6 * GiB, 1, 0)
+    assert request.to_json()["gpu_mem"] == 6 * GiB

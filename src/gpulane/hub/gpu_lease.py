@@ -108,10 +108,12 @@ class LeaseSettings(LoggingConfigurable):
 
 
 def server_request(profile: Profile, session_time: str, command: tuple[str, ...]) -> Request:
-    """The broker request of a GPU profile's server: its GPUs (or slices) for the session."""
+    """The broker request of a GPU profile's server: its GPUs, slices or GPU memory for
+    the session."""
     return Request(
         gpus=profile.gpus or 1,
         slices=profile.slices,
+        gpu_mem=profile.gpu_mem,
         time_limit=parse_duration(session_time, "session_time"),
         name=f"server-{profile.slug}"[:64],
         command=command,
