@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gpulane.admin.k8s_hub_values import HubOptions, hub_values, render
+from gpulane.admin.k8s_hub_values import HubOptions, hub_values, rbac, render, render_rbac
 from gpulane.admin.k8s_time_slicing import (
     K8sError,
     NodeReport,
@@ -441,6 +441,48 @@ def test_hub_values_refuse_bad_options(changes: dict[str, Any], expected: str) -
     assert expected in str(error.value)
 
 
+def test_gpu_profiles_queue_at_a_broker_in_the_hub_pod() -> None:
+    from traitlets.config import Config
+
+    pset, text = example()
+    code = hub_values(pset, text, options())["hub"]["extraConfig"]["gpulane"]
+    assert 'spawner_class = "gpulane.hub.kube_spawner.GpulaneKubeSpawner"' in code
+    # The hub runs it as its config: outside a hub, configure() applies at once.
+    c = Config()
+    exec(code.replace("/etc/gpulane/profiles.toml", str(EXAMPLE)), {"c": c})
+    assert c.JupyterHub.spawner_class == "gpulane.hub.kube_spawner.GpulaneKubeSpawner"
+    assert c.GpulaneKubeSpawner.profiles_file == str(EXAMPLE)
+    (broker,) = [s for s in c.JupyterHub.services if s["name"] == "gpulane"]
+    command = " ".join(broker["command"])
+    assert "--gpu-source k8s --gpu-resource nvidia.com/gpu" in command
+    assert "--slices 4" in command  # the time-slicing replicas of the profile file
+    assert "--state-dir /srv/jupyterhub/gpulane" in command  # the hub's own volume
+    assert c.GpulaneKubeSpawner.broker_socket in command
+    assert not [s for s in c.JupyterHub.services if s["name"] == "idle-culler"]
+    assert callable(c.KubeSpawner.profile_list)
+
+
+def test_cpu_profiles_alone_need_no_broker() -> None:
+    pset = load_profiles({"profile": [{"slug": "cpu"}]})
+    code = hub_values(pset, "", options())["hub"]["extraConfig"]["gpulane"]
+    assert "configure_kubespawner" in code and "GpulaneKubeSpawner" not in code
+
+
+def test_the_brokers_rbac_reads_nodes_and_pods_and_nothing_more() -> None:
+    documents = rbac(options(namespace="research", hub_service_account="hub"))
+    for document in documents:
+        valid(document)
+    role, binding = documents
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["list"]}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "hub", "namespace": "research"}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [d for d in yaml.safe_load_all(render_rbac(options())) if d] == rbac(options())
+    with pytest.raises(K8sError, match="--namespace 'Bad_NS' must be a Kubernetes name"):
+        hub_values(example()[0], "", options(namespace="Bad_NS"))
+
+
 def test_whole_gpus_need_renamed_slices_on_kubernetes() -> None:
     data: dict[str, Any] = {
         "gpu": {"slices_per_gpu": 4, "memory": "32G"},
@@ -505,6 +547,9 @@ def test_hub_values_command(gpulane_k8s: Any, tmp_path: Path) -> None:
     values = yaml.safe_load(out_file.read_text())
     valid(pod_from_values(values))
     assert values["hub"]["config"]["GenericOAuthenticator"]["allowed_groups"] == ["gpu", "hpc"]
+    assert "wrote " + str(tmp_path / "gpulane-rbac.yaml") in err  # beside the values
+    for document in yaml.safe_load_all((tmp_path / "gpulane-rbac.yaml").read_text()):
+        valid(document)
     status, _, err = gpulane_k8s("k8s", "hub-values", "--profiles", str(EXAMPLE))
     assert status == 2 and "required" in err
 

@@ -127,6 +127,15 @@ def define_k8s(k8s: argparse.ArgumentParser) -> None:
     )
     hv.add_argument("--shared-claim", metavar="PVC", help="instead: a ReadWriteMany PVC, team tier")
     hv.add_argument("--shared-read-only", action="store_true", help="mount ~/shared read-only")
+    hv.add_argument("--namespace", default="jhub", help="the hub's namespace (for the RBAC)")
+    hv.add_argument(
+        "--hub-service-account", default="hub", help="the hub's service account (the chart's)"
+    )
+    hv.add_argument(
+        "--rbac-out",
+        metavar="FILE",
+        help="write the broker's RBAC here (default with --out: gpulane-rbac.yaml beside it)",
+    )
 
 
 def _reported(
@@ -197,7 +206,7 @@ def _time_slicing(args: argparse.Namespace) -> int:
 
 
 def _hub_values(args: argparse.Namespace) -> int:
-    from gpulane.admin.k8s_hub_values import HubOptions, render
+    from gpulane.admin.k8s_hub_values import HubOptions, render, render_rbac
     from gpulane.profiles import ProfileError, load_profiles_file
 
     pset = load_profiles_file(args.profiles)
@@ -228,16 +237,25 @@ def _hub_values(args: argparse.Namespace) -> int:
         home_claim=args.home_claim,
         shared_claim=args.shared_claim,
         shared_read_only=args.shared_read_only,
+        namespace=args.namespace,
+        hub_service_account=args.hub_service_account,
     )
     output = render(pset, text, options)
+    rbac_out = args.rbac_out or (
+        str(Path(args.out).with_name("gpulane-rbac.yaml")) if args.out else None
+    )
     if not args.out:
         sys.stdout.write(output)
-        return 0
-    try:
-        Path(args.out).write_text(output, encoding="utf-8")
-    except OSError as error:
-        raise ProfileError(f"cannot write {args.out}: {error.strerror}") from None
-    print(f"wrote {args.out}", file=sys.stderr)
+    for path, content in ((args.out, output), (rbac_out, render_rbac(options))):
+        if not path:
+            continue
+        try:
+            Path(path).write_text(content, encoding="utf-8")
+        except OSError as error:
+            raise ProfileError(f"cannot write {path}: {error.strerror}") from None
+        print(f"wrote {path}", file=sys.stderr)
+    if not rbac_out:
+        print("the broker's RBAC was not written: give --rbac-out FILE", file=sys.stderr)
     return 0
 
 

@@ -3,7 +3,11 @@
 The hub image must have gpulane installed (``pip install 'gpulane[k8s]'`` on top of
 the chart's k8s-hub image): the values mount the profile file into the hub and
 call :func:`gpulane.hub.kube.configure_kubespawner` from ``hub.extraConfig``, so a
-mistake in the file stops the hub at start-up with one line naming it.
+mistake in the file stops the hub at start-up with one line naming it. Where the
+file has GPU profiles, the same ``extraConfig`` runs the broker in the hub pod on
+the cluster's GPUs and makes GPU profiles queue there
+(:class:`gpulane.hub.kube_spawner.GpulaneKubeSpawner`); :func:`rbac` is the one
+extra permission that needs: reading nodes and pods cluster-wide, nothing else.
 
 Storage, as three tiers:
 
@@ -27,6 +31,11 @@ from gpulane.config import USER_DIR_ENV
 from gpulane.profiles import IMAGE_RE, ProfileSet
 
 PROFILES_PATH = "/etc/gpulane/profiles.toml"
+# On the hub's own volume (z2jh mounts one at /srv/jupyterhub): the lease database
+# survives a hub pod's restart.
+BROKER_STATE = "/srv/jupyterhub/gpulane"
+BROKER_SOCKET = "/srv/jupyterhub/gpulane/run/broker.sock"
+RBAC_NAME = "gpulane-hub-gpu-capacity"
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _QUANTITY_RE = re.compile(r"\d{1,6}(\.\d{1,3})?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9a-fA-F:.]+\]")
@@ -61,6 +70,8 @@ class HubOptions:
     shared_read_only: bool = False
     home: str = "/home/jovyan"
     extra_env: dict[str, str] = field(default_factory=dict)
+    namespace: str = "jhub"  # the hub's namespace (of its service account)
+    hub_service_account: str = "hub"  # the chart's default name
 
     def check(self) -> None:
         for name in ("public_url", "authorize_url", "token_url", "userdata_url"):
@@ -127,6 +138,11 @@ class HubOptions:
             claim = getattr(self, name)
             if claim and not _NAME_RE.fullmatch(claim):
                 raise K8sError(f"--{name.replace('_', '-')} {claim!r} must be a PVC name")
+        for name in ("namespace", "hub_service_account"):
+            if not _NAME_RE.fullmatch(getattr(self, name)):
+                raise K8sError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r} must be a Kubernetes name"
+                )
 
 
 def storage(options: HubOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -182,6 +198,77 @@ def authenticator_config(options: HubOptions) -> dict[str, Any]:
     return config
 
 
+def extra_config(pset: ProfileSet) -> str:
+    """The hub's ``extraConfig``: the profiles and, with GPU profiles, their queue."""
+    lines = [
+        "from gpulane.hub.kube import configure_kubespawner",
+        f"configure_kubespawner(c, {PROFILES_PATH!r})",
+    ]
+    custom_gpus = pset.custom is not None and any(g or k for g, k in pset.custom.gpu_options)
+    if not custom_gpus and not any(p.uses_gpu for p in pset.profiles):
+        return "\n".join(lines) + "\n"
+    # The broker counts the resource the GPU profiles ask for: slices where time-sliced.
+    resource = pset.slice_resource if pset.slices_per_gpu > 1 else "nvidia.com/gpu"
+    lines += [
+        "from gpulane.hub import configure",
+        "# GPU profiles wait in the broker's queue (in this pod) before their pod exists.",
+        'c.JupyterHub.spawner_class = "gpulane.hub.kube_spawner.GpulaneKubeSpawner"',
+        f"c.GpulaneKubeSpawner.profiles_file = {PROFILES_PATH!r}",
+        f"c.GpulaneKubeSpawner.broker_socket = {BROKER_SOCKET!r}",
+        "configure(",
+        "    c,",
+        '    gpu_source="k8s",',
+        f"    gpu_resource={resource!r},",
+        f"    slices={pset.slices_per_gpu},",
+        f"    broker_socket={BROKER_SOCKET!r},",
+        f"    state_dir={BROKER_STATE!r},",
+        "    idle_culler=False,  # the chart's cull section stops idle servers",
+        ")",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def rbac(options: HubOptions) -> list[dict[str, Any]]:
+    """What the broker in the hub pod needs beyond the chart's own hub Role: to list
+    nodes (their allocatable GPUs) and pods in every namespace (GPU pods gpulane did not
+    lease). Read-only, ``list`` only; pods in the hub's namespace (create, watch, delete)
+    are the chart's Role already, for KubeSpawner and the pod keeper alike."""
+    labels = {"app.kubernetes.io/part-of": "gpulane"}
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": RBAC_NAME, "labels": labels},
+            "rules": [{"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["list"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{RBAC_NAME}-{options.namespace}", "labels": labels},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": RBAC_NAME,
+            },
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": options.hub_service_account,
+                    "namespace": options.namespace,
+                }
+            ],
+        },
+    ]
+
+
+def render_rbac(options: HubOptions) -> str:
+    header = (
+        "# RBAC for gpulane's broker in the hub pod, written by gpulane k8s hub-values.\n"
+        "# kubectl apply -f this-file.yaml   (read-only: list nodes and pods)\n"
+    )
+    return header + "---\n".join(yaml_dump(doc) for doc in rbac(options))
+
+
 def hub_values(pset: ProfileSet, profiles_text: str, options: HubOptions) -> dict[str, Any]:
     """The Helm values (a dict; :func:`render` writes it as YAML)."""
     from gpulane.hub.kube import check_for_kubernetes
@@ -205,12 +292,7 @@ def hub_values(pset: ProfileSet, profiles_text: str, options: HubOptions) -> dic
         "extraFiles": {
             "gpulane-profiles": {"mountPath": PROFILES_PATH, "stringData": profiles_text},
         },
-        "extraConfig": {
-            "gpulane": (
-                "from gpulane.hub.kube import configure_kubespawner\n"
-                f"configure_kubespawner(c, {PROFILES_PATH!r})\n"
-            ),
-        },
+        "extraConfig": {"gpulane": extra_config(pset)},
     }
     if options.hub_image:
         name, _, tag = options.hub_image.rpartition(":")

@@ -67,6 +67,12 @@ class GpulaneHub(LoggingConfigurable):
         "the time-slicing replicas).",
     ).tag(config=True)
 
+    gpu_resource = Unicode(
+        "nvidia.com/gpu",
+        help="With gpu_source 'k8s': the node resource the broker counts (nvidia.com/gpu.shared "
+        "after time-slicing --rename-shared).",
+    ).tag(config=True)
+
     slices = Integer(1, help="Cut each GPU into this many time-sliced slices.").tag(config=True)
 
     max_running_per_user = Integer(
@@ -225,7 +231,7 @@ class GpulaneHub(LoggingConfigurable):
         if self.simulate_gpus:
             command += ["--simulate-gpus", str(self.simulate_gpus), "--gpu-memory", self.gpu_memory]
         elif self.gpu_source == "k8s":
-            command += ["--gpu-source", "k8s"]
+            command += ["--gpu-source", "k8s", "--gpu-resource", self.gpu_resource]
         if self.max_running_per_user:
             command += ["--max-running-per-user", str(self.max_running_per_user)]
         for name, broker_default in BROKER_DURATIONS.items():
