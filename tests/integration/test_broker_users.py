@@ -258,9 +258,18 @@ def test_killed_client_frees_the_gpu_and_its_command_ends(make_broker, shared_di
 
 def test_broker_killed_and_restarted_loses_nothing(make_broker, shared_dir):
     broker = make_broker("--simulate-gpus", "1")
-    order = shared_dir / "order"
+    order, go = shared_dir / "order", shared_dir / "go"
+    # The holder runs until the test lets it go (a fixed sleep ran out on a loaded machine
+    # before the others had queued).
     holder = broker.spawn(
-        ALICE, "run", "--name", "hold", "--", "sh", "-c", f"sleep 3; echo hold >> {order}"
+        ALICE,
+        "run",
+        "--name",
+        "hold",
+        "--",
+        "sh",
+        "-c",
+        f"while [ ! -e {go} ]; do sleep 0.05; done; echo hold >> {order}",
     )
     wait_for(lambda: running_names(broker) == ["hold"], what="hold")
     second = broker.spawn(
@@ -281,6 +290,7 @@ def test_broker_killed_and_restarted_loses_nothing(make_broker, shared_dir):
 
     assert running_names(broker) == ["hold"]
     assert queued_names(broker) == ["second", "third"]
+    go.touch()
     for proc in (holder, second, third):
         code, _, err = finish(proc)
         assert code == 0, err
