@@ -73,7 +73,9 @@ def connect_channel() -> Connection:
 class CellRunner:
     """Runs the kernel's cells in one IPython shell, kept for the worker's life.
 
-    A session's state (a model on the GPU) persists across its cells.
+    A session's state (a model on the GPU) persists across its cells. A cold worker's cells
+    that are plain Python run without the shell until it is built (:mod:`gpulane.kernel.plain`),
+    in the ``__main__`` the shell then adopts.
     """
 
     def __init__(self, connect: Callable[[], Connection]) -> None:
