@@ -12,6 +12,7 @@ in test_kubespawner_profiles.py, without a hub, to keep this file to one hub run
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.support.hubclient import logged_in, server_ready
 from tests.support.hubs import RunningHub, running_demo_hub
 from tests.support.kube_agent import NodeAgent
 from tests.support.kube_api import Store, gpu_node, kube_api
-from tests.support.users import need, need_module
+from tests.support.users import need, need_module, wait_for
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
 
@@ -108,6 +109,9 @@ def test_gpu_servers_queue_their_pods_come_in_turn_and_leases_live_through_a_hub
         env = {e["name"]: e.get("value") for e in ada_pod["spec"]["containers"][0]["env"]}
         assert env["GPULANE_JOB_ID"] == str(ada_job)
         assert ada_pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        # The broker took the hub's pod keeper as the lease's command (a child of its client).
+        wait_for(lambda: "following the pod for its GPU lease" in hub.log_text(), 30, "keeper")
+        assert not re.search(r"refused POST /v1/jobs/\d+/started", hub.log_text())
 
         # Ben asks for the GPU too: his spawn waits in the broker's queue, with no pod.
         assert ben.api("POST", f"/users/{BEN}/server", json={"profile": "gpu"}).status_code == 202
