@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from gpulane.broker import access, gpu_memory, memory_watch, policy, procs, views
+from gpulane.broker import access, admission, gpu_memory, memory_watch, policy, procs, views
 from gpulane.broker.devices import DeviceGuard
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.groups import GroupReader
-from gpulane.broker.identity import Identity, forget_groups
+from gpulane.broker.identity import Identity
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
 from gpulane.broker.quotas import Pruner, SubmitRate
@@ -36,9 +36,7 @@ from gpulane.broker.timers import STORE_RETRY, JobTimers
 from gpulane.broker.watchers import Watcher, Watchers
 from gpulane.errors import (
     Conflict,
-    Forbidden,
     InvalidRequest,
-    LimitReached,
     NotFound,
     StateFolderFull,
 )
@@ -163,36 +161,15 @@ class Broker:
     # ----------------------------------------------------------------- requests
 
     def submit(self, who: Identity, request: Request) -> JobView:
-        cfg = self.config
-        admin = self._is_admin(who)
-        if not policy.may_use_gpus(who.groups, cfg, admin):
-            groups = sorted(cfg.gpu_groups)
-            where = "hub group" if self.groups.from_hub() else "group"
-            forget_groups(who.uid, who.user)  # the admin's fix counts on the next try
-            raise Forbidden(
-                f"{who.user} may not use GPUs here: not in the GPU {where} "
-                f"{' or '.join(groups)}; {self.groups.how_to_add(who.user, groups[0])}"
-            )
-        time_limit = request.time_limit or min(cfg.default_time, cfg.max_time)
-        if time_limit > cfg.max_time:
-            raise InvalidRequest(
-                f"--time {format_duration(time_limit)} is over this broker's maximum "
-                f"{format_duration(cfg.max_time)}; ask for less",
-            )
-        never = policy.never_runs(
-            policy.Pending(0, who.user, request.gpus, request.slices, 0, 0.0, request.gpu_mem),
-            policy.State(self.inventory.count, gpu_memory=self.inventory.memory),
-            cfg,
+        time_limit = admission.admit(
+            who,
+            request,
+            admin=self._is_admin(who),
+            settings=self.settings,
+            inventory=self.inventory,
+            groups=self.groups,
+            jobs=self.jobs.values(),
         )
-        if never:
-            raise InvalidRequest(f"this request can never run here: it {never}")
-        queued = sum(
-            1 for j in self.jobs.values() if j.user == who.user and j.state is JobState.QUEUED
-        )
-        if queued >= self.settings.max_queued_per_user:
-            raise LimitReached(
-                f"{who.user} already has {queued} queued jobs, the most allowed; wait or cancel some",
-            )
         now = self.clock()
         self.submit_rate.check(who.user, now)
         job = JobRecord(
