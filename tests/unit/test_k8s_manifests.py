@@ -164,7 +164,7 @@ def node(name: str, count: int | None, advertised: dict[str, int], **labels: str
         all_labels["nvidia.com/gpu.count"] = str(count)
     return {
         "metadata": {"name": name, "labels": all_labels},
-        "status": {"capacity": {"cpu": "16", **{k: str(v) for k, v in advertised.items()}}},
+        "status": {"allocatable": {"cpu": "16", **{k: str(v) for k, v in advertised.items()}}},
     }
 
 
@@ -271,7 +271,7 @@ def test_apply_configures_restarts_and_waits_for_the_nodes() -> None:
         ("restart", "gpu-operator"),
     ]
     assert reports[0].ok and reports[0].actual == 8 and cluster.reads == 3
-    assert said[-1] == "gpu-1: 8 nvidia.com/gpu, as expected"
+    assert said[-1] == "gpu-1: allocatable 8 nvidia.com/gpu, as expected"
 
 
 def test_apply_names_the_node_that_did_not_change() -> None:
@@ -279,8 +279,11 @@ def test_apply_names_the_node_that_did_not_change() -> None:
     with pytest.raises(K8sError) as error:
         run_apply(TimeSlicing(replicas=4), cluster, wait=30)
     message = str(error.value)
-    assert "after 30 s the capacity did not change on 1 node(s)" in message
-    assert "gpu-1: advertises 1 nvidia.com/gpu, expected 4" in message
+    assert "after 30 s 1 node(s) do not advertise GPUs x replicas" in message
+    assert "gpu-1: allocatable 1 nvidia.com/gpu, expected 4 (1 GPU(s) x 4)" in message
+    # No GFD replicas label on the fake node: the config was not applied, says which knobs.
+    assert "replicas not applied (GFD says none)" in message
+    assert "rollout restart daemonset/nvidia-device-plugin-daemonset" in message
     assert "kubectl -n gpu-operator logs -l app=nvidia-device-plugin-daemonset" in message
     assert len(message.splitlines()) == 1
 
@@ -613,7 +616,7 @@ class FakeApiServer:
             gpus = {"nvidia.com/gpu": str(self.gpus * self.replicas)}
             node = {
                 "metadata": {"name": "gpu-1", "labels": {"nvidia.com/gpu.count": str(self.gpus)}},
-                "status": {"capacity": {"cpu": "16", **gpus}},
+                "status": {"allocatable": {"cpu": "16", **gpus}},
             }
             return 200, {"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [node]}
         if (method, path) == ("GET", "/apis/nvidia.com/v1/clusterpolicies"):

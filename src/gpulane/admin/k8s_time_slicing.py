@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gpulane.broker.k8s_capacity import GPU_COUNT_LABEL, NodeGpus, node_gpus, restart_command
+
 GPU_RESOURCE = "nvidia.com/gpu"
 SHARED_RESOURCE = "nvidia.com/gpu.shared"
 DEFAULT_NAMESPACE = "gpu-operator"
@@ -31,7 +33,6 @@ DEFAULT_CONFIGMAP = "time-slicing-config"
 SLICED_KEY = "sliced"
 WHOLE_KEY = "whole"
 NODE_CONFIG_LABEL = "nvidia.com/device-plugin.config"
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU Feature Discovery: physical GPUs
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 DEVICE_PLUGIN_SELECTOR = "app=nvidia-device-plugin-daemonset"
 MAX_REPLICAS = 64
@@ -181,10 +182,23 @@ def yaml_dump(data: Any) -> str:
 
 @dataclass(frozen=True)
 class NodeReport:
-    name: str
-    resource: str
+    """One GPU node under a plan: the broker's reading of it and what it should advertise."""
+
+    seen: NodeGpus  # broker/k8s_capacity's reading: allocatable and GFD's labels
     expected: int | None  # None: the node does not say how many GPUs it has
-    actual: int
+    replicas: int  # what the plan asks of this node (1: whole GPUs)
+
+    @property
+    def name(self) -> str:
+        return self.seen.name
+
+    @property
+    def resource(self) -> str:
+        return self.seen.resource
+
+    @property
+    def actual(self) -> int:
+        return self.seen.allocatable
 
     @property
     def ok(self) -> bool:
@@ -193,48 +207,45 @@ class NodeReport:
     def line(self) -> str:
         if self.expected is None:
             return (
-                f"{self.name}: advertises {self.actual} {self.resource} (no {GPU_COUNT_LABEL} "
+                f"{self.name}: allocatable {self.actual} {self.resource} (no {GPU_COUNT_LABEL} "
                 "label to check against: is GPU Feature Discovery running?)"
             )
         if self.ok:
-            return f"{self.name}: {self.actual} {self.resource}, as expected"
-        return f"{self.name}: advertises {self.actual} {self.resource}, expected {self.expected}"
+            return f"{self.name}: allocatable {self.actual} {self.resource}, as expected"
+        return (
+            f"{self.name}: allocatable {self.actual} {self.resource}, expected {self.expected} "
+            f"({self.seen.physical} GPU(s) x {self.replicas})"
+        )
 
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return None
+    def cause(self, plan: TimeSlicing) -> str:
+        """What to do about a node that does not advertise what it should."""
+        if self.seen.replicas == self.replicas:  # GFD has the new config; the plugin does not
+            return f"the device plugin has not restarted: {restart_command(plan.namespace)}"
+        return (
+            f"replicas not applied (GFD says {self.seen.replicas or 'none'}): check that the "
+            f"ClusterPolicy's spec.devicePlugin.config names {plan.configmap!r} and the node's "
+            f"{NODE_CONFIG_LABEL} label, then {restart_command(plan.namespace)}"
+        )
 
 
 def is_gpu_node(node: Mapping[str, Any]) -> bool:
     labels = node.get("metadata", {}).get("labels") or {}
-    capacity = node.get("status", {}).get("capacity") or {}
     return (
         GPU_COUNT_LABEL in labels
         or labels.get(GPU_PRESENT_LABEL) == "true"
-        or bool(_int(capacity.get(GPU_RESOURCE)))
-        or bool(_int(capacity.get(SHARED_RESOURCE)))
+        or bool(node_gpus(node, GPU_RESOURCE).allocatable)
+        or bool(node_gpus(node, SHARED_RESOURCE).allocatable)
     )
 
 
 def expected_on(node: Mapping[str, Any], plan: TimeSlicing) -> NodeReport:
     """What one node should advertise under ``plan``, and what it does."""
-    metadata = node.get("metadata", {})
-    labels = metadata.get("labels") or {}
-    capacity = node.get("status", {}).get("capacity") or {}
-    physical = _int(labels.get(GPU_COUNT_LABEL))
+    labels = node.get("metadata", {}).get("labels") or {}
     sliced = plan.enabled and labels.get(NODE_CONFIG_LABEL, SLICED_KEY) != WHOLE_KEY
-    resource = plan.resource if sliced else GPU_RESOURCE
+    seen = node_gpus(node, plan.resource if sliced else GPU_RESOURCE)
     replicas = plan.replicas if sliced and plan.replicas else 1
-    expected = physical * replicas if physical is not None else None
-    return NodeReport(
-        name=str(metadata.get("name", "?")),
-        resource=resource,
-        expected=expected,
-        actual=_int(capacity.get(resource)) or 0,
-    )
+    expected = seen.physical * replicas if seen.physical is not None else None
+    return NodeReport(seen=seen, expected=expected, replicas=replicas)
 
 
 def check_nodes(nodes: Iterable[Mapping[str, Any]], plan: TimeSlicing) -> list[NodeReport]:
@@ -250,11 +261,10 @@ def check_nodes(nodes: Iterable[Mapping[str, Any]], plan: TimeSlicing) -> list[N
 
 def failure_message(reports: Sequence[NodeReport], plan: TimeSlicing, waited: float) -> str:
     bad = [r for r in reports if not r.ok]
-    names = "; ".join(r.line() for r in bad)
+    names = "; ".join(f"{r.line()}: {r.cause(plan)}" for r in bad)
     return (
-        f"after {waited:.0f} s the capacity did not change on {len(bad)} node(s): {names}. "
-        f"Check that the ClusterPolicy's spec.devicePlugin.config names {plan.configmap!r}, "
-        f"then the device plugin's logs: kubectl -n {plan.namespace} logs -l "
+        f"after {waited:.0f} s {len(bad)} node(s) do not advertise GPUs x replicas: {names}. "
+        f"The device plugin's logs: kubectl -n {plan.namespace} logs -l "
         f"{DEVICE_PLUGIN_SELECTOR} --all-containers"
     )
 

@@ -15,6 +15,12 @@ elsewhere):
 The list is read again every ``interval`` seconds, so nodes that join or leave (an
 autoscaler, a drained node) change the capacity the queue plans with. A failed read
 keeps the last known capacity and logs one line (the API server may be restarting).
+
+Each reading also says whether the nodes agree with time-slicing (:func:`slicing_mismatch`),
+where GPU Feature Discovery's labels let it know: a node advertising other than its
+physical GPUs x replicas (the device plugin not restarted), or slicing GPUs other than
+``--slices`` ways. ``gpulane k8s time-slicing --apply`` and ``gpulane doctor --k8s`` read
+the nodes with :func:`node_gpus` too, so all three judge the same fields.
 """
 
 from __future__ import annotations
@@ -30,10 +36,34 @@ from gpulane.broker.gpus import Inventory
 log = logging.getLogger(__name__)
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# Set by GPU Feature Discovery: the node's physical GPUs, and the replicas of each that
+# the device plugin's configuration asks for (1 without time-slicing).
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+DEVICE_PLUGIN_DAEMONSET = "nvidia-device-plugin-daemonset"  # the GPU Operator's name for it
 # Pods a gpulane lease created carry this label (its value: the broker's job id).
 LEASE_LABEL = "gpulane.io/lease"
 # Phases in which a pod holds the GPUs it requested on its node.
 HOLDING_PHASES = frozenset({"Pending", "Running", "Unknown"})
+
+
+@dataclass(frozen=True)
+class NodeGpus:
+    """One node's GPUs as the API shows them: what it advertises and what GFD says it has."""
+
+    name: str
+    resource: str
+    allocatable: int  # units of ``resource`` (slices where time-sliced)
+    physical: int | None  # GFD's nvidia.com/gpu.count; None without GFD
+    replicas: int | None  # GFD's nvidia.com/gpu.replicas; None without GFD
+    schedulable: bool
+
+    @property
+    def expected(self) -> int | None:
+        """What the node should advertise by GFD's labels (None: they do not say)."""
+        if self.physical is None or self.replicas is None:
+            return None
+        return self.physical * self.replicas
 
 
 @dataclass(frozen=True)
@@ -43,6 +73,7 @@ class Capacity:
     slices: int
     foreign: int
     nodes: tuple[str, ...]
+    gpu_nodes: tuple[NodeGpus, ...] = ()  # every node with GPUs, counted or not
 
     def gpus(self, slices_per_gpu: int) -> int:
         """Whole broker GPUs (each ``slices_per_gpu`` slices) free for gpulane."""
@@ -61,6 +92,61 @@ def _schedulable(node: Mapping[str, Any]) -> bool:
         return False
     conditions = (node.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _label_int(labels: Mapping[str, Any], key: str) -> int | None:
+    try:
+        return int(str(labels[key]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def node_gpus(node: Mapping[str, Any], resource: str = GPU_RESOURCE) -> NodeGpus:
+    """The one reading of a node's GPUs (API object as a dict)."""
+    metadata = node.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    return NodeGpus(
+        name=str(metadata.get("name", "")),
+        resource=resource,
+        allocatable=_units(((node.get("status") or {}).get("allocatable") or {}).get(resource)),
+        physical=_label_int(labels, GPU_COUNT_LABEL),
+        replicas=_label_int(labels, REPLICAS_LABEL),
+        schedulable=_schedulable(node),
+    )
+
+
+def restart_command(namespace: str = "gpu-operator") -> str:
+    """What makes the device plugin read its configuration again."""
+    return f"kubectl -n {namespace} rollout restart daemonset/{DEVICE_PLUGIN_DAEMONSET}"
+
+
+def node_mismatch(node: NodeGpus, slices_per_gpu: int) -> str | None:
+    """Why this node's capacity disagrees with time-slicing, or None (also where unknowable)."""
+    if node.physical is None and node.allocatable == 0:
+        return None  # not a GPU node, or one GFD has not labelled: nothing to compare
+    expected = node.expected
+    if expected is not None and node.allocatable != expected and (node.replicas or 1) > 1:
+        return (
+            f"node {node.name} advertises {node.allocatable} {node.resource}, but GPU feature "
+            f"discovery says {node.physical} GPU(s) x {node.replicas} replicas = {expected}: "
+            f"the device plugin has not applied time-slicing; restart it ({restart_command()})"
+        )
+    if node.allocatable and node.replicas is not None and node.replicas != slices_per_gpu:
+        return (
+            f"node {node.name} slices each GPU {node.replicas} way(s) but the broker counts "
+            f"{slices_per_gpu} slice(s) per GPU: make them agree (gpulane k8s time-slicing "
+            f"--replicas N --apply, and the broker's --slices / the profiles' slices_per_gpu)"
+        )
+    return None
+
+
+def slicing_mismatch(nodes: Iterable[NodeGpus], slices_per_gpu: int) -> str | None:
+    """One line for the dashboard and ``gpulane status`` when nodes and time-slicing disagree."""
+    problems = [p for p in (node_mismatch(n, slices_per_gpu) for n in nodes) if p]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more node(s))" if len(problems) > 1 else ""
+    return problems[0] + more
 
 
 def _pod_units(pod: Mapping[str, Any], resource: str) -> int:
@@ -82,11 +168,13 @@ def capacity(
 ) -> Capacity:
     """The capacity the broker may lease from these nodes and pods (API objects as dicts)."""
     counted: dict[str, int] = {}
+    seen: list[NodeGpus] = []
     for node in nodes:
-        name = str((node.get("metadata") or {}).get("name", ""))
-        units = _units(((node.get("status") or {}).get("allocatable") or {}).get(resource))
-        if name and units and _schedulable(node):
-            counted[name] = units
+        gpus = node_gpus(node, resource)
+        if gpus.allocatable or gpus.physical is not None:
+            seen.append(gpus)
+        if gpus.name and gpus.allocatable and gpus.schedulable:
+            counted[gpus.name] = gpus.allocatable
     foreign = 0
     for pod in pods:
         metadata = pod.get("metadata") or {}
@@ -97,7 +185,8 @@ def capacity(
         where = str((pod.get("spec") or {}).get("nodeName") or "")
         if where in counted:
             foreign += _pod_units(pod, resource)
-    return Capacity(sum(counted.values()), min(foreign, sum(counted.values())), tuple(counted))
+    total = sum(counted.values())
+    return Capacity(total, min(foreign, total), tuple(counted), tuple(seen))
 
 
 def core_api(kubeconfig: str | None = None, context: str | None = None) -> tuple[Any, Any]:
@@ -149,6 +238,7 @@ class KubeInventory(Inventory):
         self._interval = interval
         self._stop = threading.Event()
         self._on_change: Callable[[], None] | None = None
+        self.notice: str | None = None  # nodes vs. time-slicing (slicing_mismatch), for admins
         first = reader.read(resource)  # an error here stops the broker, named
         super().__init__(0, memory, [], simulated=True)
         self.apply(first)
@@ -166,6 +256,10 @@ class KubeInventory(Inventory):
                 seen.foreign,
                 count,
             )
+        notice = slicing_mismatch(seen.gpu_nodes, self._slices_per_gpu)
+        if notice != self.notice:
+            log.warning("Kubernetes capacity: %s", notice or "nodes agree with time-slicing again")
+        self.notice = notice
         # names first: readers index names by 0..count-1.
         changed = count != self.count
         self.names = [f"Kubernetes GPU {i}" for i in range(count)]
