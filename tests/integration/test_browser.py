@@ -377,8 +377,12 @@ def test_dashboard_data_ended_reasons_are_private_and_standings_public(
         ben.make_token()
         ben.start_server()
         ben.kernel = ben.new_kernel()
-        for user, name in ((ada, "ada-fails"), (ben, "ben-fails")):
-            code = f"%%gpu --name {name}\nraise RuntimeError('boom')"
+        # Ada's cell holds its slice for 3 s first: over a GPU-second of her own, so she
+        # has a standing whether or not the browser test ran before this one.
+        for user, name, hold in ((ada, "ada-fails", 3), (ben, "ben-fails", 0)):
+            code = (
+                f"%%gpu --name {name}\nimport time\ntime.sleep({hold})\nraise RuntimeError('boom')"
+            )
             run = _in_a_thread(user.run, user.kernel, code)  # Playwright's loop may be alive
             assert run.reply["status"] == "error", run.messages
 
@@ -410,7 +414,7 @@ def test_dashboard_data_ended_reasons_are_private_and_standings_public(
         assert [r["user"] for r in admin_view["standings"]] == [
             r["user"] for r in bens_view["standings"]
         ]
-        assert rows[ADA]["gpu_hours"] > 0  # her job of the browser test, cancelled later
+        assert rows[ADA]["gpu_hours"] >= 1 / 3600  # at least her failing cell's 3 s on a slice
         # The same on the page: the admin sees both failures and their reasons, Ben his own.
         from playwright.sync_api import expect
 
