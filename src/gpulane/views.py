@@ -142,6 +142,7 @@ class Snapshot(TypedDict):
     # broker only: "enforced" (GPU device files open only to holders) or why it is not
     device_access: NotRequired[str]
     strays: NotRequired[list[Stray]]  # broker only, where its watchdog reads GPU memory
+    capacity_warning: NotRequired[str]  # broker only: nodes disagree with time-slicing (k8s)
 
 
 class JobEvent(TypedDict):

@@ -176,3 +176,32 @@ def test_a_node_that_joins_lets_a_queued_job_start(
     assert waiting.wait(timeout=30) == 0
     assert holder.poll() is None
     assert "Kubernetes capacity: 2 nvidia.com/gpu on 2 node(s)" in broker.log_text()
+
+
+def test_status_says_when_nodes_disagree_with_time_slicing(api: Any, make_broker: Any) -> None:
+    import json
+
+    _, kubeconfig, core = api
+    node = gpu_node("gpu-1", 2)  # GFD: 2 GPUs x 4 replicas; the plugin still advertises 2
+    node["metadata"]["labels"].update({"nvidia.com/gpu.count": "2", "nvidia.com/gpu.replicas": "4"})
+    core.create_node(node)
+    broker = make_broker(
+        "--gpu-source", "k8s", "--kubeconfig", str(kubeconfig), "--slices", "4",
+        "--k8s-interval", "1s",
+    )  # fmt: skip
+    text = broker.call(None, "status").stdout
+    assert (
+        "capacity: node gpu-1 advertises 2 nvidia.com/gpu, but GPU feature discovery says "
+        "2 GPU(s) x 4 replicas = 8: the device plugin has not applied time-slicing; restart it "
+        "(kubectl -n gpu-operator rollout restart daemonset/nvidia-device-plugin-daemonset)"
+    ) in text.splitlines()
+    # The device plugin restarts: the line goes with the next reading.
+    core.patch_node("gpu-1", {"status": {"allocatable": {"nvidia.com/gpu": "8"}}})
+
+    def snapshot() -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(broker.call(None, "status", "--json").stdout)
+        return loaded
+
+    wait_for(lambda: "capacity_warning" not in snapshot())
+    assert len(snapshot()["gpus"]) == 2
+    assert "capacity:" not in broker.call(None, "status").stdout

@@ -14,6 +14,7 @@ from gpulane.broker import access, views
 from gpulane.broker.core import Broker
 from gpulane.broker.explain import policy_state
 from gpulane.broker.identity import Identity
+from gpulane.broker.k8s_capacity import KubeInventory
 from gpulane.broker.policy import user_usage
 from gpulane.broker.shares import effective_shares
 
@@ -61,6 +62,13 @@ def ended_jobs(broker: Broker, who: Identity, now: float) -> list[EndedRow]:
             }
         )
     return rows
+
+
+def capacity_warning(broker: Broker) -> str | None:
+    """The one line on the GPUs' capacity an admin must act on (Kubernetes: nodes vs.
+    time-slicing, see k8s_capacity.slicing_mismatch); None where there is none."""
+    inventory = broker.inventory
+    return inventory.notice if isinstance(inventory, KubeInventory) else None
 
 
 def standings(broker: Broker, now: float) -> list[StandingRow]:

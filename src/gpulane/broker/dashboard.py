@@ -83,6 +83,7 @@ class StateHandler(_Base):
         state["usage"] = self.broker.usage_report(now)
         state["ended"] = board.ended_jobs(self.broker, who, now)
         state["standings"] = board.standings(self.broker, now)
+        state["capacity_warning"] = board.capacity_warning(self.broker)
         self.write_json(state)
 
 

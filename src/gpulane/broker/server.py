@@ -26,6 +26,7 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_unix_socket
 
 from gpulane import __version__
+from gpulane.broker import board
 from gpulane.broker.connections import Acceptor, RequestRates, TooFast
 from gpulane.broker.core import Broker
 from gpulane.broker.groups import GroupReader
@@ -222,7 +223,11 @@ class HealthHandler(_Handler):
 class StatusHandler(_Handler):
     def get(self) -> None:
         offset = _query_count(self, "offset")
-        self.reply(self.broker.status(self.identity, offset or 0, _query_count(self, "limit")))
+        snapshot = self.broker.status(self.identity, offset or 0, _query_count(self, "limit"))
+        warning = board.capacity_warning(self.broker)
+        if warning:
+            snapshot["capacity_warning"] = warning
+        self.reply(snapshot)
 
 
 def _query_count(handler: tornado.web.RequestHandler, name: str) -> int | None:
