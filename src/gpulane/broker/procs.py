@@ -6,20 +6,25 @@ import os
 import signal
 
 
-def start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or ``None`` if it is gone.
-
-    A PID plus its start time names one process for good: PIDs are reused, start times
-    of a reused PID differ.
-    """
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat's fields from the state (field 3) on, or ``None`` if ``pid`` is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or ``None`` if it is gone.
+
+    A PID plus its start time names one process for good: PIDs are reused, start times
+    of a reused PID differ.
+    """
+    fields = _stat_fields(pid)
+    return fields[19].decode() if fields is not None and len(fields) > 19 else None
 
 
 def owner_uid(pid: int) -> int | None:
@@ -36,13 +41,8 @@ MAX_ANCESTRY = 32
 
 def parent_pid(pid: int) -> int | None:
     """The parent of ``pid`` from /proc/PID/stat (0 for the root of a namespace), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else None
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else None
 
 
 def descends_from(pid: int, ancestor: int, ancestor_start: str | None) -> bool:
@@ -86,12 +86,8 @@ def is_alive(pid: int | None, started: str | None) -> bool:
     now_started = start_time(pid)
     if now_started is None or (started is not None and now_started != started):
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-        return data[data.rfind(b")") + 2 :].split()[0] != b"Z"
-    except OSError:
-        return False
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 def signal_group(pgid: int, started: str | None, sig: signal.Signals) -> bool:
