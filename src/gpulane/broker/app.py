@@ -169,15 +169,24 @@ class Groups(_Typed):
         raise OptionError(f"{option} {value!r} is not a list of groups; use {self.info_text}")
 
 
-class GroupSource(_Typed):
+class _Choice(_Typed):
+    """One of a few words (``choices``); ``noun`` says what a refused word is not."""
+
+    choices: tuple[str, ...] = ()
+    noun = "a choice"
+
+    def parse(self, text: str, option: str) -> str:
+        if text.strip() not in self.choices:
+            raise OptionError(f"{option} {text!r} is not {self.noun}; use {self.info_text}")
+        return text.strip()
+
+
+class GroupSource(_Choice):
     """Where users' groups are read: ``unix`` or ``hub`` (broker/groups.py)."""
 
     info_text = "unix (the system's groups) or hub (the JupyterHub's groups)"
-
-    def parse(self, text: str, option: str) -> str:
-        if text.strip() not in ("unix", "hub"):
-            raise OptionError(f"{option} {text!r} is not a group source; use {self.info_text}")
-        return text.strip()
+    choices = ("unix", "hub")
+    noun = "a group source"
 
 
 class Shares(_Typed):
@@ -214,26 +223,18 @@ class DeviceFiles(_Typed):
         raise OptionError(f"{option} {value!r} is not a set of device files; use {self.info_text}")
 
 
-class Enforcement(_Typed):
+class Enforcement(_Choice):
     """Whether GPU device access is enforced: ``auto``, ``on`` or ``off``."""
 
     info_text = "auto (where root with device files), on or off"
-
-    def parse(self, text: str, option: str) -> str:
-        if text.strip() not in ("auto", "on", "off"):
-            raise OptionError(f"{option} {text!r} is not a choice; use {self.info_text}")
-        return text.strip()
+    choices = ("auto", "on", "off")
 
 
-class StrayChoice(_Typed):
+class StrayChoice(_Choice):
     """What the memory watchdog does with a process on a GPU outside any grant."""
 
     info_text = "auto (end it where device access is enforced), end or report"
-
-    def parse(self, text: str, option: str) -> str:
-        if text.strip() not in ("auto", "end", "report"):
-            raise OptionError(f"{option} {text!r} is not a choice; use {self.info_text}")
-        return text.strip()
+    choices = ("auto", "end", "report")
 
 
 class LogLevel(_Typed):
