@@ -1,10 +1,14 @@
 """A small stateful Kubernetes API on loopback, for the real ``kubernetes`` client.
 
 No API server can be installed on the test machines. This one keeps core/v1 objects
-(pods, nodes, secrets, services) in memory and serves what gpulane and KubeSpawner use:
-create, get, list (all namespaces too, with a label selector), merge-patch, delete and
-watch (ADDED/MODIFIED/DELETED after a resourceVersion). It checks no schema (unit tests
-validate objects with kubernetes-validate) and admits no auth: loopback, tests only.
+(pods, nodes, secrets, services, configmaps), apps/v1 daemonsets and the GPU Operator's
+nvidia.com/v1 clusterpolicies in memory and serves what gpulane and KubeSpawner use:
+create, get, list (all namespaces too, with a label selector), merge-patch, replace (PUT),
+delete and watch (ADDED/MODIFIED/DELETED after a resourceVersion); ``/version``; and
+access reviews (SelfSubjectAccessReview, SubjectAccessReview) answered from
+:attr:`Store.grants`. It checks no schema (unit tests validate objects with
+kubernetes-validate) and authenticates no one: every request is :data:`SELF`, loopback,
+tests only.
 """
 
 from __future__ import annotations
@@ -19,9 +23,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-NAMESPACED = {"pods": "Pod", "secrets": "Secret", "services": "Service"}
-CLUSTER = {"nodes": "Node"}
+NAMESPACED = {
+    "pods": "Pod",
+    "secrets": "Secret",
+    "services": "Service",
+    "configmaps": "ConfigMap",
+    "daemonsets": "DaemonSet",
+}
+CLUSTER = {"nodes": "Node", "clusterpolicies": "ClusterPolicy"}
 KINDS = {**NAMESPACED, **CLUSTER}
+# The API group/version each kind is served under ("v1": the core group, under /api).
+GROUPS = {"daemonsets": "apps/v1", "clusterpolicies": "nvidia.com/v1"}
+REVIEWS = {"selfsubjectaccessreviews", "subjectaccessreviews"}
+SELF = "loopback-admin"  # who every request is, for access reviews
+ANY = "*"
+VERSION = {"major": "1", "minor": "30", "gitVersion": "v1.30.0-loopback",
+           "gitCommit": "0", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+           "goVersion": "go1.22", "compiler": "gc", "platform": "linux/amd64"}  # fmt: skip
 
 
 class Store:
@@ -30,6 +48,9 @@ class Store:
         self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, type, kind, obj)
         self.version = 0
         self.changed = threading.Condition()
+        # user -> {(verb, resource)}; ANY matches any verb or resource. The caller (SELF) may
+        # do everything and ask about others unless a test says otherwise.
+        self.grants: dict[str, set[tuple[str, str]]] = {SELF: {(ANY, ANY)}}
 
     def _record(self, kind: str, event: str, obj: dict[str, Any]) -> dict[str, Any]:
         self.version += 1
@@ -48,7 +69,7 @@ class Store:
             metadata.update(name=name, uid=f"uid-{self.version}")
             if kind in NAMESPACED:
                 metadata["namespace"] = namespace
-            obj.setdefault("apiVersion", "v1")
+            obj.setdefault("apiVersion", GROUPS.get(kind, "v1"))
             obj.setdefault("kind", KINDS[kind])
             if kind == "pods":
                 obj.setdefault("status", {"phase": "Pending"})
@@ -62,6 +83,36 @@ class Store:
                 return 404, status(404, "NotFound", f'{kind} "{name}" not found')
             merge(obj, body)
             return 200, self._record(kind, "MODIFIED", obj)
+
+    def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> Any:
+        with self.changed:
+            old = self.objects.get((kind, namespace, name))
+            if old is None:
+                return 404, status(404, "NotFound", f'{kind} "{name}" not found')
+            body.setdefault("metadata", {}).update(name=name, uid=old["metadata"]["uid"])
+            if kind in NAMESPACED:
+                body["metadata"]["namespace"] = namespace
+            body.setdefault("apiVersion", old["apiVersion"])
+            body.setdefault("kind", old["kind"])
+            self.objects[(kind, namespace, name)] = body
+            return 200, self._record(kind, "MODIFIED", body)
+
+    def allowed(self, user: str, verb: str, resource: str) -> bool:
+        return any(
+            v in (ANY, verb) and r in (ANY, resource) for v, r in self.grants.get(user, set())
+        )
+
+    def review(self, kind: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """An access review: may spec.user (or the caller, for a self review) do this?"""
+        spec = body.get("spec") or {}
+        attributes = spec.get("resourceAttributes") or {}
+        user = SELF
+        if kind == "subjectaccessreviews":
+            if not self.allowed(SELF, "create", kind):
+                return 403, status(403, "Forbidden", f"cannot create {kind}")
+            user = str(spec.get("user", ""))
+        verb, resource = str(attributes.get("verb", "")), str(attributes.get("resource", ""))
+        return 201, {**body, "status": {"allowed": self.allowed(user, verb, resource)}}
 
     def delete(self, kind: str, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
         with self.changed:
@@ -118,14 +169,19 @@ def make_handler(store: Store) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             parts = url.path.strip("/").split("/")
             query = parse_qs(url.query)
-            if parts[:2] != ["api", "v1"]:
+            if parts[:2] == ["api", "v1"]:
+                group, rest = "v1", parts[2:]
+            elif parts[:1] == ["apis"] and len(parts) >= 4:
+                group, rest = "/".join(parts[1:3]), parts[3:]
+            else:
                 raise LookupError(url.path)
-            rest = parts[2:]
             if rest[:1] == ["namespaces"] and len(rest) >= 3:
                 namespace, rest = rest[1], rest[2:]
             else:
                 namespace = None
-            if not rest or rest[0] not in KINDS:
+            if not rest or (rest[0] not in KINDS and rest[0] not in REVIEWS):
+                raise LookupError(url.path)
+            if rest[0] in KINDS and GROUPS.get(rest[0], "v1") != group:
                 raise LookupError(url.path)
             return rest[0], namespace, rest[1] if len(rest) > 1 else None, query
 
@@ -143,16 +199,26 @@ def make_handler(store: Store) -> type[BaseHTTPRequestHandler]:
             return loaded
 
         def handle_one(self, method: str) -> None:
+            if method == "GET" and urlparse(self.path).path.rstrip("/") == "/version":
+                self.send(200, VERSION)
+                return
             try:
                 kind, namespace, name, query = self.route()
             except LookupError as error:
                 self.send(404, status(404, "NotFound", f"no such path {error}"))
                 return
             ns = namespace or ""
-            if method == "POST":
+            if kind in REVIEWS:
+                if method != "POST":
+                    self.send(405, status(405, "MethodNotAllowed", "reviews are created only"))
+                else:
+                    self.send(*store.review(kind, self.body()))
+            elif method == "POST":
                 self.send(*store.put(kind, ns, self.body()))
             elif method == "PATCH":
                 self.send(*store.patch(kind, ns, name or "", self.body()))
+            elif method == "PUT":
+                self.send(*store.replace(kind, ns, name or "", self.body()))
             elif method == "DELETE":
                 self.send(*store.delete(kind, ns, name or ""))
             elif name is not None:
@@ -167,7 +233,7 @@ def make_handler(store: Store) -> type[BaseHTTPRequestHandler]:
             else:
                 selector = query.get("labelSelector", [""])[0]
                 items = store.select(kind, namespace, selector)
-                self.send(200, {"kind": f"{KINDS[kind]}List", "apiVersion": "v1",
+                self.send(200, {"kind": f"{KINDS[kind]}List", "apiVersion": GROUPS.get(kind, "v1"),
                                 "metadata": {"resourceVersion": str(store.version)},
                                 "items": items})  # fmt: skip
 
@@ -207,6 +273,9 @@ def make_handler(store: Store) -> type[BaseHTTPRequestHandler]:
 
         def do_PATCH(self) -> None:
             self.handle_one("PATCH")
+
+        def do_PUT(self) -> None:
+            self.handle_one("PUT")
 
         def do_DELETE(self) -> None:
             self.handle_one("DELETE")

@@ -42,6 +42,14 @@ class K8sError(RuntimeError):
     """Something on the cluster is not as it should be; one line with what to do."""
 
 
+class ApiRefused(K8sError):
+    """The API answered with an error status (403: not allowed, 404: no such object)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class TimeSlicing:
     """What to configure: ``replicas`` slices per GPU; None turns time-slicing off."""
@@ -335,11 +343,13 @@ class KubeCluster:
                 "--apply needs the kubernetes client: pip install 'gpulane[k8s]'"
             ) from None
         loader: Any = config
+        self.in_cluster = False  # a pod's service account (doctor asks for itself then)
         try:
             loader.load_kube_config(config_file=config_file, context=context)
         except Exception as kube_error:  # no kubeconfig: perhaps inside the cluster
             try:
                 loader.load_incluster_config()
+                self.in_cluster = True
             except Exception:
                 raise K8sError(
                     f"no Kubernetes credentials: {kube_error} (set KUBECONFIG, or run in the cluster)"
@@ -349,7 +359,7 @@ class KubeCluster:
         self.core: Any = client.CoreV1Api(self.api_client)
         self.custom: Any = client.CustomObjectsApi(self.api_client)
 
-    def _call(self, what: str, call: Callable[[], Any], missing_ok: bool = False) -> Any:
+    def call(self, what: str, call: Callable[[], Any], missing_ok: bool = False) -> Any:
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -360,7 +370,9 @@ class KubeCluster:
             detail = error.reason or ""
             with contextlib.suppress(ValueError, AttributeError):
                 detail = json.loads(error.body or "{}").get("message", detail)
-            raise K8sError(f"Kubernetes API refused to {what}: {error.status} {detail}") from None
+            raise ApiRefused(
+                f"Kubernetes API refused to {what}: {error.status} {detail}", int(error.status or 0)
+            ) from None
         except OSError as error:
             raise K8sError(f"cannot reach the Kubernetes API to {what}: {error}") from None
         except Exception as error:  # urllib3's errors are not OSErrors
@@ -369,7 +381,7 @@ class KubeCluster:
             raise
 
     def nodes(self) -> list[dict[str, Any]]:
-        result = self._call("list nodes", self.core.list_node)
+        result = self.call("list nodes", self.core.list_node)
         data = self.api_client.sanitize_for_serialization(result)
         return list(data.get("items") or [])
 
@@ -384,31 +396,31 @@ class KubeCluster:
             ),
             data=manifest["data"],
         )
-        existing = self._call(
+        existing = self.call(
             f"read ConfigMap {namespace}/{name}",
             lambda: self.core.read_namespaced_config_map(name, namespace),
             missing_ok=True,
         )
         if existing is None:
-            self._call(
+            self.call(
                 f"create ConfigMap {namespace}/{name} (does namespace {namespace} exist?)",
                 lambda: self.core.create_namespaced_config_map(namespace, body),
             )
         else:
-            self._call(
+            self.call(
                 f"replace ConfigMap {namespace}/{name}",
                 lambda: self.core.replace_namespaced_config_map(name, namespace, body),
             )
 
     def delete_configmap(self, namespace: str, name: str) -> None:
-        self._call(
+        self.call(
             f"delete ConfigMap {namespace}/{name}",
             lambda: self.core.delete_namespaced_config_map(name, namespace),
             missing_ok=True,
         )
 
     def cluster_policies(self) -> list[str]:
-        listing = self._call(
+        listing = self.call(
             "list ClusterPolicies",
             lambda: self.custom.list_cluster_custom_object("nvidia.com", "v1", "clusterpolicies"),
             missing_ok=True,
@@ -417,7 +429,7 @@ class KubeCluster:
         return [str(item["metadata"]["name"]) for item in items]
 
     def patch_cluster_policy(self, name: str, patch: dict[str, Any]) -> None:
-        self._call(
+        self.call(
             f"patch ClusterPolicy {name}",
             lambda: self.custom.patch_cluster_custom_object(
                 "nvidia.com", "v1", "clusterpolicies", name, patch
@@ -425,7 +437,7 @@ class KubeCluster:
         )
 
     def restart_device_plugin(self, namespace: str) -> int:
-        pods = self._call(
+        pods = self.call(
             f"list device plugin pods in {namespace}",
             lambda: self.core.list_namespaced_pod(namespace, label_selector=DEVICE_PLUGIN_SELECTOR),
         )
@@ -435,7 +447,7 @@ class KubeCluster:
         return len(names)
 
     def _delete_pod(self, namespace: str, name: str) -> None:
-        self._call(
+        self.call(
             f"restart device plugin pod {namespace}/{name}",
             lambda: self.core.delete_namespaced_pod(name, namespace),
             missing_ok=True,

@@ -111,6 +111,30 @@ def define_doctor(doctor: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the hub's jupyterhub_config.py (default /etc/jupyterhub/jupyterhub_config.py)",
     )
+    k8s = doctor.add_argument_group("Kubernetes (--k8s)")
+    k8s.add_argument(
+        "--k8s",
+        action="store_true",
+        help="check the cluster of the current kubeconfig (or this pod's service account): "
+        "API, the hub's RBAC, GPU nodes vs. time-slicing, the GPU Operator",
+    )
+    k8s.add_argument("--kubeconfig", metavar="FILE", help="the kubeconfig (default: $KUBECONFIG)")
+    k8s.add_argument("--context", help="the kubeconfig context (default: current)")
+    k8s.add_argument(
+        "--gpu-operator-namespace", default="gpu-operator", help="the GPU Operator's namespace"
+    )
+    k8s.add_argument(
+        "--configmap", default="time-slicing-config", help="the time-slicing ConfigMap's name"
+    )
+    k8s.add_argument("--hub-namespace", default="jhub", help="the hub's namespace")
+    k8s.add_argument(
+        "--hub-service-account", default="hub", help="the hub's service account (the chart's)"
+    )
+    k8s.add_argument(
+        "--profiles",
+        metavar="FILE",
+        help="the profile file: its slices_per_gpu and slice resource are checked too",
+    )
     doctor.add_argument(
         "--python-prefix",
         metavar="DIR",
@@ -231,11 +255,13 @@ def doctor_command(args: argparse.Namespace) -> int:
     prefixes = args.python_prefix
     if not prefixes and os.environ.get(PYTHON_PREFIXES_ENV):
         prefixes = [p for p in os.environ[PYTHON_PREFIXES_ENV].split(":") if p]
-    backend = args.backend
+    backend = "k8s" if args.k8s else args.backend
     if backend == "auto":
         slurm = os.environ.get("SLURM_CONF") or Path("/etc/slurm/slurm.conf").exists()
         backend = "slurm" if slurm else "broker"
-    if backend == "broker":
+    if backend == "k8s":
+        findings = _k8s_findings(args)
+    elif backend == "broker":
         from gpulane.admin.doctor.broker import BrokerSite, run_broker_checks
 
         try:
@@ -254,6 +280,27 @@ def doctor_command(args: argparse.Namespace) -> int:
     else:
         print(doctor.report(findings))
     return 1 if failed else 0
+
+
+def _k8s_findings(args: argparse.Namespace) -> list[Any]:
+    from gpulane.admin.doctor.k8s import KubeSite, run_k8s_checks
+    from gpulane.profiles import ProfileError, load_profiles_file
+
+    site = KubeSite(
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        operator_namespace=args.gpu_operator_namespace,
+        configmap=args.configmap,
+        hub_namespace=args.hub_namespace,
+        hub_service_account=args.hub_service_account,
+    )
+    if args.profiles:
+        try:
+            pset = load_profiles_file(args.profiles)
+        except ProfileError as error:
+            raise GpulaneError(str(error)) from None
+        site.slices, site.resource = pset.slices_per_gpu, pset.slice_resource
+    return run_k8s_checks(site)
 
 
 COMMANDS = (

@@ -120,8 +120,11 @@ def restart_command(namespace: str = "gpu-operator") -> str:
     return f"kubectl -n {namespace} rollout restart daemonset/{DEVICE_PLUGIN_DAEMONSET}"
 
 
-def node_mismatch(node: NodeGpus, slices_per_gpu: int) -> str | None:
-    """Why this node's capacity disagrees with time-slicing, or None (also where unknowable)."""
+def node_mismatch(node: NodeGpus, slices_per_gpu: int | None) -> str | None:
+    """Why this node's capacity disagrees with time-slicing, or None (also where unknowable).
+
+    ``slices_per_gpu`` is the broker's ``--slices``; None compares the node with itself only.
+    """
     if node.physical is None and node.allocatable == 0:
         return None  # not a GPU node, or one GFD has not labelled: nothing to compare
     expected = node.expected
@@ -131,6 +134,8 @@ def node_mismatch(node: NodeGpus, slices_per_gpu: int) -> str | None:
             f"discovery says {node.physical} GPU(s) x {node.replicas} replicas = {expected}: "
             f"the device plugin has not applied time-slicing; restart it ({restart_command()})"
         )
+    if slices_per_gpu is None:
+        return None
     if node.allocatable and node.replicas is not None and node.replicas != slices_per_gpu:
         return (
             f"node {node.name} slices each GPU {node.replicas} way(s) but the broker counts "
@@ -140,7 +145,7 @@ def node_mismatch(node: NodeGpus, slices_per_gpu: int) -> str | None:
     return None
 
 
-def slicing_mismatch(nodes: Iterable[NodeGpus], slices_per_gpu: int) -> str | None:
+def slicing_mismatch(nodes: Iterable[NodeGpus], slices_per_gpu: int | None) -> str | None:
     """One line for the dashboard and ``gpulane status`` when nodes and time-slicing disagree."""
     problems = [p for p in (node_mismatch(n, slices_per_gpu) for n in nodes) if p]
     if not problems:

@@ -157,5 +157,9 @@ def report(findings: list[Finding]) -> str:
             lines.append(f"{'':<5} {'':<{width}}  fix: {f.fix}")
     failed = sum(f.status == "fail" for f in findings)
     warned = sum(f.status == "warn" for f in findings)
-    lines.append(f"{failed} failed, {warned} warning(s), {len(findings) - failed - warned} ok")
+    noted = sum(f.status == "info" for f in findings)  # said, not checked
+    ok = len(findings) - failed - warned - noted
+    lines.append(
+        f"{failed} failed, {warned} warning(s), {ok} ok" + (f", {noted} noted" if noted else "")
+    )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpulane import config
-from gpulane.admin.doctor.context import Finding
+from gpulane.admin.doctor.context import Finding, run_each
 
 DEFAULT_HUB_CONFIG = Path("/etc/jupyterhub/jupyterhub_config.py")
 
@@ -359,11 +359,4 @@ BROKER_CHECKS: tuple[Callable[[BrokerSite], Finding], ...] = (
 
 
 def run_broker_checks(site: BrokerSite) -> list[Finding]:
-    findings = []
-    for check in BROKER_CHECKS:
-        try:
-            findings.append(check(site))
-        except Exception as error:  # a broken check must not hide the others
-            name = check.__name__.removeprefix("check_").replace("_", " ")
-            findings.append(Finding(name, "fail", f"check crashed: {error!r}", ""))
-    return findings
+    return run_each(BROKER_CHECKS, site)

@@ -11,8 +11,12 @@ import re
 import shlex
 import socket
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+Site = TypeVar("Site")
 
 DEFAULT_SLURM_CONF = Path("/etc/slurm/slurm.conf")
 DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
@@ -29,6 +33,18 @@ class Finding:
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
+
+
+def run_each(checks: Iterable[Callable[[Site], Finding]], site: Site) -> list[Finding]:
+    """Every check's finding, in order; a check that crashes is a finding, not the end."""
+    findings = []
+    for check in checks:
+        try:
+            findings.append(check(site))
+        except Exception as error:  # a broken check must not hide the others
+            name = check.__name__.removeprefix("check_").replace("_", " ")
+            findings.append(Finding(name, "fail", f"check crashed: {error!r}", ""))
+    return findings
 
 
 # --------------------------------------------------------------------------- context
