@@ -140,15 +140,14 @@ def fifo_rules(module: ModuleType, config: Any) -> Decide:
         queued: list[Job], running: Running, usage: dict[str, Any], now: float
     ) -> list[tuple[int, Any]]:
         actives = [module.Active(j.id, j.user, a, s, j.limit) for j, a, s in running.values()]
-        free = module.free_slices(GPUS, actives, SLICES)
+        free = module.free_room(module.State(GPUS, (), tuple(actives)), config)
         grants = []
         for job in queued:
             pending = module.Pending(job.id, job.user, job.gpus, job.slices, job.limit, job.arrival)
             assignment = module.fit(pending, free, SLICES)
             if assignment is None:
                 break
-            for index in assignment.gpus:
-                free[index] -= assignment.slices
+            free.take(assignment, SLICES)
             grants.append((job.id, assignment))
         return grants
 
@@ -348,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"slices_per_gpu": SLICES, "half_life": args.half_life}
     held: dict[int, float] = {}
     rules = {
-        "FIFO": (fifo_rules(policy, None), policy, None),
+        "FIFO": (fifo_rules(policy, policy.PolicyConfig(**common)), policy, None),
         "old rules": (
             policy_rules(
                 old, old.PolicyConfig(starvation_after=args.starvation_after, **common), None

@@ -10,7 +10,7 @@ from gpulane.broker import policy
 from gpulane.jobs import Request
 from tests.support.inprocess_broker import BrokerHouse, person
 
-ALICE, BOB = person("alice"), person("bob")
+ALICE, BOB, CAROL = person("alice"), person("bob"), person("carol")
 House = Callable[..., BrokerHouse]
 HOUR = 3600.0
 
@@ -71,17 +71,26 @@ def test_a_job_that_would_delay_the_held_one_says_it_is_reserved(broker_house: H
     submit(house, ALICE, time_limit=2 * 3600)
     held = submit(house, BOB, gpus=2, time_limit=3600)
     house.advance(HOUR + 60)
-    # It fits on the free GPU now, but its 3 h would outlast the held job's reservation.
-    long = submit(house, ALICE, time_limit=3 * 3600)
-    why, text = reason(house, ALICE, long)
+    # Carol holds nothing: her job fits on the free GPU now, but its 3 h would outlast the
+    # held job's reservation.
+    long = submit(house, CAROL, time_limit=3 * 3600)
+    why, text = reason(house, CAROL, long)
     assert why == "reserved"
     assert text == (
         f"reserved for job {held}, which has waited 1:01:00 without a start: it fits now but "
         "would still be running when that job's GPUs are due"
     )
-    # A short one that ends before the reservation starts at once (backfill).
-    short = submit(house, ALICE, time_limit=1800)
-    assert house.call(house.broker.lookup, ALICE, short)["state"] == "running"
+    # Alice already holds her part of the machine (a third of it: carol and bob wait too),
+    # so even a short job of hers waits while theirs do.
+    again = submit(house, ALICE, time_limit=600)
+    assert reason(house, ALICE, again) == (
+        "over_share",
+        "you already hold your part of the GPUs while other users wait: "
+        "users below their part start first",
+    )
+    # Carol's short one that ends before the reservation starts at once (backfill).
+    short = submit(house, CAROL, time_limit=1800)
+    assert house.call(house.broker.lookup, CAROL, short)["state"] == "running"
 
 
 def test_a_user_at_the_per_user_cap_is_told_so(broker_house: House) -> None:

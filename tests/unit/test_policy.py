@@ -212,8 +212,14 @@ def test_overdue_job_that_does_not_fit_reserves_the_machine() -> None:
     state = State(2, (big, small), running)
     assert decide(state, NOW, config) == []
     assert explain(state, NOW, config)[small.id].reason == "reserved"
+    # Not yet overdue, the big job still has the machine drain towards it (its user holds
+    # less than their part): the small job starts only if it ends before ann's GPU is due.
     not_yet = replace(big, submitted_at=NOW - 599)
-    assert [g.job_id for g in decide(replace(state, queued=(not_yet, small)), NOW, config)] == [2]
+    draining = replace(state, queued=(not_yet, small))
+    assert decide(draining, NOW, config) == []
+    assert explain(draining, NOW, config)[small.id].reason == "draining"
+    short = replace(small, time_limit=3590)
+    assert [g.job_id for g in decide(replace(state, queued=(not_yet, short)), NOW, config)] == [2]
 
 
 def test_slices_go_to_the_fullest_gpu_and_keep_whole_gpus_free() -> None:
@@ -536,3 +542,33 @@ def test_a_light_user_keeps_going_ahead_of_a_backlogged_heavy_user(
                 overtaken = [i for i in heavy if sim.jobs[i].submitted_at < job.submitted_at]
                 assert any(i not in sim.started for i in overtaken)
         assert any(j.user == "hal" for j in sim.queued.values()), "the backlog ran out"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 3),  # GPUs
+    st.integers(2, 4),  # slices per GPU
+    st.lists(st.integers(5, 40), min_size=4, max_size=12),  # the heavy user's time limits
+    st.integers(0, 60),  # when the light user's whole-GPU job comes
+)
+def test_an_over_share_user_does_not_backfill_what_a_light_users_job_waits_for(
+    gpu_count: int, spg: int, limits: list[int], when: int
+) -> None:
+    """Without preemption, a heavy user's stream of slice jobs refilling each freed slice
+    kept a light user's whole-GPU job waiting for as long as the stream lasted (here no
+    starvation rule saves it): a user over their part of the machine starts nothing while
+    a user under theirs waits, so the job starts once the slices it needs have ended."""
+    sim = Sim(gpu_count, PolicyConfig(slices_per_gpu=spg, starvation_after=1e9))
+    light: int | None = None
+    cycle = 0
+    while light is None or light not in sim.started:
+        assert sim.clock <= when + 2 * max(limits) + 1, "the light user's job is still waiting"
+        while sum(1 for j in sim.queued.values() if j.user == "hal") < gpu_count * spg + 2:
+            sim.submit("hal", 1, 1, time_limit=limits[cycle % len(limits)])
+            cycle += 1
+        if light is None and sim.clock >= when:
+            light = sim.submit("lou", 1, 0, time_limit=10)
+        sim.schedule()
+        sim.advance(min(sim.next_end(), when if light is None else math.inf))
+    assert light is not None
+    assert sim.started[light] <= when + max(limits)

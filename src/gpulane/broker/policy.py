@@ -12,6 +12,14 @@ The rules, in order:
    go to the user running fewer jobs, then to the older submission. Within one
    user, jobs run in the order they were submitted (FIFO). Waiting alone never
    reorders users, so a long queue stays fair instead of turning into FIFO.
+   Each user who waits has a *part* of the machine: the GPUs not held by users
+   with nothing waiting, split among those who wait by their shares. Users
+   holding less than their part go first; a user holding their part or more
+   starts nothing while one of them still waits for room (jobs are never
+   preempted, so backfilling the heavy user into what a light user's job could
+   not use yet handed the heavy user most of each hour), and the first such job
+   that does not fit has the machine drain towards it: others start only where
+   they end, by their time limits, before it fits, or leave it room.
 2. No job starves: a job's *wait* counts from its submission or from the last
    time one of its user's jobs started or ended, whichever is later (a user who
    is getting GPU time is not starving). The job that has waited longest, once
@@ -124,7 +132,9 @@ class Waiting:
     """Why a queued job waits, where it stands, and (if honest) when it should start."""
 
     position: int
-    reason: str  # resources | fair_share | priority | user_cap | held | reserved | never_fits
+    # resources | fair_share | priority | user_cap | held | reserved | draining | over_share
+    # | never_fits
+    reason: str
     eta: float | None
     # Fair-share standing: this user's, and the user it is compared with (for
     # fair_share the one who goes first, for the head of the queue the next in line).
@@ -363,43 +373,137 @@ def _reserve(
     raise AssertionError("a job that fits the machine fits once every running job ends")
 
 
+def fair_parts(state: State, config: PolicyConfig, held: Mapping[str, float]) -> dict[str, float]:
+    """Each waiting user's part of the machine, in GPU-equivalents: the GPUs not held by
+    users with nothing waiting, split among the users who wait by their shares."""
+    cap = config.max_running_per_user
+    count = _running_count(state.running)
+    waiting = {
+        job.user
+        for job in state.queued
+        if not never_runs(job, state, config) and not (cap and count.get(job.user, 0) >= cap)
+    }
+    shares = effective_shares(waiting, config.user_shares, config.group_shares, config.user_groups)
+    rest = state.gpu_count - sum(g for user, g in held.items() if user not in waiting)
+    total = sum(shares.values())
+    return {user: rest * shares[user] / total for user in waiting} if total > 0 else {}
+
+
+def held_gpus(state: State, config: PolicyConfig) -> dict[str, float]:
+    """GPU-equivalents each user's running jobs hold now."""
+    held: dict[str, float] = {}
+    for job in state.running:
+        share = gpu_share(job.assignment, config.slices_per_gpu, offer(state, config))
+        held[job.user] = held.get(job.user, 0.0) + share
+    return held
+
+
 def plan(state: State, now: float, config: PolicyConfig) -> Plan:
+    """One pass, repeated on the state it leaves until nothing more starts (a start can
+    move who is under their part), so a second call at the same ``now`` starts nothing."""
+    result = _plan_once(state, now, config)
+    grants: list[Grant] = []
+    started_held: Plan | None = None
+    while result.grants:
+        grants += result.grants
+        if result.held is not None and result.held[0].id in {g.job_id for g in result.grants}:
+            started_held = result
+        by_id = {job.id: job for job in state.queued}
+        state = replace(
+            state,
+            queued=tuple(j for j in state.queued if j.id not in {g.job_id for g in grants}),
+            running=(
+                *state.running,
+                *(
+                    Active(
+                        g.job_id,
+                        by_id[g.job_id].user,
+                        g.assignment,
+                        now,
+                        by_id[g.job_id].time_limit,
+                    )
+                    for g in result.grants
+                ),
+            ),
+        )
+        result = _plan_once(state, now, config)
+    result.grants = grants
+    if started_held is not None:  # the held job started: say so, with its reservation
+        result.held, result.reserved_at = started_held.held, started_held.reserved_at
+    return result
+
+
+def _plan_once(state: State, now: float, config: PolicyConfig) -> Plan:
     spg = config.slices_per_gpu
     free = free_room(state, config)
     running_count = _running_count(state.running)
     result = Plan(held=held_job(state, now, config))
-    reservation: tuple[float, Room] | None = None  # the held job's time and room then
-    for job in order_queue(state, now, config):
+    held = held_gpus(state, config)
+    parts = fair_parts(state, config, held)
+    ordered = order_queue(state, now, config)
+    # Users under their part of the machine go first, and over-share users start nothing
+    # while one of them still waits: without preemption, letting the heavy user backfill
+    # what a light user's job could not use yet gives the heavy user most of each hour.
+    first = [
+        job
+        for job in ordered
+        if held.get(job.user, 0.0) < parts.get(job.user, 0.0) - 1e-9
+        or (result.held is not None and job.id == result.held[0].id)
+    ]
+    later = [job for job in ordered if job not in first]
+    # The held job's reservation, else the first under-share job that does not fit (the
+    # machine drains towards it): its time, the room then, and the job.
+    reservation: tuple[float, Room, Pending] | None = None
+    ends = [(a.started_at + a.time_limit, a.assignment) for a in state.running]
+    cap = config.max_running_per_user
+    for job in first:
         if never_runs(job, state, config):
             result.reasons[job.id] = "never_fits"
             continue
-        cap = config.max_running_per_user
         if cap and running_count.get(job.user, 0) >= cap:
             result.reasons[job.id] = "user_cap"
             continue
         assignment = fit(job, free, spg)
         if assignment is None:
             result.reasons[job.id] = "resources"
-            if result.held is not None and job.id == result.held[0].id:
-                # The held job is first: it is reserved what frees up first, and
-                # nothing that is still running then may take that room from it.
-                ends = [(a.started_at + a.time_limit, a.assignment) for a in state.running]
-                reservation = _reserve(job, free, ends, spg)
-                result.reserved_at = reservation[0]
-                result.reasons[job.id] = "held"
+            if reservation is None:
+                # What frees up first is reserved for it, and nothing still running then
+                # may take that room (EASY backfill).
+                limits = {j.id: j.time_limit for j in state.queued}
+                started = [(now + limits[g.job_id], g.assignment) for g in result.grants]
+                at, room = _reserve(job, free, ends + started, spg)
+                reservation = (at, room, job)
+                if result.held is not None and job.id == result.held[0].id:
+                    result.reserved_at = at
+                    result.reasons[job.id] = "held"
             continue
         if reservation is not None and now + job.time_limit > reservation[0]:
             # Backfill: it would still run at the reservation; only if it leaves room.
             room = reservation[1].copy()
             room.take(assignment, spg)
-            assert result.held is not None
-            if room.overdrawn() or fit(result.held[0], room, spg) is None:
-                result.reasons[job.id] = "reserved"
+            if room.overdrawn() or fit(reservation[2], room, spg) is None:
+                held_first = result.held is not None and reservation[2].id == result.held[0].id
+                result.reasons[job.id] = "reserved" if held_first else "draining"
                 continue
-            reservation = (reservation[0], room)
+            reservation = (reservation[0], room, reservation[2])
         free.take(assignment, spg)
         running_count[job.user] = running_count.get(job.user, 0) + 1
         result.grants.append(Grant(job.id, assignment))
+    waits = ("resources", "held", "reserved", "draining")
+    blocked = any(result.reasons.get(job.id) in waits for job in first)
+    for job in later:
+        if never_runs(job, state, config):
+            result.reasons[job.id] = "never_fits"
+        elif cap and running_count.get(job.user, 0) >= cap:
+            result.reasons[job.id] = "user_cap"
+        elif (assignment := fit(job, free, spg)) is None:
+            result.reasons[job.id] = "resources"
+        elif blocked:  # it fits, but the room is kept for the users under their part
+            result.reasons[job.id] = "over_share"
+        else:
+            free.take(assignment, spg)
+            running_count[job.user] = running_count.get(job.user, 0) + 1
+            result.grants.append(Grant(job.id, assignment))
     return result
 
 

@@ -53,6 +53,14 @@ def reason_text(reason: str, config: PolicyConfig) -> str:
             "GPUs are held for a job that has waited over "
             f"{format_duration(config.starvation_after)}"
         ),
+        "over_share": (
+            "you already hold your part of the GPUs while other users wait: "
+            "users below their part start first"
+        ),
+        "draining": (
+            "GPUs are freeing up for a user below their part of the machine: "
+            "this job fits now but would still be running when they are due"
+        ),
         "never_fits": "this request is larger than any free GPU set here",
     }.get(reason, reason)
 
