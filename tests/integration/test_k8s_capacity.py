@@ -192,7 +192,7 @@ def test_status_says_when_nodes_disagree_with_time_slicing(api: Any, make_broker
     text = broker.call(None, "status").stdout
     assert (
         "capacity: node gpu-1 advertises 2 nvidia.com/gpu, but GPU feature discovery says "
-        "2 GPU(s) x 4 replicas = 8: the device plugin has not applied time-slicing; restart it "
+        "2 GPU(s) x 4 replicas = 8: the device plugin has not applied its time-slicing config; restart it "
         "(kubectl -n gpu-operator rollout restart daemonset/nvidia-device-plugin-daemonset)"
     ) in text.splitlines()
     # The device plugin restarts: the line goes with the next reading.

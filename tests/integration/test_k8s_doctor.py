@@ -187,7 +187,7 @@ def test_doctor_names_each_fault_and_fails(api: Any, capsys: pytest.CaptureFixtu
     assert status == 1
     assert lines["gpu nodes"] == (
         "fail node gpu-2 advertises 2 nvidia.com/gpu, but GPU feature discovery says 2 GPU(s) "
-        "x 4 replicas = 8: the device plugin has not applied time-slicing; restart it "
+        "x 4 replicas = 8: the device plugin has not applied its time-slicing config; restart it "
         "(kubectl -n gpu-operator rollout restart daemonset/nvidia-device-plugin-daemonset)"
     )
     assert lines["hub access"].startswith("fail service account jhub/hub may not list pods")

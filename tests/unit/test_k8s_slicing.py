@@ -43,12 +43,18 @@ def test_a_device_plugin_not_restarted_is_one_line_with_the_restart() -> None:
     text = line([gfd_node("gpu-1", {"nvidia.com/gpu": 2}, 2, 4)], 4)
     assert text == (
         "node gpu-1 advertises 2 nvidia.com/gpu, but GPU feature discovery says 2 GPU(s) x 4 "
-        "replicas = 8: the device plugin has not applied time-slicing; restart it "
+        "replicas = 8: the device plugin has not applied its time-slicing config; restart it "
         "(kubectl -n gpu-operator rollout restart daemonset/nvidia-device-plugin-daemonset)"
     )
     # Renamed slices not advertised yet: the shared resource is still 0.
     shared = line([gfd_node("s", {"nvidia.com/gpu": 1}, 1, 4)], 4, "nvidia.com/gpu.shared")
     assert shared is not None and "advertises 0 nvidia.com/gpu.shared" in shared
+
+
+def test_time_slicing_turned_off_but_still_advertised() -> None:
+    # GFD says whole GPUs again; the old plugin still advertises the slices.
+    text = line([gfd_node("gpu-1", {"nvidia.com/gpu": 8}, 2, 1)], 1)
+    assert text is not None and "2 GPU(s) x 1 replicas = 2" in text
 
 
 def test_replicas_other_than_the_brokers_slices() -> None:

@@ -128,11 +128,14 @@ def node_mismatch(node: NodeGpus, slices_per_gpu: int | None) -> str | None:
     if node.physical is None and node.allocatable == 0:
         return None  # not a GPU node, or one GFD has not labelled: nothing to compare
     expected = node.expected
-    if expected is not None and node.allocatable != expected and (node.replicas or 1) > 1:
+    # A whole-GPU node under --rename-shared advertises no slices and is not ours to judge.
+    ours = node.allocatable > 0 or (node.replicas or 1) > 1
+    if expected is not None and node.allocatable != expected and ours:
         return (
             f"node {node.name} advertises {node.allocatable} {node.resource}, but GPU feature "
             f"discovery says {node.physical} GPU(s) x {node.replicas} replicas = {expected}: "
-            f"the device plugin has not applied time-slicing; restart it ({restart_command()})"
+            "the device plugin has not applied its time-slicing config; restart it "
+            f"({restart_command()})"
         )
     if slices_per_gpu is None:
         return None
