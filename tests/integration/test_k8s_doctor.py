@@ -76,7 +76,7 @@ def operator(store: Store, replicas: int | None = 4, plugin_ready: int = 2) -> N
     for name in ("gpu-1", "gpu-2"):
         r = replicas or 1
         store.put("nodes", "", gfd_node(name, 2, r, 2 * r))
-    store.grants[HUB] = {("list", "nodes"), ("list", "pods")}
+    store.grants[HUB] = {("list", "nodes"), ("list", "pods"), ("watch", "pods"), ("delete", "pods")}
 
 
 def doctor(
@@ -163,7 +163,9 @@ def test_doctor_passes_on_a_cluster_set_up_as_the_checklist_says(
     status, lines = doctor(kubeconfig, capsys)
     assert status == 0, lines
     assert lines["api"].startswith("ok http://127.0.0.1:") and "v1.30.0-loopback" in lines["api"]
-    assert lines["hub access"] == "ok service account jhub/hub may list nodes and pods"
+    assert lines["hub access"] == (
+        "ok service account jhub/hub may list nodes and pods, watch and delete pods in jhub"
+    )
     assert lines["gpu nodes"] == (
         "ok 2 GPU node(s) advertise GPUs x replicas: gpu-1 8 nvidia.com/gpu (2 GPU(s) x 4), "
         "gpu-2 8 nvidia.com/gpu (2 GPU(s) x 4)"
@@ -190,7 +192,9 @@ def test_doctor_names_each_fault_and_fails(api: Any, capsys: pytest.CaptureFixtu
         "x 4 replicas = 8: the device plugin has not applied its time-slicing config; restart it "
         "(kubectl -n gpu-operator rollout restart daemonset/nvidia-device-plugin-daemonset)"
     )
-    assert lines["hub access"].startswith("fail service account jhub/hub may not list pods")
+    assert lines["hub access"].startswith(
+        "fail service account jhub/hub may not list pods, watch pods in jhub, delete pods in jhub"
+    )
     assert lines["device plugin"] == "fail 1 of 2 device plugin pod(s) ready"
     assert lines["time-slicing"] == (
         "warn no ConfigMap gpu-operator/time-slicing-config: GPUs are not time-sliced"

@@ -38,8 +38,15 @@ from gpulane.broker.k8s_capacity import (
 
 TIMEOUT_S = 10.0
 SKIPPED = "not checked: the Kubernetes API is not reachable (see 'api')"
-# What the broker in the hub pod does with its service account (hub-values' ClusterRole).
-HUB_NEEDS = (("list", "nodes"), ("list", "pods"))
+# What the hub pod does with its service account: the broker lists nodes and pods in every
+# namespace (hub-values' ClusterRole); the pod keeper watches and deletes user pods in the
+# hub's namespace (the chart's own Role). None: cluster-wide; "hub": the hub's namespace.
+HUB_NEEDS = (
+    ("list", "nodes", None),
+    ("list", "pods", None),
+    ("watch", "pods", "hub"),
+    ("delete", "pods", "hub"),
+)
 
 
 @dataclass
@@ -112,10 +119,12 @@ def check_api(site: KubeSite) -> Finding:
     return Finding("api", "ok", f"{host} answers ({version.git_version}), as {where}")
 
 
-def _review(site: KubeSite, verb: str, resource: str) -> bool:
+def _review(site: KubeSite, verb: str, resource: str, namespace: str | None) -> bool:
     """May the hub's service account do this? (a self review where we are it)"""
     cluster = site.cluster()
-    attributes = cluster.client.V1ResourceAttributes(verb=verb, resource=resource)
+    attributes = cluster.client.V1ResourceAttributes(
+        verb=verb, resource=resource, namespace=namespace
+    )
     if cluster.in_cluster:
         body: Any = cluster.client.V1SelfSubjectAccessReview(
             spec=cluster.client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
@@ -141,7 +150,11 @@ def check_hub_access(site: KubeSite) -> Finding:
         return Finding(name, "warn", SKIPPED)
     account = f"{site.hub_namespace}/{site.hub_service_account}"
     try:
-        denied = [f"{v} {r}" for v, r in HUB_NEEDS if not _review(site, v, r)]
+        denied = []
+        for verb, resource, where in HUB_NEEDS:
+            namespace = site.hub_namespace if where else None
+            if not _review(site, verb, resource, namespace):
+                denied.append(f"{verb} {resource}" + (f" in {namespace}" if namespace else ""))
     except ApiRefused as error:
         if error.status != 403:
             return Finding(name, "fail", str(error))
@@ -160,10 +173,16 @@ def check_hub_access(site: KubeSite) -> Finding:
             name,
             "fail",
             f"service account {account} may not {', '.join(denied)}: the broker in the hub "
-            "pod cannot read the cluster's GPUs",
-            "kubectl apply -f gpulane-rbac.yaml (written by gpulane k8s hub-values --rbac-out)",
+            "pod cannot read the cluster's GPUs or follow its GPU servers' pods",
+            "kubectl apply -f gpulane-rbac.yaml (written by gpulane k8s hub-values --rbac-out); "
+            "watch/delete pods come with z2jh's hub Role",
         )
-    return Finding(name, "ok", f"service account {account} may list nodes and pods")
+    return Finding(
+        name,
+        "ok",
+        f"service account {account} may list nodes and pods, watch and delete pods in "
+        f"{site.hub_namespace}",
+    )
 
 
 def _describe(node: NodeGpus) -> str:
