@@ -179,7 +179,19 @@ class Outcome:
     held: dict[int, float] = field(default_factory=dict)  # job -> start - its reservation
 
 
-def simulate(jobs: list[Job], decide: Decide, module: ModuleType, half_life: float) -> Outcome:
+def simulate(
+    jobs: list[Job],
+    decide: Decide,
+    module: ModuleType,
+    half_life: float,
+    gpus: int = GPUS,
+    slices_per_gpu: int = SLICES,
+) -> Outcome:
+    """Arrivals and ends in time order; ``decide`` after each, as ``broker/core.py`` does."""
+
+    def share(job: Job) -> float:
+        return job.gpus if not job.slices else job.slices / slices_per_gpu
+
     out = Outcome()
     events: list[tuple[float, int, int]] = [(j.arrival, 1, j.id) for j in jobs]  # 0: end
     heapq.heapify(events)
@@ -196,10 +208,10 @@ def simulate(jobs: list[Job], decide: Decide, module: ModuleType, half_life: flo
                 queued.append(job)
             else:
                 _, _, began = running.pop(job_id)
-                used = (now - began) * job.share
+                used = (now - began) * share(job)
                 usage[job.user] = usage.get(job.user, module.Usage()).add(used, now, half_life)
                 out.end[job_id] = now
-        if sum(j.share for j, _, _ in running.values()) >= GPUS or not queued:
+        if sum(share(j) for j, _, _ in running.values()) >= gpus or not queued:
             continue
         grants = decide(queued, running, usage, now)
         granted = {job_id for job_id, _ in grants}
