@@ -100,3 +100,23 @@ def test_a_user_at_the_per_user_cap_is_told_so(broker_house: House) -> None:
     why, text = reason(house, ALICE, second)
     assert why == "user_cap"
     assert text == "per-user cap: you already run 1 job(s)"
+
+
+def test_a_job_that_would_delay_a_light_users_job_says_the_machine_drains(
+    broker_house: House,
+) -> None:
+    # Nobody has waited past starvation_after: the drain is for a user below their part.
+    house = broker_house(gpus=2, policy=policy.PolicyConfig(starvation_after=100 * HOUR))
+    submit(house, ALICE, time_limit=2 * 3600)
+    whole = submit(house, BOB, gpus=2, time_limit=3600)
+    long = submit(house, CAROL, time_limit=3 * 3600)
+    assert reason(house, BOB, whole)[0] == "resources"
+    why, text = reason(house, CAROL, long)
+    assert why == "draining"
+    assert text == (
+        "GPUs are freeing up for a user below their part of the machine: "
+        "this job fits now but would still be running when they are due"
+    )
+    # A short one that ends before the drain's time starts at once.
+    short = submit(house, CAROL, time_limit=1800)
+    assert house.call(house.broker.lookup, CAROL, short)["state"] == "running"
