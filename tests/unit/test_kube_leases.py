@@ -61,7 +61,7 @@ def test_the_servers_own_pod_is_not_counted_as_someone_elses_gpus() -> None:
 
 
 def test_the_keepers_argv_names_the_pod_and_nothing_secret() -> None:
-    from gpulane.hub.kube_spawner import KEEPER_ENV, keeper_argv
+    from gpulane.broker.pod_leases import KEEPER_ENV, keeper_argv
 
     argv = keeper_argv("jhub", "jupyter-ada", "u1")
     assert argv[1:] == ["-m", "gpulane.hub.pod_keeper", "--namespace", "jhub",

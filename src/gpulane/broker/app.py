@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from traitlets import Enum, TraitError, TraitType, Unicode, default
 from traitlets.config import Application, Config
@@ -24,6 +24,9 @@ from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader, _KVAr
 from gpulane import config
 from gpulane.errors import ConfigError, GpulaneError, OptionError
 from gpulane.jobs import MAX_TIME_SECONDS, TIME_FORMS, parse_count, parse_duration, parse_memory
+
+if TYPE_CHECKING:
+    from gpulane.broker.pod_leases import PodLeases
 
 EXIT_USAGE = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -387,6 +390,11 @@ class BrokerApp(Application):
     k8s_interval = Duration(
         "30s", help="With --gpu-source k8s: how often the nodes and pods are listed again."
     ).tag(config=True)
+    k8s_namespace = Unicode(
+        "",
+        help="With --gpu-source k8s: the hub's namespace, whose GPU servers' pods keep their "
+        "leases across a hub pod restart (default: the service account's namespace).",
+    ).tag(config=True)
     gpu_device_files = DeviceFiles(
         "",
         help="Each GPU's device files, opened to a job's user only while it holds the GPU "
@@ -457,7 +465,7 @@ class BrokerApp(Application):
             "dashboard_port", "log_level",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
-            "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval",
+            "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval", "k8s_namespace",
             "memory_watch_interval", "memory_watch_grace", "gpu_mem_slack",
             "stray_gpu_processes", "gpu_readings",
         )
@@ -589,6 +597,8 @@ class BrokerApp(Application):
         )
         store = Store(Path(self.state_dir) / "broker.sqlite3")
         broker = Broker(settings, inventory, store)
+        if self.gpu_source == "k8s" and self.simulate_gpus is None:
+            broker.pods = self._pod_leases()
         broker.devices.close_all()  # before anyone is let in; start() reopens reattached jobs'
 
         async def serve_following() -> None:
@@ -600,6 +610,19 @@ class BrokerApp(Application):
             await serve(broker, Path(self.socket), self.dashboard_port)
 
         asyncio.run(serve_following())
+
+    def _pod_leases(self) -> PodLeases | None:
+        from gpulane.broker.k8s_capacity import core_api
+        from gpulane.broker.pod_leases import PodLeases, hub_namespace
+
+        namespace = hub_namespace(self.k8s_namespace)
+        if not namespace:
+            self.log.warning(
+                "no --k8s-namespace (and no service account's): GPU servers' leases end "
+                "when the hub pod restarts"
+            )
+            return None
+        return PodLeases(*core_api(self.kubeconfig or None), namespace, self.kubeconfig)
 
 
 def file_config(path: str | None = None) -> Config:

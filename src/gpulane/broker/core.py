@@ -21,7 +21,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from gpulane.broker import access, admission, gpu_memory, memory_watch, policy, procs, views
+from gpulane.broker import (
+    access,
+    admission,
+    gpu_memory,
+    memory_watch,
+    pod_leases,
+    policy,
+    procs,
+    views,
+)
 from gpulane.broker.devices import DeviceGuard
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
@@ -67,6 +76,8 @@ class Broker:
         self.metrics = BrokerMetrics()
         self.leases = Leases(settings.lease_ttl, loop_time, self._client_gone)
         self.timers = JobTimers(lambda job_id: job_id in self.jobs)
+        # Kubernetes GPU servers' pods, followed again after a hub pod restart (app.py sets it).
+        self.pods: pod_leases.PodLeases | None = None
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
         # The explanation and the queue's order, kept per state version (every change of
@@ -114,10 +125,8 @@ class Broker:
                         job, JobState.CANCELLED, "its client ended while the broker was down"
                     )
                     continue
-            elif not (client_alive or command_alive):
-                self._finalize(
-                    job, JobState.FAILED, "its processes ended while the broker was down"
-                )
+            elif not (client_alive or command_alive) and (gone := self._orphan_ends(job)):
+                self._finalize(job, JobState.FAILED, gone)
                 continue
             elif job.ending_state is not None:
                 # Being stopped when the broker died: only the rest of its grace period is left.
@@ -534,6 +543,20 @@ class Broker:
             job.cmd_pid,
         )
         return True
+
+    def _orphan_ends(self, job: JobRecord) -> str:
+        """Why a job whose processes all ended while the broker was down ends; "" if it goes
+        on: a Kubernetes GPU server whose keeper died with the hub pod, its pod still
+        running, gets a new keeper (broker/pod_leases.py) and the normal path applies again."""
+        adopted = None if self.pods is None else self.pods.adopt(job)
+        if isinstance(adopted, pod_leases.End):
+            return adopted.why
+        if adopted is None:
+            return "its processes ended while the broker was down"
+        self._save_changes(job, cmd_pid=adopted[0], cmd_start=adopted[1])
+        if job.ending_state is not None:
+            self._signal_job(job, signal.SIGTERM)  # revoked before: the keeper deletes the pod
+        return ""
 
     def _end_for_client(self, job_id: int, why: str) -> None:
         job = self.jobs.get(job_id)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 from kubespawner import KubeSpawner
 
 from gpulane.broker.k8s_capacity import LEASE_LABEL
+from gpulane.broker.pod_leases import KEEPER_ENV, keeper_argv, pod_command
 from gpulane.config import JOB_ID_ENV
 from gpulane.hub.gpu_lease import (
     LeaseSettings,
@@ -37,22 +37,6 @@ from gpulane.profiles import Profile
 from gpulane.scheduler.base import CommandProcess
 from gpulane.scheduler.embedded import BrokerScheduler
 from gpulane.scheduler.spawn import spawn_command
-
-# What the pod keeper needs of the hub's environment: how to reach the API, nothing more.
-KEEPER_ENV = (
-    "PATH",
-    "PYTHONPATH",
-    "LANG",
-    "KUBECONFIG",
-    "KUBERNETES_SERVICE_HOST",
-    "KUBERNETES_SERVICE_PORT",
-)
-
-
-def keeper_argv(namespace: str, pod: str, uid: str) -> list[str]:
-    """The lease's command: a process that lives as long as the pod (see pod_keeper)."""
-    return [sys.executable, "-m", "gpulane.hub.pod_keeper",
-            "--namespace", namespace, "--pod", pod, "--uid", uid]  # fmt: skip
 
 
 def lease_labels(job_id: int | None) -> dict[str, str]:
@@ -95,7 +79,7 @@ class GpulaneKubeSpawner(LeaseSettings, KubeSpawner):  # type: ignore[misc]
             return spawn_command(argv, env, death_signal=None)
 
         request = server_request(
-            profile, self.session_time, ("kubernetes-pod", f"{self.namespace}/{self.pod_name}")
+            profile, self.session_time, pod_command(self.namespace, self.pod_name)
         )
         # The server's own hub token names the user to the broker.
         scheduler = BrokerScheduler(self.broker_socket, token=self.api_token)
