@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import os
 import time
-from multiprocessing.connection import Connection
+from typing import Any, Protocol
 
 from gpulane.kernel.transfer import BufferRef, Packed
 
 
-def send_message(channel: Connection, wire: dict[str, object]) -> None:
+class Channel(Protocol):
+    """Either end: the kernel's ``multiprocessing.connection.Connection``, or the worker's
+    :class:`~gpulane.kernel.link.Link` (the same wire, without importing multiprocessing)."""
+
+    def send(self, obj: Any) -> None: ...
+    def recv(self) -> Any: ...
+    def fileno(self) -> int: ...
+
+
+def send_message(channel: Channel, wire: dict[str, object]) -> None:
     """Send a message (an encoded protocol dict), then the bytes of its following buffers."""
     following = _following(wire)
     channel.send(wire)
@@ -40,7 +49,7 @@ def send_message(channel: Connection, wire: dict[str, object]) -> None:
     _account(following, time.perf_counter() - started)
 
 
-def receive_message(channel: Connection) -> object:
+def receive_message(channel: Channel) -> object:
     """Receive a message, then read its following buffers' bytes into fresh writable memory."""
     wire = channel.recv()
     following = _following(wire)

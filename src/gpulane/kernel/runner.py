@@ -5,7 +5,7 @@ granted, so that Python, IPython and the channel are ready when the turn
 comes: the grant only sends the cell. Where it cannot be started early (inside a Slurm
 allocation) it starts cold, and its first cell runs before IPython is imported when the
 cell is plain Python (:mod:`gpulane.kernel.plain`). It talks over a
-``multiprocessing.connection`` channel:
+``multiprocessing.connection`` channel (its worker end is :mod:`gpulane.kernel.link`):
 
 - an inherited socket (``GPULANE_RUNNER_FD``), for a worker on the same machine;
 - or an address and a key file (``GPULANE_RUNNER_ADDRESS``,
@@ -31,13 +31,12 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection
-from pathlib import Path
 from typing import Any
 
 from gpulane.config import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV
 from gpulane.kernel import memory_caps, plain
 from gpulane.kernel.channel import receive_message, send_message
+from gpulane.kernel.link import Link, connect
 from gpulane.kernel.outputs import OutputRelay
 from gpulane.kernel.protocol import (
     PROTOCOL,
@@ -59,15 +58,16 @@ from gpulane.kernel.protocol import (
 )
 
 
-def connect_channel() -> Connection:
+def connect_channel() -> Link:
     fd = os.environ.pop(RUNNER_FD_ENV, None)
     if fd is not None:
-        return Connection(int(fd))
+        return Link(int(fd))
     address = os.environ.pop(RUNNER_ADDRESS_ENV)
-    key = Path(os.environ.pop(RUNNER_KEYFILE_ENV)).read_bytes()  # raw bytes: never strip a key
+    with open(os.environ.pop(RUNNER_KEYFILE_ENV), "rb") as keyfile:
+        key = keyfile.read()  # raw bytes: never strip a key
     host, _, port = address.rpartition(":")
-    target: Any = (host, int(port)) if host and port.isdigit() else address
-    return Client(target, authkey=key)
+    target: tuple[str, int] | str = (host, int(port)) if host and port.isdigit() else address
+    return connect(target, key)
 
 
 class CellRunner:
@@ -78,7 +78,7 @@ class CellRunner:
     in the ``__main__`` the shell then adopts.
     """
 
-    def __init__(self, connect: Callable[[], Connection]) -> None:
+    def __init__(self, connect: Callable[[], Link]) -> None:
         connecting = _InBackground(connect, "gpulane-connect")
         self.inbox: queue.Queue[RunCell | Stop] = queue.Queue()
         self.shell: Any = None  # the IPython shell, once built
@@ -396,9 +396,9 @@ class _InBackground:
     Not ``concurrent.futures``: its import costs ~10 ms on the cold start this saves time on.
     """
 
-    def __init__(self, call: Callable[[], Connection], name: str) -> None:
+    def __init__(self, call: Callable[[], Link], name: str) -> None:
         self._call = call
-        self._value: Connection | None = None
+        self._value: Link | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
         self._thread.start()
@@ -409,7 +409,7 @@ class _InBackground:
         except BaseException as error:  # handed to the caller's thread, not lost in this one
             self._error = error
 
-    def result(self) -> Connection:
+    def result(self) -> Link:
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -26,18 +26,21 @@ import io
 import mmap
 import os
 import pickle
-import secrets
-import shutil
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpulane.jobs import format_bytes
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# pathlib, secrets, shutil and tempfile are imported where they are used: a cold worker
+# unpacks its inputs before the cell's first line, and needs none of them until it returns
+# names (~5 ms of imports).
 
 
 class TransferTooLarge(Exception):
@@ -275,6 +278,8 @@ def shared_spill_dir(spill_dir: str) -> Path | None:
     except OSError:
         return None
     private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+    from pathlib import Path
+
     return Path(spill_dir) if private and stat.S_IMODE(info.st_mode) & 0o077 == 0 else None
 
 
@@ -283,6 +288,8 @@ def _store_buffer(view: memoryview, spill_dir: Path | None, inline_limit: int) -
         return BufferRef(size=view.nbytes, inline=view.tobytes())
     if spill_dir is None:
         return BufferRef(size=view.nbytes, follows=True, data=view)  # sent beside the message
+    import secrets
+
     path = spill_dir / f"{secrets.token_hex(12)}.buf"
     # O_EXCL: never follow a planted symlink or reuse someone's file; 0600: only we can read it.
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
@@ -365,7 +372,8 @@ def map_spill_file(path: str, size: int) -> mmap.mmap:
 def _remove_files(refs: list[BufferRef]) -> None:
     for ref in refs:
         if ref.path is not None:
-            Path(ref.path).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ref.path)
 
 
 def cleanup(packed: Packed) -> None:
@@ -384,6 +392,9 @@ def default_spill_dir() -> Path:
     so that the next kernel of the same user can remove the folders of kernels that were
     killed before they cleaned up (SIGKILL, OOM): a leftover in /dev/shm holds memory.
     """
+    import tempfile
+    from pathlib import Path
+
     shm = Path("/dev/shm")
     me = os.getpid()
     prefix = f"{SPILL_PREFIX}{os.getuid()}-{_pid_namespace()}-{me}-{_start_time(me) or 0}-"
@@ -402,6 +413,9 @@ def remove_stale_spill_dirs(base: Path) -> list[Path]:
     Only folders that are ours by name and by owner, and not symlinks, are touched:
     /dev/shm is shared, and anyone may plant a name there.
     """
+    import shutil
+    from pathlib import Path
+
     uid, namespace = os.getuid(), _pid_namespace()
     removed: list[Path] = []
     try:
