@@ -128,6 +128,9 @@ def test_the_hub_option_starts_the_broker_on_the_clusters_gpus() -> None:
     command = hub.broker_command()
     assert command[command.index("--gpu-source") + 1] == "k8s"
     assert command[command.index("--slices") + 1] == "4"
+    assert "--k8s-namespace" not in command  # the broker reads its service account's
+    command = GpulaneHub(gpu_source="k8s", k8s_namespace="jhub").broker_command()
+    assert command[command.index("--k8s-namespace") + 1] == "jhub"
     with pytest.raises(Exception, match="must be 'nvml' or 'k8s'"):
         GpulaneHub(gpu_source="slurm")
 

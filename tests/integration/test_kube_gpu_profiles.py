@@ -25,7 +25,7 @@ from tests.integration.test_local_profiles import PROFILES, progress_messages
 from tests.support.hubclient import logged_in, server_ready
 from tests.support.hubs import RunningHub, running_demo_hub
 from tests.support.kube_agent import NodeAgent
-from tests.support.kube_api import Store, gpu_node, kube_api
+from tests.support.kube_api import Store, gpu_node, kill_keepers, kube_api
 from tests.support.users import need, need_module, wait_for
 
 ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
@@ -34,7 +34,7 @@ ADA, BEN = "gpl-demo-ada", "gpl-demo-ben"
 @pytest.fixture(scope="module")
 def kube_hub(
     unix_users: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[RunningHub, Store, NodeAgent]]:
+) -> Iterator[tuple[RunningHub, Store, NodeAgent, Path]]:
     need_module("kubespawner")
     need_module("kubernetes")
     folder = tmp_path_factory.mktemp("kube")
@@ -57,11 +57,12 @@ c.KubeSpawner.start_timeout = 60
 c.KubeSpawner.http_timeout = 60
 c.GpulaneHub.simulate_gpus = 0
 c.GpulaneHub.gpu_source = "k8s"
+c.GpulaneHub.k8s_namespace = "jhub"
 c.JupyterHub.load_groups = {{"gpu-users": {{"users": ["{ADA}", "{BEN}"]}}}}
 """
 
         with running_demo_hub("gpulane-kube-", config) as hub:
-            yield hub, store, agent
+            yield hub, store, agent, kubeconfig
 
 
 def pods(store: Store) -> dict[str, dict[str, Any]]:
@@ -91,11 +92,11 @@ def broker_jobs(hub: RunningHub) -> dict[int, dict[str, Any]]:
 
 
 def test_gpu_servers_queue_their_pods_come_in_turn_and_leases_live_through_a_hub_restart(
-    kube_hub: tuple[RunningHub, Store, NodeAgent],
+    kube_hub: tuple[RunningHub, Store, NodeAgent, Path],
 ) -> None:
     from tests.faults.test_hub_restart import restart
 
-    hub, store, agent = kube_hub
+    hub, store, agent, kubeconfig = kube_hub
     need("Kubernetes capacity: 1 nvidia.com/gpu on 1 node(s)" in hub.log_text(), "no k8s broker")
     ada, ben = logged_in(hub.url, hub.passwords, ADA), logged_in(hub.url, hub.passwords, BEN)
     try:
@@ -139,6 +140,15 @@ def test_gpu_servers_queue_their_pods_come_in_turn_and_leases_live_through_a_hub
         assert broker_jobs(hub)[ben_job]["state"] == "running"
         wait_ready(ben, hub, "ben's server was lost in the hub restart")
         assert list(pods(store)) == [ben_pod["metadata"]["name"]]
+
+        # The hub pod restarts: its keepers die with it, the pod lives on. The broker
+        # starts a new keeper for ben's pod (its lease label and namespace are the hub's).
+        restart(hub, while_down=lambda: need(kill_keepers(kubeconfig), "no keeper to kill"))
+        wait_ready(ben, hub, "ben's server was lost in the hub pod restart")
+        assert f"job {ben_job}: its pod jhub/{ben_pod['metadata']['name']} still runs" in (
+            hub.log_text()
+        )
+        assert broker_jobs(hub)[ben_job]["state"] == "running"
 
         # Ben stops, through the new hub, which holds no thread on the lease: the end of
         # his pod ends its keeper, and the lease.

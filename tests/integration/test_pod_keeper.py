@@ -8,7 +8,6 @@ keepers for the pods that still run (broker/pod_leases.py) and ends the others' 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.kube_api import Store, kube_api
+from tests.support.kube_api import Store, kill_keepers, kube_api
 from tests.support.users import need_module, wait_for
 
 
@@ -124,13 +123,9 @@ BrokerScheduler(socket).run(request, launcher=launch)
 
 @pytest.fixture
 def keepers_of(api: tuple[Store, Path]) -> Iterator[None]:
-    """Afterwards, SIGKILL the pod keepers left on this test's API (by their pids)."""
+    """Afterwards, SIGKILL the pod keepers left on this test's API."""
     yield
-    marker = f"KUBECONFIG={api[1]}".encode()
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
+    kill_keepers(api[1])
 
 
 def test_a_gpu_servers_lease_survives_a_hub_pod_restart(

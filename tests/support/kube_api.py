@@ -13,8 +13,11 @@ tests only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -336,3 +339,21 @@ def gpu_node(name: str, gpus: int, ready: bool = True) -> dict[str, Any]:
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         },
     }
+
+
+def kill_keepers(kubeconfig: Path) -> list[int]:
+    """SIGKILL the pod keepers on this API (found by the KUBECONFIG in their environment),
+    as a hub pod restart kills them; returns their pids."""
+    marker = f"KUBECONFIG={kubeconfig}".encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (
+                not entry.name.isdigit()
+                or b"gpulane.hub.pod_keeper" not in (entry / "cmdline").read_bytes()
+            ):
+                continue
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed

@@ -73,6 +73,12 @@ class GpulaneHub(LoggingConfigurable):
         "after time-slicing --rename-shared).",
     ).tag(config=True)
 
+    k8s_namespace = Unicode(
+        "",
+        help="With gpu_source 'k8s': the hub's namespace, whose GPU servers keep their leases "
+        "across a hub pod restart (default: the hub pod's service account's).",
+    ).tag(config=True)
+
     slices = Integer(1, help="Cut each GPU into this many time-sliced slices.").tag(config=True)
 
     max_running_per_user = Integer(
@@ -232,6 +238,8 @@ class GpulaneHub(LoggingConfigurable):
             command += ["--simulate-gpus", str(self.simulate_gpus), "--gpu-memory", self.gpu_memory]
         elif self.gpu_source == "k8s":
             command += ["--gpu-source", "k8s", "--gpu-resource", self.gpu_resource]
+            if self.k8s_namespace:
+                command += ["--k8s-namespace", self.k8s_namespace]
         if self.max_running_per_user:
             command += ["--max-running-per-user", str(self.max_running_per_user)]
         for name, broker_default in BROKER_DURATIONS.items():
