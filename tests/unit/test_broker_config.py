@@ -280,7 +280,8 @@ def test_no_module_but_config_spells_a_variable_name_in_code() -> None:
     offenders = [
         f"{path.relative_to(source)}:{number}"
         for path in source.rglob("*.py")
-        if path.name != "config.py"
+        # worker_env.py: the names a cold worker reads, which config.py imports and lists
+        if path.relative_to(source).as_posix() not in ("config.py", "worker_env.py")
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if quoted.search(line)
     ]

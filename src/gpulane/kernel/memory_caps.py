@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import importlib.machinery
 
-from gpulane.config import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV
-from gpulane.jobs import format_bytes
+from gpulane.worker_env import GPU_MEMORY_FRACTION_ENV, GPU_MEMORY_LIMIT_ENV
 
 LIMIT_ENV = GPU_MEMORY_LIMIT_ENV
 FRACTION_ENV = GPU_MEMORY_FRACTION_ENV
@@ -115,6 +114,8 @@ def oom_hint(etype: Any, evalue: Any, env: MutableMapping[str, str]) -> str | No
     if cap is None:
         return "The GPU ran out of memory. Use smaller batches, or ask for more GPUs with --gpus."
     limit, fraction = cap
+    from gpulane.jobs import format_bytes  # only for this message: not on a cold start
+
     return (
         f"This job was given {format_bytes(limit)} of GPU memory ({fraction:.0%} of the card); "
         "ask for more with --gpu-mem (e.g. --gpu-mem 16G), a larger --slices, "

@@ -51,10 +51,14 @@ class ProtocolError(GpulaneError):
 
 
 # --------------------------------------------------------------------------- to the worker
+# Every message class has a docstring: @dataclass makes one for a class without, from
+# inspect.signature (~0.5 ms a class before a cold worker's first line).
 
 
 @dataclass(frozen=True)
 class RunCell:
+    """Run this cell (the grant's environment is applied on the first cell only)."""
+
     op: ClassVar[str] = "run"
     code: str
     inputs: Packed
@@ -68,11 +72,15 @@ class RunCell:
 
 @dataclass(frozen=True)
 class Interrupt:
+    """Raise KeyboardInterrupt in the running cell (where no signal reaches the worker)."""
+
     op: ClassVar[str] = "interrupt"
 
 
 @dataclass(frozen=True)
 class Stop:
+    """End the worker between cells."""
+
     op: ClassVar[str] = "stop"
 
 
@@ -81,6 +89,8 @@ class Stop:
 
 @dataclass(frozen=True)
 class Ready:
+    """The worker's channel is up: its pid and protocol."""
+
     op: ClassVar[str] = "ready"
     pid: int
     protocol: int
@@ -88,6 +98,8 @@ class Ready:
 
 @dataclass(frozen=True)
 class Stream:
+    """stdout or stderr text, where the worker has no pipes to the kernel."""
+
     op: ClassVar[str] = "stream"
     name: str  # "stdout" or "stderr"
     text: str
@@ -95,6 +107,8 @@ class Stream:
 
 @dataclass(frozen=True)
 class Display:
+    """IPython rich output for the notebook (``display``, or its update)."""
+
     op: ClassVar[str] = "display"
     data: dict[str, Any]
     metadata: dict[str, Any]
@@ -113,12 +127,16 @@ class Result:
 
 @dataclass(frozen=True)
 class ClearOutput:
+    """IPython's ``clear_output``."""
+
     op: ClassVar[str] = "clear_output"
     wait: bool
 
 
 @dataclass(frozen=True)
 class CellError:
+    """The cell raised: its traceback, and a hint (out of memory under a slice's cap)."""
+
     op: ClassVar[str] = "error"
     ename: str
     evalue: str
@@ -131,12 +149,16 @@ class CellError:
 
 @dataclass(frozen=True)
 class CellWarning:
+    """A one-line note for the user (a cap applied, a variable not restored)."""
+
     op: ClassVar[str] = "warning"
     text: str
 
 
 @dataclass(frozen=True)
 class Done:
+    """The cell ended: whether it succeeded, and the names it returns."""
+
     op: ClassVar[str] = "done"
     ok: bool
     outputs: Packed | None = None  # None: the cell failed, or its names could not be sent

@@ -33,7 +33,6 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from gpulane.config import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV
 from gpulane.kernel import memory_caps, plain
 from gpulane.kernel.channel import receive_message, send_message
 from gpulane.kernel.link import Link, connect
@@ -56,6 +55,7 @@ from gpulane.kernel.protocol import (
     decode_to_worker,
     encode,
 )
+from gpulane.worker_env import RUNNER_ADDRESS_ENV, RUNNER_FD_ENV, RUNNER_KEYFILE_ENV
 
 
 def connect_channel() -> Link:

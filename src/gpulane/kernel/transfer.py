@@ -33,12 +33,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpulane.jobs import format_bytes
-
 if TYPE_CHECKING:
     from pathlib import Path
 
-# pathlib, secrets, shutil and tempfile are imported where they are used: a cold worker
+# pathlib, secrets, shutil, tempfile and gpulane.jobs are imported where they are used: a cold worker
 # unpacks its inputs before the cell's first line, and needs none of them until it returns
 # names (~5 ms of imports).
 
@@ -53,6 +51,8 @@ class TransferTooLarge(Exception):
         self.sizes = dict(sizes)
 
     def __str__(self) -> str:
+        from gpulane.jobs import format_bytes
+
         biggest = sorted(self.sizes.items(), key=lambda item: item[1], reverse=True)[:3]
         named = ", ".join(f"{name} ({format_bytes(size)})" for name, size in biggest)
         return (
@@ -64,6 +64,9 @@ class TransferTooLarge(Exception):
 
 @dataclass
 class BufferRef:
+    """One out-of-band buffer of a pickled value: inline, a spill file, or following on the
+    channel (docstrings here and on Packed spare @dataclass its inspect.signature)."""
+
     size: int
     inline: bytes | None = None  # small buffers travel inside the message
     path: str | None = None  # large ones: a file, mode 0600, inside a private (0700) folder
@@ -77,6 +80,8 @@ class BufferRef:
 
 @dataclass
 class Packed:
+    """A set of variables, each pickled on its own, with their buffers."""
+
     blobs: dict[str, bytes]  # name -> cloudpickle bytes, protocol 5, out-of-band buffers removed
     buffers: dict[str, list[BufferRef]]  # name -> its out-of-band buffers, in order
     skipped: dict[str, str]  # name -> one-line reason it could not be pickled
@@ -96,6 +101,8 @@ def transfer_line(packed: Packed | None, verb: str) -> str | None:
     transfer took longer than :data:`SHOW_TRANSFER_AFTER`; None when it was quick."""
     if packed is None or packed.seconds <= SHOW_TRANSFER_AFTER:
         return None
+    from gpulane.jobs import format_bytes
+
     return f"{verb} {format_bytes(packed.total_bytes)} in {packed.seconds:.1f} s"
 
 
