@@ -39,7 +39,9 @@ The rules, in order:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -221,14 +223,36 @@ def fits_machine(gpus: int, slices: int, gpu_count: int, slices_per_gpu: int) ->
 
 def never_runs(job: Pending, state: State, config: PolicyConfig) -> str | None:
     """``None`` if ``job`` could ever run on this machine, else the reason it never can."""
-    if job.gpu_mem is None:
-        return fits_machine(job.gpus, job.slices, state.gpu_count, config.slices_per_gpu)
-    if state.gpu_count and state.gpu_memory <= 0:
+    # Asked for every queued job in every pass, and the ETA replay makes hundreds of passes
+    # over a long queue: the answer depends only on the request's shape and the machine.
+    return _never_runs(
+        job.gpus,
+        job.slices,
+        job.gpu_mem,
+        state.gpu_count,
+        state.gpu_memory,
+        config.slices_per_gpu,
+        config.gpu_mem_reserve,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _never_runs(
+    gpus: int,
+    slices: int,
+    gpu_mem: int | None,
+    gpu_count: int,
+    memory: int,
+    slices_per_gpu: int,
+    reserve: int,
+) -> str | None:
+    if gpu_mem is None:
+        return fits_machine(gpus, slices, gpu_count, slices_per_gpu)
+    if gpu_count and memory <= 0:
         return (
             "asks for --gpu-mem but this broker does not know its GPUs' memory; ask for --slices N"
         )
-    totals = [state.gpu_memory] * state.gpu_count
-    return gpu_memory.never_fits(job.gpu_mem, totals, config.gpu_mem_reserve)
+    return gpu_memory.never_fits(gpu_mem, [memory] * gpu_count, reserve)
 
 
 def fit(job: Pending, free: Room, slices_per_gpu: int) -> Assignment | None:
@@ -315,33 +339,40 @@ def _running_count(running: Iterable[Active]) -> dict[str, int]:
 
 def order_queue(state: State, now: float, config: PolicyConfig) -> list[Pending]:
     """The queue in the order jobs will be considered: the held job, then fair share."""
+    return _order_queue(state, now, config, held_job(state, now, config))
+
+
+def _order_queue(
+    state: State, now: float, config: PolicyConfig, held: tuple[Pending, float] | None
+) -> list[Pending]:
     standing = user_standings(state, now, config)
-    held = held_job(state, now, config)
-    per_user: dict[str, list[Pending]] = {}
+    per_user: dict[str, deque[Pending]] = {}
     for job in sorted(state.queued, key=lambda j: (j.submitted_at, j.id)):
-        per_user.setdefault(job.user, []).append(job)
+        per_user.setdefault(job.user, deque()).append(job)
     ordered: list[Pending] = []
     if held is not None:
         # First, and FIFO within its user: only requests that can never run were before it.
         mine = per_user[held[0].user]
         while ordered[-1:] != [held[0]]:
-            ordered.append(mine.pop(0))
+            ordered.append(mine.popleft())
         if not mine:
             del per_user[held[0].user]
     # Interleave users: repeatedly take the head job of the user who is owed most,
     # counting each job already placed ahead as if it ran (so one user's five jobs
     # do not all go before another user's one).
     placed_count = _running_count(state.running)
-    while per_user:
+    while len(per_user) > 1:
         user = min(
             per_user,
             key=lambda u: (standing[u].key, placed_count.get(u, 0), per_user[u][0].submitted_at),
         )
-        job = per_user[user].pop(0)
+        job = per_user[user].popleft()
         ordered.append(job)
         placed_count[user] = placed_count.get(user, 0) + 1
         if not per_user[user]:
             del per_user[user]
+    for rest in per_user.values():  # one user left: their jobs in their own order
+        ordered.extend(rest)
     return ordered
 
 
@@ -440,7 +471,7 @@ def _plan_once(state: State, now: float, config: PolicyConfig) -> Plan:
     result = Plan(held=held_job(state, now, config))
     held = held_gpus(state, config)
     parts = fair_parts(state, config, held)
-    ordered = order_queue(state, now, config)
+    ordered = _order_queue(state, now, config, result.held)
     # Users under their part of the machine go first, and over-share users start nothing
     # while one of them still waits: without preemption, letting the heavy user backfill
     # what a light user's job could not use yet gives the heavy user most of each hour.
@@ -450,7 +481,8 @@ def _plan_once(state: State, now: float, config: PolicyConfig) -> Plan:
         if held.get(job.user, 0.0) < parts.get(job.user, 0.0) - 1e-9
         or (result.held is not None and job.id == result.held[0].id)
     ]
-    later = [job for job in ordered if job not in first]
+    first_ids = {job.id for job in first}
+    later = [job for job in ordered if job.id not in first_ids]
     # The held job's reservation, else the first under-share job that does not fit (the
     # machine drains towards it): its time, the room then, and the job.
     reservation: tuple[float, Room, Pending] | None = None
@@ -496,8 +528,8 @@ def _plan_once(state: State, now: float, config: PolicyConfig) -> Plan:
             result.reasons[job.id] = "never_fits"
         elif cap and running_count.get(job.user, 0) >= cap:
             result.reasons[job.id] = "user_cap"
-        elif (assignment := fit(job, free, spg)) is None:
-            result.reasons[job.id] = "resources"
+        elif not any(free.slices) or (assignment := fit(job, free, spg)) is None:
+            result.reasons[job.id] = "resources"  # (a full machine needs no fit per job)
         elif blocked:  # it fits, but the room is kept for the users under their part
             result.reasons[job.id] = "over_share"
         else:
