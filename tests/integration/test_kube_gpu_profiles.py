@@ -55,6 +55,7 @@ c.KubeSpawner.namespace = "jhub"
 c.KubeSpawner.events_enabled = False  # the emulator keeps no Event objects
 c.KubeSpawner.start_timeout = 60
 c.KubeSpawner.http_timeout = 60
+c.KubeSpawner.poll_interval = 5  # a server found without its lease is stopped soon
 c.GpulaneHub.simulate_gpus = 0
 c.GpulaneHub.gpu_source = "k8s"
 c.GpulaneHub.k8s_namespace = "jhub"
@@ -91,6 +92,7 @@ def broker_jobs(hub: RunningHub) -> dict[int, dict[str, Any]]:
     return {int(j["id"]): j for j in snapshot["running"] + snapshot["queue"]}
 
 
+@pytest.mark.timeout(300)  # four hub starts and three spawns on a loaded machine
 def test_gpu_servers_queue_their_pods_come_in_turn_and_leases_live_through_a_hub_restart(
     kube_hub: tuple[RunningHub, Store, NodeAgent, Path],
 ) -> None:
@@ -158,6 +160,27 @@ def test_gpu_servers_queue_their_pods_come_in_turn_and_leases_live_through_a_hub
             assert time.monotonic() < deadline, "ben's lease outlived his pod"
             time.sleep(0.3)
         assert pods(store) == {}
+
+        # A server whose lease ended while the hub was down (here: its pod no longer bears
+        # it, so the broker does not adopt it) is stopped by the new hub, its pod deleted.
+        assert ada.api("POST", f"/users/{ADA}/server", json={"profile": "gpu"}).status_code in (
+            201,
+            202,
+        )
+        wait_ready(ada, hub, "ada's second GPU server never started")
+        ((ada_name, _),) = pods(store).items()
+
+        def lease_lost() -> None:
+            need(kill_keepers(kubeconfig), "no keeper to kill")
+            store.patch("pods", "jhub", ada_name, {"metadata": {"labels": {LEASE_LABEL: "0"}}})
+
+        restart(hub, while_down=lease_lost)
+        deadline = time.monotonic() + 60
+        while pods(store):
+            assert time.monotonic() < deadline, f"ada's pod outlived its lease: {hub.log_text()}"
+            time.sleep(0.5)
+        assert f"{ADA}'s GPU lease failed" in hub.log_text()
+        wait_for(lambda: not server_ready(ada), 30, "the hub to see ada's server stopped")
     finally:
         for user in (ada, ben):
             user.api("DELETE", f"/users/{user.name}/server")

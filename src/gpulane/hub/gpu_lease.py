@@ -215,6 +215,19 @@ def release_restored_lease(socket: str, job_id: int, log: logging.Logger | Any) 
         log.warning("gpulane: could not end the lease of job %d: %s", job_id, error)
 
 
+def restored_lease_ended(socket: str, job_id: int, log: logging.Logger | Any) -> str | None:
+    """Why the lease of a server found running after a hub restart is over, or None while
+    it runs or the broker cannot say (a broker restarting must not stop servers)."""
+    try:
+        job = BrokerScheduler(socket).job(job_id)
+    except SchedulerError as error:
+        log.warning("gpulane: lease of job %d not read: %s", job_id, error)
+        return None
+    if job["state"] in ("queued", "running"):
+        return None
+    return f"{job['state']}: {job.get('message', '')}"
+
+
 def saved_job(state: dict[str, Any]) -> int | None:
     """The lease's job id in a spawner's saved state, if any."""
     job_id = state.get(STATE_KEY)

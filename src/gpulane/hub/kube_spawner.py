@@ -30,6 +30,7 @@ from gpulane.config import JOB_ID_ENV
 from gpulane.hub.gpu_lease import (
     LeaseSettings,
     ServerLease,
+    restored_lease_ended,
     server_request,
 )
 from gpulane.hub.kube import check_user_options, user_groups
@@ -86,6 +87,24 @@ class GpulaneKubeSpawner(LeaseSettings, KubeSpawner):  # type: ignore[misc]
         return await lease.hold(
             scheduler, request, start_server, keeper, self._own_start_timeout + 60, self.user.name
         )
+
+    async def poll(self) -> int | None:
+        status: int | None = await super().poll()
+        if status is not None or self._lease is not None or self._job_id is None:
+            return status
+        # Found running after a hub restart: its lease is the broker's to keep (a keeper,
+        # or a new one after a hub pod restart). A pod whose lease has ended must not keep
+        # a GPU the broker offers again: the hub stops the server, which deletes the pod.
+        ended = await asyncio.to_thread(
+            restored_lease_ended, self.broker_socket, self._job_id, self.log
+        )
+        if ended is None:
+            return None
+        self.log.warning("gpulane: %s's GPU lease %s; stopping the server", self.user.name, ended)
+        # The hub stops only servers its poll finds running: delete the pod here.
+        await KubeSpawner.stop(self, now=True)
+        self._job_id = None
+        return 1
 
     async def get_pod_manifest(self) -> Any:
         pod = await super().get_pod_manifest()
