@@ -16,7 +16,7 @@ import pytest
 from gpulane.kernel.protocol import CellError, RunCell
 from gpulane.kernel.transfer import pack
 from gpulane.kernel.worker import LocalWorker
-from tests.integration.test_output_order import outputs
+from tests.integration.test_output_order import joined, outputs
 from tests.support.kernels import CellResult
 
 ALICE = "gpl-alice"
@@ -39,11 +39,20 @@ CELLS = [
 
 
 def seen(cell: CellResult) -> list[tuple[str, ...]]:
-    """Outputs, the cell's result and its error, in order (the card left out)."""
+    """Outputs, the cell's result and its error, in order (the card left out).
+
+    stderr is compared as its own sequence: stdout and stderr are two descriptors, and
+    which of two writes a few microseconds apart goes first across them is not kept (in
+    a plain ipykernel either: each stream has its own buffer). Everything else keeps its
+    order against stdout.
+    """
     result = [(c["data"].get("text/plain", ""),) for c in cell.of_type("execute_result")]
     error = cell.error()
     failure = [(error["ename"], error["evalue"], *error["traceback"])] if error else []
-    return [*outputs(cell), *result, *failure]  # type: ignore[list-item]
+    shown = outputs(cell)
+    stderr = [o for o in shown if o[:2] == ("stream", "stderr")]
+    rest = joined([o for o in shown if o[:2] != ("stream", "stderr")])
+    return [*rest, *joined(stderr), *result, *failure]  # type: ignore[list-item]
 
 
 @pytest.fixture
