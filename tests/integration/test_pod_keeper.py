@@ -200,3 +200,7 @@ def test_a_gpu_servers_lease_survives_a_hub_pod_restart(
     wait_for(lambda: store.select("pods", "jhub", "") == [], timeout=60)
     wait_for(lambda: state("jupyter-cy") == "cancelled", timeout=60)
     first.kill()
+    first.wait()
+    # Its kept-alive connection closed here, not by the garbage collector at some later
+    # moment (an unclosed socket is then a ResourceWarning, an error in whichever test runs).
+    client.client.close()
