@@ -75,6 +75,8 @@ def test_the_forms_users_type_today() -> None:
         1,
     )
     assert (app.dashboard_port, app.log_level, app.socket) == (9873, "DEBUG", "/tmp/x.sock")
+    assert app.dashboard_ip == "127.0.0.1"  # loopback unless told: a hub pod says 0.0.0.0
+    assert app_from("--simulate-gpus", "1", "--dashboard-ip", "0.0.0.0").dashboard_ip == "0.0.0.0"
 
 
 def test_the_storage_limits_and_their_defaults() -> None:
@@ -109,6 +111,7 @@ def test_socket_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         (["--gpu-memory", "12X"], "--gpu-memory '12X' is not a size; use a size such as 512M"),
         (["--log-level", "LOUD"], "--log-level 'LOUD' is not a level; use DEBUG, INFO"),
         (["--dashboard-port", "70000"], "--dashboard-port '70000' must be a whole number"),
+        (["--dashboard-ip", "hub.local"], "--dashboard-ip 'hub.local' must be an IP address"),
         (["--retention", "1d"], "--retention '1d' is too short: keep ended jobs at least 2d"),
         (["--retention", "later"], "--retention 'later' is not a time limit"),
         (
@@ -217,6 +220,24 @@ def test_hub_typed_options_reach_the_broker_command() -> None:
     assert "--default-time" not in tail  # defaults stay off the command line
 
 
+def test_hub_dashboard_on_the_hub_pods_service() -> None:
+    # On zero-to-jupyterhub the proxy runs in its own pod: the dashboard listens on the hub
+    # pod's addresses and the service's URL is the hub's Service (k8s_hub_values writes both).
+    from gpulane.hub import configure
+
+    c = Config()
+    configure(c, dashboard_ip="0.0.0.0", dashboard_url="http://hub:9873")
+    (service,) = [s for s in c.JupyterHub.services if s["name"] == "gpulane"]
+    assert service["url"] == "http://hub:9873"
+    tail = service["command"][service["command"].index("broker") + 1 :]
+    app = app_from(*tail)
+    assert (app.dashboard_ip, app.dashboard_port) == ("0.0.0.0", 9873)
+    plain = Config()
+    configure(plain)
+    (service,) = [s for s in plain.JupyterHub.services if s["name"] == "gpulane"]
+    assert service["url"] == "http://127.0.0.1:9873" and "--dashboard-ip" not in service["command"]
+
+
 def test_hub_servers_outlive_a_hub_restart_unless_the_admin_says_otherwise() -> None:
     from gpulane.hub import configure
 
@@ -247,6 +268,8 @@ def test_hub_broker_args_still_work_but_warn(caplog: pytest.LogCaptureFixture) -
     [
         ("max_time", "2x", "GpulaneHub.max_time '2x' is not a time limit; use HH:MM:SS"),
         ("max_running_per_user", -1, "GpulaneHub.max_running_per_user -1 must be 0 (no cap)"),
+        ("dashboard_ip", "hub", "GpulaneHub.dashboard_ip 'hub' must be an IP address"),
+        ("dashboard_url", "hub:9873", "GpulaneHub.dashboard_url 'hub:9873' must be an http(s)://"),
     ],
 )
 def test_a_bad_hub_value_is_one_line_and_status_2(

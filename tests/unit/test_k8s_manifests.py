@@ -475,7 +475,8 @@ def test_the_brokers_rbac_reads_nodes_and_pods_and_nothing_more() -> None:
     documents = rbac(options(namespace="research", hub_service_account="hub"))
     for document in documents:
         valid(document)
-    role, binding = documents
+    role, binding, workers = documents
+    assert workers["kind"] == "NetworkPolicy"  # no Role: the chart's covers worker pods
     assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["list"]}]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "hub", "namespace": "research"}
@@ -484,6 +485,89 @@ def test_the_brokers_rbac_reads_nodes_and_pods_and_nothing_more() -> None:
     assert [d for d in yaml.safe_load_all(render_rbac(options())) if d] == rbac(options())
     with pytest.raises(K8sError, match="--namespace 'Bad_NS' must be a Kubernetes name"):
         hub_values(example()[0], "", options(namespace="Bad_NS"))
+
+
+def test_worker_pods_need_nothing_beyond_the_charts_hub_role(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpulane.admin import k8s_hub_values
+    from gpulane.admin.k8s_network import CHART_HUB_ROLE, WORKER_NEEDS, missing
+
+    assert missing(WORKER_NEEDS, CHART_HUB_ROLE) == []
+    # A Role without what the chart's grants to Secrets and events: exactly that is missing,
+    # and hub-values would write a Role (in the hub's namespace) for it, and nothing more.
+    pods_only = ({"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]},)
+    lacking = missing(WORKER_NEEDS, pods_only)
+    assert {r for _, r in lacking} == {"secrets", "events"} and len(lacking) == 8
+    monkeypatch.setattr(k8s_hub_values, "CHART_HUB_ROLE", pods_only)
+    documents = rbac(options(namespace="research"))
+    kinds = [d["kind"] for d in documents]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "NetworkPolicy"]
+    for document in documents:
+        valid(document)
+    role = documents[2]
+    assert role["metadata"]["namespace"] == "research"
+    assert sorted((r["verbs"][0], r["resources"][0]) for r in role["rules"]) == sorted(lacking)
+
+
+def test_network_policies_are_schema_valid() -> None:
+    from gpulane.admin.k8s_network import chart_values, worker_policy
+    from tests.support.netpol import chart_policies
+
+    valid(worker_policy("jhub"))
+    valid(worker_policy("jhub", (40000, 40000)))  # one port: no endPort
+    assert "endPort" not in worker_policy("jhub", (40000, 40000))["spec"]["egress"][0]["ports"][0]
+    # gpulane's rules inside the chart's own policies, as the chart renders them.
+    pset, text = example()
+    values = hub_values(pset, text, options())
+    for policy in chart_policies(values):
+        valid(policy)
+    assert values["singleuser"]["networkPolicy"] == chart_values()["singleuser"]["networkPolicy"]
+    # The hub's Service as the chart writes it, with the extra port for gpulane's service.
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "hub"},
+        "spec": {
+            "selector": {"component": "hub"},
+            "ports": [
+                {"name": "hub", "port": 8081, "targetPort": "http"},
+                *values["hub"]["service"]["extraPorts"],
+            ],
+        },
+    }
+    valid(service)
+
+
+def test_the_dashboard_is_served_on_the_hubs_service() -> None:
+    from traitlets.config import Config
+
+    pset, text = example()
+    values = hub_values(pset, text, options())
+    code = values["hub"]["extraConfig"]["gpulane"]
+    c = Config()
+    exec(code.replace("/etc/gpulane/profiles.toml", str(EXAMPLE)), {"c": c})
+    (broker,) = [s for s in c.JupyterHub.services if s["name"] == "gpulane"]
+    # The proxy (another pod) sends /services/gpulane/ to the hub's Service, on the port
+    # the dashboard listens on, on the pod's addresses; the port is the Service's extra one.
+    assert broker["url"] == "http://hub:9873"
+    command = broker["command"]
+    assert command[command.index("--dashboard-ip") + 1] == "0.0.0.0"
+    assert command[command.index("--dashboard-port") + 1] == "9873"
+    (port,) = values["hub"]["service"]["extraPorts"]
+    assert port["port"] == port["targetPort"] == 9873
+    (opened,) = values["hub"]["networkPolicy"]["ingress"]
+    assert opened["ports"] == [{"protocol": "TCP", "port": 9873}]
+    # Without GPU profiles there is no broker, and nothing is opened.
+    plain = hub_values(load_profiles({"profile": [{"slug": "cpu"}]}), "", options())
+    assert "networkPolicy" not in plain["singleuser"] and "proxy" not in plain
+    assert "service" not in plain["hub"]
+
+
+@pytest.mark.parametrize("ports", [(80, 90), (50000, 40000), (1024, 70000)])
+def test_worker_ports_out_of_range(ports: tuple[int, int]) -> None:
+    with pytest.raises(K8sError, match=r"--worker-ports .* must be ports from 1024 to 65535"):
+        hub_values(example()[0], "", options(worker_ports=ports))
 
 
 def test_whole_gpus_need_renamed_slices_on_kubernetes() -> None:
@@ -551,10 +635,17 @@ def test_hub_values_command(gpulane_k8s: Any, tmp_path: Path) -> None:
     valid(pod_from_values(values))
     assert values["hub"]["config"]["GenericOAuthenticator"]["allowed_groups"] == ["gpu", "hpc"]
     assert "wrote " + str(tmp_path / "gpulane-rbac.yaml") in err  # beside the values
-    for document in yaml.safe_load_all((tmp_path / "gpulane-rbac.yaml").read_text()):
+    documents = [d for d in yaml.safe_load_all((tmp_path / "gpulane-rbac.yaml").read_text()) if d]
+    for document in documents:
         valid(document)
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == "jhub" and policy["spec"]["ingress"] == []
     status, _, err = gpulane_k8s("k8s", "hub-values", "--profiles", str(EXAMPLE))
     assert status == 2 and "required" in err
+    status, _, err = gpulane_k8s(
+        "k8s", "hub-values", "--profiles", str(EXAMPLE), "--worker-ports", "40000-3"
+    )
+    assert status == 2 and "'40000-3' must be ports from 1024 to 65535" in err
 
 
 # ---------------------------------------------------------------------------- --apply, over HTTP

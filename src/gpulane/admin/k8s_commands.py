@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gpulane.admin.k8s_network import CALLBACK_PORTS, parse_ports
 from gpulane.errors import GpulaneError
 
 
@@ -25,6 +26,13 @@ def _replicas(text: str) -> int:
     if not text.isdigit() or len(text) > 3:
         raise argparse.ArgumentTypeError(f"expected a whole number of replicas, got {text!r}")
     return int(text)
+
+
+def _ports(text: str) -> tuple[int, int]:
+    try:
+        return parse_ports(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -132,9 +140,18 @@ def define_k8s(k8s: argparse.ArgumentParser) -> None:
         "--hub-service-account", default="hub", help="the hub's service account (the chart's)"
     )
     hv.add_argument(
+        "--worker-ports",
+        metavar="LOW-HIGH",
+        type=_ports,
+        default=CALLBACK_PORTS,
+        help="ports a kernel's %%%%gpu callback listener takes in the user image (its "
+        "ip_local_port_range; default 32768-60999): the only ports %%%%gpu worker pods may reach",
+    )
+    hv.add_argument(
         "--rbac-out",
         metavar="FILE",
-        help="write the broker's RBAC here (default with --out: gpulane-rbac.yaml beside it)",
+        help="write the broker's RBAC and the worker pods' NetworkPolicy here (default with "
+        "--out: gpulane-rbac.yaml beside it)",
     )
 
 
@@ -239,6 +256,7 @@ def _hub_values(args: argparse.Namespace) -> int:
         shared_read_only=args.shared_read_only,
         namespace=args.namespace,
         hub_service_account=args.hub_service_account,
+        worker_ports=args.worker_ports,
     )
     output = render(pset, text, options)
     rbac_out = args.rbac_out or (

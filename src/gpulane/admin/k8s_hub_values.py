@@ -7,7 +7,11 @@ mistake in the file stops the hub at start-up with one line naming it. Where the
 file has GPU profiles, the same ``extraConfig`` runs the broker in the hub pod on
 the cluster's GPUs and makes GPU profiles queue there
 (:class:`gpulane.hub.kube_spawner.GpulaneKubeSpawner`); :func:`rbac` is the one
-extra permission that needs: reading nodes and pods cluster-wide, nothing else.
+extra permission that needs: reading nodes and pods cluster-wide, nothing else. The broker's
+``%%gpu`` worker pods need no more RBAC than the chart's hub Role gives, and a network
+policy of their own plus a few rules in the chart's (:mod:`gpulane.admin.k8s_network`):
+:func:`rbac` writes the first, :func:`hub_values` the second, with the gpulane service
+(the dashboard) on the hub's Service, where the chart's proxy reaches it.
 
 Storage, as three tiers:
 
@@ -26,6 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gpulane.admin.k8s_network import (
+    CALLBACK_PORTS,
+    CHART_HUB_ROLE,
+    SERVICE_HOST,
+    SERVICE_PORT,
+    WORKER_NEEDS,
+    chart_values,
+    missing,
+    worker_policy,
+)
 from gpulane.admin.k8s_time_slicing import K8sError, yaml_dump
 from gpulane.config import USER_DIR_ENV
 from gpulane.profiles import IMAGE_RE, ProfileSet
@@ -72,6 +86,9 @@ class HubOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     namespace: str = "jhub"  # the hub's namespace (of its service account)
     hub_service_account: str = "hub"  # the chart's default name
+    # Where a kernel's callback listener (port 0) lands in the user image: %%gpu workers
+    # may reach user pods on these ports only.
+    worker_ports: tuple[int, int] = CALLBACK_PORTS
 
     def check(self) -> None:
         for name in ("public_url", "authorize_url", "token_url", "userdata_url"):
@@ -138,6 +155,11 @@ class HubOptions:
             claim = getattr(self, name)
             if claim and not _NAME_RE.fullmatch(claim):
                 raise K8sError(f"--{name.replace('_', '-')} {claim!r} must be a PVC name")
+        low, high = self.worker_ports
+        if not 1024 <= low <= high <= 65535:
+            raise K8sError(
+                f"--worker-ports {low}-{high} must be ports from 1024 to 65535, the low one first"
+            )
         for name in ("namespace", "hub_service_account"):
             if not _NAME_RE.fullmatch(getattr(self, name)):
                 raise K8sError(
@@ -198,14 +220,19 @@ def authenticator_config(options: HubOptions) -> dict[str, Any]:
     return config
 
 
+def queues_gpus(pset: ProfileSet) -> bool:
+    """True where the profiles ask for GPUs: the broker then runs in the hub pod."""
+    custom_gpus = pset.custom is not None and any(g or k for g, k in pset.custom.gpu_options)
+    return custom_gpus or any(p.uses_gpu for p in pset.profiles)
+
+
 def extra_config(pset: ProfileSet) -> str:
     """The hub's ``extraConfig``: the profiles and, with GPU profiles, their queue."""
     lines = [
         "from gpulane.hub.kube import configure_kubespawner",
         f"configure_kubespawner(c, {PROFILES_PATH!r})",
     ]
-    custom_gpus = pset.custom is not None and any(g or k for g, k in pset.custom.gpu_options)
-    if not custom_gpus and not any(p.uses_gpu for p in pset.profiles):
+    if not queues_gpus(pset):
         return "\n".join(lines) + "\n"
     # The broker counts the resource the GPU profiles ask for: slices where time-sliced.
     resource = pset.slice_resource if pset.slices_per_gpu > 1 else "nvidia.com/gpu"
@@ -223,6 +250,10 @@ def extra_config(pset: ProfileSet) -> str:
         f"    broker_socket={BROKER_SOCKET!r},",
         f"    state_dir={BROKER_STATE!r},",
         "    idle_culler=False,  # the chart's cull section stops idle servers",
+        "    # The chart's proxy is another pod: the dashboard on the hub's Service.",
+        '    dashboard_ip="0.0.0.0",',
+        f"    dashboard_url={f'http://{SERVICE_HOST}:{SERVICE_PORT}'!r},",
+        f"    dashboard_port={SERVICE_PORT},",
         ")",
     ]
     return "\n".join(lines) + "\n"
@@ -232,8 +263,38 @@ def rbac(options: HubOptions) -> list[dict[str, Any]]:
     """What the broker in the hub pod needs beyond the chart's own hub Role: to list
     nodes (their allocatable GPUs) and pods in every namespace (GPU pods gpulane did not
     lease). Read-only, ``list`` only; pods in the hub's namespace (create, watch, delete)
-    are the chart's Role already, for KubeSpawner and the pod keeper alike."""
+    are the chart's Role already, for KubeSpawner and the pod keeper alike, and so are the
+    worker pods' pods, Secrets and events (a Role here only for what it lacks). Then the
+    worker pods' NetworkPolicy (:func:`gpulane.admin.k8s_network.worker_policy`)."""
     labels = {"app.kubernetes.io/part-of": "gpulane"}
+    lacking = missing(WORKER_NEEDS, CHART_HUB_ROLE)
+    workers: list[dict[str, Any]] = []
+    if lacking:  # nothing today; kept so that a new need cannot go unwritten
+        name = f"{RBAC_NAME}-workers"
+        workers = [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": name, "namespace": options.namespace, "labels": labels},
+                "rules": [
+                    {"apiGroups": [""], "resources": [resource], "verbs": [verb]}
+                    for verb, resource in lacking
+                ],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": name, "namespace": options.namespace, "labels": labels},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [
+                    {
+                        "kind": "ServiceAccount",
+                        "name": options.hub_service_account,
+                        "namespace": options.namespace,
+                    }
+                ],
+            },
+        ]
     return [
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -258,13 +319,18 @@ def rbac(options: HubOptions) -> list[dict[str, Any]]:
                 }
             ],
         },
+        *workers,
+        worker_policy(options.namespace, options.worker_ports),
     ]
 
 
 def render_rbac(options: HubOptions) -> str:
     header = (
-        "# RBAC for gpulane's broker in the hub pod, written by gpulane k8s hub-values.\n"
-        "# kubectl apply -f this-file.yaml   (read-only: list nodes and pods)\n"
+        "# RBAC for gpulane's broker in the hub pod, written by gpulane k8s hub-values,\n"
+        "# and the NetworkPolicy of its %%gpu worker pods (no ingress; egress to user pods'\n"
+        f"# ports {options.worker_ports[0]}-{options.worker_ports[1]} and DNS only).\n"
+        "# kubectl apply -f this-file.yaml   (RBAC read-only: list nodes and pods; the chart's\n"
+        "# hub Role already lets the hub create and delete worker pods and their Secrets)\n"
     )
     return header + "---\n".join(yaml_dump(doc) for doc in rbac(options))
 
@@ -311,7 +377,7 @@ def hub_values(pset: ProfileSet, profiles_text: str, options: HubOptions) -> dic
     if default_image:
         name, _, tag = default_image.rpartition(":")
         singleuser["image"] = {"name": name, "tag": tag}
-    return {
+    values: dict[str, Any] = {
         "hub": hub,
         "singleuser": singleuser,
         "cull": {
@@ -321,6 +387,19 @@ def hub_values(pset: ProfileSet, profiles_text: str, options: HubOptions) -> dic
             "users": False,
         },
     }
+    if queues_gpus(pset):
+        # The broker runs: its service port open to the proxy and the kernels, the user
+        # pods' callback ports to %%gpu workers, in the chart's own network policies.
+        _merge(values, chart_values(SERVICE_PORT, options.worker_ports))
+    return values
+
+
+def _merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
 
 
 def render(pset: ProfileSet, profiles_text: str, options: HubOptions) -> str:

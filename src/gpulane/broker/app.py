@@ -94,6 +94,20 @@ class Cap(_Typed):
             raise OptionError(f"{option} {text!r} must be {self.info_text}") from None
 
 
+class Address(_Typed):
+    """An IP address literal (what a listening socket binds to)."""
+
+    info_text = "an IP address such as 127.0.0.1 or 0.0.0.0"
+
+    def parse(self, text: str, option: str) -> str:
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(text.strip()))
+        except ValueError:
+            raise OptionError(f"{option} {text!r} must be {self.info_text}") from None
+
+
 class Duration(_Typed):
     """Seconds, typed as a time limit is (``90m``, ``2h``, ``HH:MM:SS``)."""
 
@@ -371,7 +385,12 @@ class BrokerApp(Application):
         None,
         maximum=65535,
         allow_none=True,
-        help="Serve the JupyterHub dashboard on this loopback port (as a hub service).",
+        help="Serve the JupyterHub dashboard on this port (as a hub service).",
+    ).tag(config=True)
+    dashboard_ip = Address(
+        "127.0.0.1",
+        help="The dashboard's address: loopback, or 0.0.0.0 in a hub pod on Kubernetes "
+        "(the chart's proxy runs in another pod; every page asks the hub who is asking).",
     ).tag(config=True)
     gpu_source = Enum(
         ["nvml", "k8s"],
@@ -462,7 +481,7 @@ class BrokerApp(Application):
             "gpu_groups", "admin_groups", "admin_users", "group_source",
             "lease_ttl", "kill_grace",
             "max_submits_per_minute", "retention", "max_ended_per_user",
-            "dashboard_port", "log_level",
+            "dashboard_port", "dashboard_ip", "log_level",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval", "k8s_namespace",
@@ -607,7 +626,7 @@ class BrokerApp(Application):
             if follow is not None:
                 loop = asyncio.get_running_loop()
                 follow(lambda: loop.call_soon_threadsafe(broker.capacity_changed))
-            await serve(broker, Path(self.socket), self.dashboard_port)
+            await serve(broker, Path(self.socket), self.dashboard_port, self.dashboard_ip)
 
         asyncio.run(serve_following())
 

@@ -356,7 +356,12 @@ def prepare_socket_dir(path: Path) -> None:
         raise SystemExit(f"gpulane broker: {folder} is writable by others; use a private folder")
 
 
-async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = None) -> None:
+async def serve(
+    broker: Broker,
+    socket_path: Path,
+    dashboard_port: int | None = None,
+    dashboard_ip: str = "127.0.0.1",
+) -> None:
     """Run until SIGTERM or SIGINT."""
     _raise_fd_limit()
     prepare_socket_dir(socket_path)
@@ -387,9 +392,10 @@ async def serve(broker: Broker, socket_path: Path, dashboard_port: int | None = 
     if dashboard_port:
         from gpulane.broker.dashboard import make_dashboard
 
-        # Loopback only: the hub's proxy forwards /services/gpulane/ here.
-        make_dashboard(broker).listen(dashboard_port, address="127.0.0.1")
-        log.info("dashboard on http://127.0.0.1:%d", dashboard_port)
+        # The hub's proxy forwards /services/gpulane/ here: loopback where it runs beside the
+        # hub, the pod's address on Kubernetes (every page is behind the hub's OAuth).
+        make_dashboard(broker).listen(dashboard_port, address=dashboard_ip)
+        log.info("dashboard on http://%s:%d", dashboard_ip, dashboard_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -145,6 +145,20 @@ class GpulaneHub(LoggingConfigurable):
         help="Loopback port of the broker's dashboard, served by the hub's proxy under /services/gpulane/.",
     ).tag(config=True)
 
+    dashboard_ip = Unicode(
+        "127.0.0.1",
+        help="Address the dashboard listens on: loopback where the hub's proxy runs beside "
+        "the hub; 0.0.0.0 in a hub pod on Kubernetes, whose proxy runs in its own pod and "
+        "reaches the dashboard through the hub's Service (dashboard_url).",
+    ).tag(config=True)
+
+    dashboard_url = Unicode(
+        "",
+        help="The gpulane service's URL, where the hub's proxy sends /services/gpulane/ "
+        "(default http://127.0.0.1:<dashboard_port>; on zero-to-jupyterhub "
+        "http://hub:<dashboard_port>, the hub's Service).",
+    ).tag(config=True)
+
     admin_users = Set(
         Unicode(),
         help="Hub users who are gpulane admins (cancel any job); they get the custom:gpulane:admin scope.",
@@ -179,6 +193,31 @@ class GpulaneHub(LoggingConfigurable):
         value = int(proposal["value"])
         if value < 0 or (proposal["trait"].name == "slices" and value < 1):
             raise ValueError(f"GpulaneHub.{proposal['trait'].name} must be positive, not {value}")
+        return value
+
+    @validate("dashboard_ip")
+    def _dashboard_ip(self, proposal: dict[str, Any]) -> str:
+        import ipaddress
+
+        value = str(proposal["value"])
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise TraitError(
+                f"GpulaneHub.dashboard_ip {value!r} must be an IP address, e.g. 0.0.0.0"
+            ) from None
+        return value
+
+    @validate("dashboard_url")
+    def _dashboard_url(self, proposal: dict[str, Any]) -> str:
+        from urllib.parse import urlsplit
+
+        value = str(proposal["value"])
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise TraitError(
+                f"GpulaneHub.dashboard_url {value!r} must be an http(s):// URL, e.g. http://hub:9873"
+            )
         return value
 
     @validate("gpu_source")
@@ -234,6 +273,8 @@ class GpulaneHub(LoggingConfigurable):
             "--slices", str(self.slices),
             "--dashboard-port", str(self.dashboard_port),
         ]  # fmt: skip
+        if self.dashboard_ip != "127.0.0.1":
+            command += ["--dashboard-ip", self.dashboard_ip]
         if self.simulate_gpus:
             command += ["--simulate-gpus", str(self.simulate_gpus), "--gpu-memory", self.gpu_memory]
         elif self.gpu_source == "k8s":
@@ -278,7 +319,7 @@ class GpulaneHub(LoggingConfigurable):
             {
                 "name": SERVICE_NAME,
                 "command": self.broker_command(),
-                "url": f"http://127.0.0.1:{self.dashboard_port}",
+                "url": self.dashboard_url or f"http://127.0.0.1:{self.dashboard_port}",
                 "oauth_no_confirm": True,
                 "display": True,
                 "info": {"description": "GPU queue and usage"},
