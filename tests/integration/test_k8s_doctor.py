@@ -1,10 +1,12 @@
 """`gpulane doctor --k8s` and `gpulane k8s time-slicing --apply` against the loopback API.
 
 The emulator's extension is tested first through the real client (ConfigMaps replaced,
-apps/v1 DaemonSets, the GPU Operator's ClusterPolicies, /version, access reviews). A
-cluster set up as the GPU Operator leaves it then passes every check; each fault an admin
-meets (device plugin not restarted, RBAC not applied, no ConfigMap, no device plugin, no
-API) is its one line and a non-zero exit. ``--apply`` runs against a test-side device
+apps/v1 DaemonSets, networking.k8s.io/v1 NetworkPolicies, the GPU Operator's
+ClusterPolicies, /version, access reviews). A cluster set up as the GPU Operator and
+``gpulane k8s hub-values`` leave it then passes every check; each fault an admin meets
+(device plugin not restarted, RBAC not applied, no ConfigMap, no device plugin, no API,
+the worker pods' policy missing or broader, the chart's values not applied) is its one
+line and a non-zero exit. ``--apply`` runs against a test-side device
 plugin that advertises GPUs x replicas only when its pods are restarted.
 """
 
@@ -18,9 +20,12 @@ from typing import Any
 
 import pytest
 
+from gpulane.admin.doctor.k8s import HUB_NEEDS
+from gpulane.admin.k8s_network import chart_values, worker_policy
 from gpulane.admin.k8s_time_slicing import TimeSlicing, configmap
 from gpulane.cli import build_parser, dispatch
 from tests.support.kube_api import SELF, Store, gpu_node, kube_api
+from tests.support.netpol import chart_pod, chart_policies
 from tests.support.users import need_module
 
 HUB = "system:serviceaccount:jhub:hub"
@@ -76,7 +81,29 @@ def operator(store: Store, replicas: int | None = 4, plugin_ready: int = 2) -> N
     for name in ("gpu-1", "gpu-2"):
         r = replicas or 1
         store.put("nodes", "", gfd_node(name, 2, r, 2 * r))
-    store.grants[HUB] = {("list", "nodes"), ("list", "pods"), ("watch", "pods"), ("delete", "pods")}
+    store.grants[HUB] = {(verb, resource) for verb, resource, _ in HUB_NEEDS}
+    network(store)
+
+
+def network(store: Store, values: dict[str, Any] | None = None, workers: bool = True) -> None:
+    """The hub's namespace as the chart leaves it with hub-values' values (its hub and
+    proxy pods, its policies with gpulane's rules) and gpulane-rbac.yaml's worker policy."""
+    for _, namespace, name in [k for k in store.objects if k[0] == "networkpolicies"]:
+        store.delete("networkpolicies", namespace, name)
+    for policy in chart_policies(chart_values() if values is None else values):
+        store.put("networkpolicies", "jhub", policy)
+    if workers:
+        store.put("networkpolicies", "jhub", worker_policy("jhub"))
+    for pod in (
+        chart_pod("hub-5d9c", "hub", "10.0.0.2", {}),
+        chart_pod(
+            "proxy-77f1", "proxy", "10.0.0.3", {"hub.jupyter.org/network-access-hub": "true"}
+        ),
+    ):
+        key = ("pods", "jhub", pod.name)
+        if key not in store.objects:
+            metadata = {"name": pod.name, "labels": dict(pod.labels)}
+            store.put("pods", "jhub", {"metadata": metadata, "status": {"podIP": pod.ip}})
 
 
 def doctor(
@@ -99,8 +126,10 @@ def test_the_report_is_one_line_per_check(api: Any, capsys: pytest.CaptureFixtur
     )
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
-    assert [line.split()[0] for line in lines[:-1]] == ["ok"] * 5 + ["INFO"]
-    assert lines[-1] == "0 failed, 0 warning(s), 5 ok, 1 noted"
+    assert [line.split()[0] for line in lines[:-1] if not line.startswith(" ")] == (
+        ["ok"] * 6 + ["INFO"]
+    )
+    assert lines[-1] == "0 failed, 0 warning(s), 6 ok, 1 noted"
 
 
 def test_the_emulator_serves_what_doctor_and_apply_use(api: Any) -> None:
@@ -134,6 +163,18 @@ def test_the_emulator_serves_what_doctor_and_apply_use(api: Any) -> None:
     listed = custom.list_cluster_custom_object("nvidia.com", "v1", "clusterpolicies")["items"]
     assert listed[0]["spec"] == {"devicePlugin": {"x": 1}}
     assert client.VersionApi(api_client).get_code().git_version == "v1.30.0-loopback"
+    networking = client.NetworkingV1Api(api_client)
+    networking.create_namespaced_network_policy("jhub", worker_policy("jhub"))
+    (listed_policy,) = networking.list_namespaced_network_policy("jhub").items
+    assert listed_policy.spec.pod_selector.match_labels == {
+        "app.kubernetes.io/component": "gpulane-worker"
+    }
+    assert networking.read_namespaced_network_policy("gpulane-workers", "jhub").spec.ingress == []
+    assert networking.list_namespaced_network_policy("other").items == []
+    with pytest.raises(urllib.error.HTTPError) as core_group:  # not core/v1 either
+        urllib.request.urlopen(f"{host}/api/v1/namespaces/jhub/networkpolicies", timeout=10)
+    assert core_group.value.code == 404
+    core_group.value.close()
     auth = client.AuthorizationV1Api(api_client)
     store.grants[HUB] = {("list", "nodes")}
 
@@ -164,7 +205,8 @@ def test_doctor_passes_on_a_cluster_set_up_as_the_checklist_says(
     assert status == 0, lines
     assert lines["api"].startswith("ok http://127.0.0.1:") and "v1.30.0-loopback" in lines["api"]
     assert lines["hub access"] == (
-        "ok service account jhub/hub may list nodes and pods, watch and delete pods in jhub"
+        "ok service account jhub/hub may list nodes and pods; in jhub create, get, list, watch "
+        "and delete pods and secrets, read events"
     )
     assert lines["gpu nodes"] == (
         "ok 2 GPU node(s) advertise GPUs x replicas: gpu-1 8 nvidia.com/gpu (2 GPU(s) x 4), "
@@ -176,7 +218,53 @@ def test_doctor_passes_on_a_cluster_set_up_as_the_checklist_says(
     assert lines["time-slicing"] == (
         "ok ConfigMap gpu-operator/time-slicing-config: 4 replicas per GPU, used by cluster-policy"
     )
-    assert lines["network policy"].startswith("info not checked yet")
+    assert lines["network policy"] == (
+        "ok as jhub's 4 NetworkPolicies read: %%gpu workers reach user pods on 32768-60999 "
+        "and DNS only, nothing reaches them; kernels and the proxy reach the broker's port 9873"
+    )
+    assert lines["not checked"].startswith("info doctor reads the API, not the network: that ")
+
+
+def test_doctor_reads_what_the_network_policies_mean(
+    api: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, kubeconfig, _ = api
+    operator(store)
+    network(store, workers=False)
+    status, lines = doctor(kubeconfig, capsys)
+    assert status == 1
+    assert lines["network policy"].startswith(
+        "fail no NetworkPolicy jhub/gpulane-workers: %%gpu worker pods (users' code on GPU nodes)"
+    )
+    # The chart's policies without gpulane's values: user pods refuse workers, the hub kernels.
+    network(store, values={})
+    status, lines = doctor(kubeconfig, capsys)
+    assert status == 1
+    assert lines["network policy"] == (
+        "fail the NetworkPolicies in jhub would not let a worker reach its kernel on port 32768 "
+        "(and 3 more)"
+    )
+    # A worker policy broadened by hand (egress anywhere): doctor says what it now lets through.
+    network(store)
+    broad = worker_policy("jhub")
+    broad["spec"]["egress"].append({})
+    store.replace("networkpolicies", "jhub", "gpulane-workers", broad)
+    status, lines = doctor(kubeconfig, capsys)
+    assert status == 1
+    assert lines["network policy"] == (
+        "fail the NetworkPolicies in jhub would let a worker reach a user's Jupyter server "
+        "(8888) (and 1 more)"  # the internet; the hub still refuses it
+    )
+    # One that lets anyone in: user pods' own egress still stops them, the hub's does not.
+    network(store)
+    open_door = worker_policy("jhub")
+    open_door["spec"]["ingress"] = [{}]
+    store.replace("networkpolicies", "jhub", "gpulane-workers", open_door)
+    status, lines = doctor(kubeconfig, capsys)
+    assert status == 1
+    assert lines["network policy"] == (
+        "fail the NetworkPolicies in jhub would let the hub pod reach a worker"
+    )
 
 
 def test_doctor_names_each_fault_and_fails(api: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,8 +281,9 @@ def test_doctor_names_each_fault_and_fails(api: Any, capsys: pytest.CaptureFixtu
         "(kubectl -n gpu-operator rollout restart daemonset/nvidia-device-plugin-daemonset)"
     )
     assert lines["hub access"].startswith(
-        "fail service account jhub/hub may not list pods, watch pods in jhub, delete pods in jhub"
+        "fail service account jhub/hub may not list pods, create pods in jhub, get pods in jhub"
     )
+    assert "create secrets in jhub" in lines["hub access"]
     assert lines["device plugin"] == "fail 1 of 2 device plugin pod(s) ready"
     assert lines["time-slicing"] == (
         "warn no ConfigMap gpu-operator/time-slicing-config: GPUs are not time-sliced"
@@ -307,3 +396,17 @@ def test_apply_then_checks_the_nodes_the_broker_reads(
         "the device plugin has not restarted: kubectl -n gpu-operator rollout restart "
         "daemonset/nvidia-device-plugin-daemonset" in err
     )
+
+
+@pytest.mark.parametrize("name", ["k8s", "kubernetes"])
+def test_backend_k8s_points_at_the_k8s_checks(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --backend names what runs GPU jobs on this machine; a cluster's checks are --k8s.
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["doctor", "--backend", name])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'{name}' is not a --backend here" in err and "gpulane doctor --k8s" in err
+    assert len(err.strip().splitlines()) == 1
+    assert build_parser().parse_args(["doctor", "--backend", "slurm"]).backend == "slurm"

@@ -1,8 +1,9 @@
 """A small stateful Kubernetes API on loopback, for the real ``kubernetes`` client.
 
 No API server can be installed on the test machines. This one keeps core/v1 objects
-(pods, nodes, secrets, services, configmaps), apps/v1 daemonsets and the GPU Operator's
-nvidia.com/v1 clusterpolicies in memory and serves what gpulane and KubeSpawner use:
+(pods, nodes, secrets, services, configmaps), apps/v1 daemonsets, networking.k8s.io/v1
+networkpolicies and the GPU Operator's nvidia.com/v1 clusterpolicies in memory and serves
+what gpulane and KubeSpawner use:
 create, get, list (all namespaces too, with a label selector), merge-patch, replace (PUT),
 delete and watch (ADDED/MODIFIED/DELETED after a resourceVersion); ``/version``; and
 access reviews (SelfSubjectAccessReview, SubjectAccessReview) answered from
@@ -32,11 +33,16 @@ NAMESPACED = {
     "services": "Service",
     "configmaps": "ConfigMap",
     "daemonsets": "DaemonSet",
+    "networkpolicies": "NetworkPolicy",
 }
 CLUSTER = {"nodes": "Node", "clusterpolicies": "ClusterPolicy"}
 KINDS = {**NAMESPACED, **CLUSTER}
 # The API group/version each kind is served under ("v1": the core group, under /api).
-GROUPS = {"daemonsets": "apps/v1", "clusterpolicies": "nvidia.com/v1"}
+GROUPS = {
+    "daemonsets": "apps/v1",
+    "clusterpolicies": "nvidia.com/v1",
+    "networkpolicies": "networking.k8s.io/v1",
+}
 REVIEWS = {"selfsubjectaccessreviews", "subjectaccessreviews"}
 SELF = "loopback-admin"  # who every request is, for access reviews
 ANY = "*"

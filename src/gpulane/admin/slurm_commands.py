@@ -95,13 +95,31 @@ def define_slurm(slurm: argparse.ArgumentParser) -> None:
     )
 
 
+DOCTOR_BACKENDS = ("auto", "broker", "slurm")
+
+
+def _doctor_backend(text: str) -> str:
+    """``--backend`` names what runs GPU jobs on this machine; a cluster is ``--k8s``."""
+    if text in ("k8s", "kubernetes"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a --backend here (it names what runs GPU jobs on this machine: "
+            "the broker or Slurm); check a Kubernetes cluster with gpulane doctor --k8s"
+        )
+    if text not in DOCTOR_BACKENDS:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(DOCTOR_BACKENDS)})"
+        )
+    return text
+
+
 def define_doctor(doctor: argparse.ArgumentParser) -> None:
     """``gpulane doctor``'s options."""
     doctor.set_defaults(func=doctor_command)
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.add_argument(
         "--backend",
-        choices=["auto", "broker", "slurm"],
+        type=_doctor_backend,
+        metavar="{auto,broker,slurm}",
         default="auto",
         help="what to check (default: Slurm where $SLURM_CONF or /etc/slurm/slurm.conf is, "
         "else the embedded broker and its hub)",

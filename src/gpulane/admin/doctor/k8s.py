@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpulane.admin.doctor.context import Finding, run_each
+from gpulane.admin.doctor.k8s_workers import check_network_policy, check_unseen
+from gpulane.admin.k8s_network import WORKER_NEEDS
 from gpulane.admin.k8s_time_slicing import (
     DEFAULT_CONFIGMAP,
     DEFAULT_NAMESPACE,
@@ -40,12 +42,13 @@ TIMEOUT_S = 10.0
 SKIPPED = "not checked: the Kubernetes API is not reachable (see 'api')"
 # What the hub pod does with its service account: the broker lists nodes and pods in every
 # namespace (hub-values' ClusterRole); the pod keeper watches and deletes user pods in the
-# hub's namespace (the chart's own Role). None: cluster-wide; "hub": the hub's namespace.
-HUB_NEEDS = (
+# hub's namespace, and the broker creates, follows and deletes %%gpu worker pods, their
+# Secrets and reads their events there (the chart's own Role). None: cluster-wide; "hub":
+# the hub's namespace.
+HUB_NEEDS: tuple[tuple[str, str, str | None], ...] = (
     ("list", "nodes", None),
     ("list", "pods", None),
-    ("watch", "pods", "hub"),
-    ("delete", "pods", "hub"),
+    *((verb, resource, "hub") for verb, resource in WORKER_NEEDS),
 )
 
 
@@ -173,15 +176,17 @@ def check_hub_access(site: KubeSite) -> Finding:
             name,
             "fail",
             f"service account {account} may not {', '.join(denied)}: the broker in the hub "
-            "pod cannot read the cluster's GPUs or follow its GPU servers' pods",
+            "pod cannot read the cluster's GPUs, follow its GPU servers' pods or start "
+            "%%gpu worker pods",
             "kubectl apply -f gpulane-rbac.yaml (written by gpulane k8s hub-values --rbac-out); "
-            "watch/delete pods come with z2jh's hub Role",
+            "pods, secrets and events in the hub's namespace come with z2jh's hub Role "
+            "(rbac.create: true)",
         )
     return Finding(
         name,
         "ok",
-        f"service account {account} may list nodes and pods, watch and delete pods in "
-        f"{site.hub_namespace}",
+        f"service account {account} may list nodes and pods; in {site.hub_namespace} create, "
+        "get, list, watch and delete pods and secrets, read events",
     )
 
 
@@ -356,17 +361,6 @@ def check_time_slicing(site: KubeSite) -> Finding:
     )
 
 
-def check_network_policy(site: KubeSite) -> Finding:
-    # Nothing needs one yet: %%gpu worker pods (issue 16, part 2) are not built.
-    return Finding(
-        "network policy",
-        "info",
-        "not checked yet: %%gpu worker pods on Kubernetes are not built; when they are, "
-        "they need a NetworkPolicy that lets them reach user pods (z2jh blocks singleuser "
-        "egress to private addresses by default)",
-    )
-
-
 K8S_CHECKS: tuple[Callable[[KubeSite], Finding], ...] = (
     check_api,
     check_hub_access,
@@ -374,6 +368,7 @@ K8S_CHECKS: tuple[Callable[[KubeSite], Finding], ...] = (
     check_device_plugin,
     check_time_slicing,
     check_network_policy,
+    check_unseen,
 )
 
 
