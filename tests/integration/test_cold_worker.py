@@ -10,9 +10,11 @@ in both; outputs, results, `Out[n]`, `_`, returned names and tracebacks compared
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
+from gpulane.kernel import runner
 from gpulane.kernel.protocol import CellError, RunCell
 from gpulane.kernel.transfer import pack
 from gpulane.kernel.worker import LocalWorker
@@ -117,3 +119,66 @@ class Collect:
 
 def strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# A thread that takes the output relay's lock once the relay is closed and keeps it, and an
+# exit handler that lets the exit go on only once it does: at the exit's flush of
+# sys.stdout the lock is held by a daemon thread that finalization has frozen, as a gdb stack
+# of a cold worker that hung at exit showed (its relay thread had taken the lock).
+HOLDS_THE_RELAY_LOCK = """\
+import atexit, sys, threading, time
+relay = sys.stdout.relay
+held = threading.Event()
+def hold():
+    while not relay._closed:
+        time.sleep(0.001)
+    relay._lock.acquire()
+    held.set()
+    time.sleep(3600)
+threading.Thread(target=hold, daemon=True).start()
+atexit.register(held.wait, 10)
+print('x')
+"""
+
+# An object whose __del__ never returns, in the cell's namespace: module teardown hangs.
+STUCK_IN_TEARDOWN = """\
+import os
+class Stuck:
+    def __del__(self, read=os.read, fd=os.pipe()[0]):
+        read(fd, 1)  # its write end stays open: never returns
+_stuck = Stuck()
+print('x')
+"""
+
+
+def cold_cell(code: str) -> tuple[LocalWorker, Collect]:
+    worker = LocalWorker()  # a cold Python, as a Slurm node starts one
+    sink = Collect()
+    worker.attach(sink)
+    worker.run({}, RunCell(code, pack({}, None, 1 << 20), (), 1, "/nonexistent", 1 << 20, True))
+    assert worker.done.wait(60), sink.items
+    assert worker.result is not None and worker.result.ok, sink.items
+    return worker, sink
+
+
+def test_a_cold_worker_exits_while_a_daemon_thread_holds_its_output_lock():
+    worker, sink = cold_cell(HOLDS_THE_RELAY_LOCK)
+    try:
+        assert worker.proc.wait(10) == 0, sink.items  # the cell's status, no watchdog
+    finally:
+        worker.stop()
+    assert ("stdout", "x\n") in sink.items
+
+
+def test_a_cold_worker_whose_teardown_hangs_is_ended_by_its_watchdog():
+    worker, sink = cold_cell(STUCK_IN_TEARDOWN)
+    started = time.monotonic()
+    try:
+        status = worker.proc.wait(runner.EXIT_LIMIT_S + 10)
+    finally:
+        worker.stop()
+    took = time.monotonic() - started
+    assert status == 1 and took < runner.EXIT_LIMIT_S + 5, (status, took)
+    worker.wait_output()
+    stderr = "".join(str(text) for kind, text in sink.items if kind == "stderr")
+    assert "Timeout" in stderr and "__del__" in stderr, sink.items

@@ -110,6 +110,24 @@ def test_a_gpu_cell_runs_on_slurm_with_the_notebooks_variables(slurm_cluster, ke
     assert error is not None and error["ename"] == "ZeroDivisionError"
 
 
+def test_a_cold_worker_that_would_hang_at_exit_ends_and_frees_its_slurm_gpu(slurm_cluster, kernels):
+    from tests.integration.test_cold_worker import HOLDS_THE_RELAY_LOCK, STUCK_IN_TEARDOWN
+
+    k = kernels(ALICE, None, env=slurm_cluster.user_env(ALICE))
+    # A daemon thread holding the output relay's lock at exit (the hang seen): no hang now.
+    cell = k.execute("%%gpu --time 5m\n" + HOLDS_THE_RELAY_LOCK, timeout=120)
+    assert cell.status == "ok", cell.messages
+    wait_for(lambda: slurm_cluster.squeue() == [], 10, what="the allocation to end")
+    # A teardown that never returns: the worker's watchdog ends it, and the allocation.
+    started = time.monotonic()
+    cell = k.execute("%%gpu --time 5m\n" + STUCK_IN_TEARDOWN, timeout=120)
+    error = cell.error()
+    assert error is not None and error["ename"] == "WorkerExited", cell.messages
+    assert "x" in cell.stream() and "Timeout" in cell.stream("stderr"), cell.messages
+    wait_for(lambda: slurm_cluster.squeue() == [], 10, what="the allocation to end")
+    assert time.monotonic() - started < 30
+
+
 def test_the_cell_waits_through_a_slurmctld_restart(slurm_cluster):
     from tools.slurmlocal import paths, read_pid, slurm_env
 

@@ -80,3 +80,32 @@ def test_flushed_text_is_sent_before_flush_returns():
 def test_a_split_utf8_character_arrives_whole():
     log = run("os.write(1, 'é'.encode()[:1])\nos.write(1, 'é'.encode()[1:])\nmessage('done')\n")
     assert between_messages(log)[0] == {"stdout": "é"}
+
+
+def test_close_ends_the_relay_thread_while_a_subprocess_still_holds_the_pipes():
+    # A relay thread left running as the worker exits can be frozen by the interpreter's
+    # finalization while it holds the relay's lock, and the exit's flush then waits forever.
+    log = run(
+        "import threading\n"
+        "child = subprocess.Popen(['sleep', '30'])\n"  # holds the pipes' write ends
+        "print('x', flush=True)\n"
+        "relay.close()\n"
+        "send('threads', ','.join(t.name for t in threading.enumerate()))\n"
+        "child.kill()\n"
+        "child.wait()\n"
+    )
+    assert log == [("stdout", "x\n"), ("threads", "MainThread")]
+
+
+def test_a_flush_after_close_takes_no_lock():
+    # At exit Python flushes sys.stdout; a daemon thread may hold the relay's lock then.
+    log = run(
+        "relay.close()\n"
+        "relay._lock.acquire()\n"
+        "import threading\n"
+        "t = threading.Thread(target=lambda: (sys.stdout.flush(), send('flushed', '')), daemon=True)\n"
+        "t.start()\n"
+        "t.join(5)\n"
+        "send('alive', str(t.is_alive()))\n"
+    )
+    assert log == [("flushed", ""), ("alive", "False")]

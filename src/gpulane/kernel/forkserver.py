@@ -36,7 +36,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from gpulane.config import FORKSERVER_FD_ENV, RUNNER_FD_ENV
@@ -259,33 +258,9 @@ class ForkServer:
             os.environ[RUNNER_FD_ENV] = str(channel)
             from gpulane.kernel import runner
 
-            status = _run_to_exit(runner.main)
+            status = runner.run_to_exit(runner.main)
         finally:
             os._exit(status)
-
-
-def _run_to_exit(main: Callable[[], int]) -> int:
-    """Run the worker and end as a Python process would: threads joined, atexit handlers run."""
-    import atexit
-
-    status = 1
-    try:
-        status = main()
-    except SystemExit as leaving:
-        status = leaving.code if isinstance(leaving.code, int) else 1
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        with contextlib.suppress(BaseException):
-            threading._shutdown()  # type: ignore[attr-defined]
-        with contextlib.suppress(BaseException):
-            atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-    return status
 
 
 def main() -> int:

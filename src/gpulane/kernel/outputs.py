@@ -87,6 +87,8 @@ class OutputRelay:
         self._lock = threading.RLock()
         self._pipes: list[_Pipe] = []
         self._closed = False
+        self._thread: threading.Thread | None = None
+        self._wake = (-1, -1)  # a pipe whose write ends the relay thread's poll at close
 
     def start(self) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -95,7 +97,9 @@ class OutputRelay:
         self._pipes = [_Pipe(1, "stdout"), _Pipe(2, "stderr")]
         sys.stdout = _text_stream(1, sys.stdout, self)
         sys.stderr = _text_stream(2, sys.stderr, self)
-        threading.Thread(target=self._relay, daemon=True, name="gpulane-output").start()
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self._relay, daemon=True, name="gpulane-output")
+        self._thread.start()
 
     @contextlib.contextmanager
     def ordered(self) -> Iterator[None]:
@@ -108,18 +112,33 @@ class OutputRelay:
             yield
 
     def pump(self) -> None:
-        """Send what was written so far (``sys.stdout.flush()`` lands here)."""
+        """Send what was written so far (``sys.stdout.flush()`` lands here). Once closed it
+        does nothing and takes no lock: Python flushes ``sys.stdout`` as it exits, when a
+        daemon thread frozen by the interpreter's finalization may hold any lock."""
+        if self._closed:
+            return
         with self._lock:
             self._pump()
 
     def close(self) -> None:
-        """Send the last of it and give fds 1 and 2 back: later output (an exit handler's)
-        goes where the worker's own output went before the cell."""
+        """Send the last of it, end the relay thread and give fds 1 and 2 back: later output
+        (an exit handler's) goes where the worker's own output went before the cell.
+
+        The thread is woken and joined here, whoever still holds the pipes' write ends (a
+        subprocess the cell left running): a relay thread still running as the worker exits
+        could be frozen by the interpreter's finalization inside :meth:`pump`, holding the
+        lock that the exit's flush of ``sys.stdout`` then waits for forever."""
         with self._lock:
             self._pump()
             self._closed = True
             for pipe in self._pipes:
                 pipe.restore()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            os.write(self._wake[1], b"x")
+            thread.join()
+            for fd in self._wake:
+                os.close(fd)
 
     def _pump(self) -> None:
         if self._closed:
@@ -133,8 +152,11 @@ class OutputRelay:
         poller = select.poll()
         for pipe in self._pipes:
             poller.register(pipe.read_end, select.POLLIN)
+        poller.register(self._wake[0], select.POLLIN)
         while not self._closed and any(pipe.open for pipe in self._pipes):
             poller.poll()
+            if self._closed:
+                return
             time.sleep(COALESCE_S)
             try:
                 self.pump()

@@ -417,5 +417,50 @@ class _InBackground:
         return self._value
 
 
+def run_to_exit(main: Callable[[], int]) -> int:
+    """Run the worker, then do what a Python process does as it exits that user code can
+    see: wait for its non-daemon threads, run its atexit handlers, flush stdout and stderr.
+    Returns the exit status; a forked worker then calls ``os._exit``, a cold one finalizes
+    (:func:`cold`)."""
+    import atexit
+
+    status = 1
+    try:
+        status = main()
+    except SystemExit as leaving:
+        status = leaving.code if isinstance(leaving.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            threading._shutdown()  # type: ignore[attr-defined]
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+    return status
+
+
+EXIT_LIMIT_S = 3.0  # a cold worker's finalization after its exit handlers, at most
+
+
+def cold() -> int:
+    """A cold worker (``python -m``): :func:`run_to_exit`, then the interpreter's own
+    finalization under a watchdog. What is left to finalize is module teardown: no thread
+    of the cell's, no exit handler. Should it hang all the same (a daemon thread frozen
+    holding a lock the teardown needs, an object's ``__del__`` that never returns), the
+    watchdog, a C thread that needs no GIL, writes every thread's stack to stderr and ends
+    the process with status 1 after :data:`EXIT_LIMIT_S`: on a Slurm node nothing else
+    would end it, and its allocation would keep the GPU until its time limit."""
+    import faulthandler
+
+    status = run_to_exit(main)
+    faulthandler.dump_traceback_later(EXIT_LIMIT_S, exit=True)
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cold())
