@@ -97,6 +97,7 @@ def status_table(snapshot: Snapshot) -> str:
     lines = [
         f"back end: {snapshot['backend']} ({snapshot['backend_reason']})",
         *_device_access(snapshot),
+        *([m] if (m := snapshot.get("mps")) else []),
         *([f"capacity: {w}"] if (w := snapshot.get("capacity_warning")) else []),
         "",
         f"{'GPU':<4} {'name':<22} {'memory':<22} {'util':>5}  holders",

@@ -51,6 +51,10 @@ class JobDetails(TypedDict, total=False):
     assigned_slices: int | None
     gpu_memory_limit: int | None  # bytes given on a shared GPU (a slice's part, or --gpu-mem)
     gpu_memory_fraction: float | None
+    # Running, for its owner, where the broker made it a CUDA MPS client (broker/mps.py):
+    # CUDA_VISIBLE_DEVICES (the GPU's UUID), CUDA_MPS_PIPE_DIRECTORY, CUDA_MPS_LOG_DIRECTORY
+    # and CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, added to its command's environment.
+    mps_env: dict[str, str]
     ending: str | None  # the state a job being stopped will end in
     # Once started:
     elapsed: float | None
@@ -142,6 +146,7 @@ class Snapshot(TypedDict):
     # broker only: "enforced" (GPU device files open only to holders) or why it is not
     device_access: NotRequired[str]
     strays: NotRequired[list[Stray]]  # broker only, where its watchdog reads GPU memory
+    mps: NotRequired[str]  # broker only: "MPS: on for GPU 0 (...)" or "MPS: off (why)"
     capacity_warning: NotRequired[str]  # broker only: nodes disagree with time-slicing (k8s)
 
 

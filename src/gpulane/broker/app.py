@@ -26,6 +26,7 @@ from gpulane.errors import ConfigError, GpulaneError, OptionError
 from gpulane.jobs import MAX_TIME_SECONDS, TIME_FORMS, parse_count, parse_duration, parse_memory
 
 if TYPE_CHECKING:
+    from gpulane.broker.mps import MpsSettings
     from gpulane.broker.pod_leases import PodLeases
 
 EXIT_USAGE = 2
@@ -247,6 +248,13 @@ class Enforcement(_Choice):
     choices = ("auto", "on", "off")
 
 
+class MpsChoice(_Choice):
+    """Whether the broker runs CUDA MPS daemons: ``auto``, ``on`` or ``off``."""
+
+    info_text = "auto (where nvidia-cuda-mps-control is found and the broker is root), on or off"
+    choices = ("auto", "on", "off")
+
+
 class StrayChoice(_Choice):
     """What the memory watchdog does with a process on a GPU outside any grant."""
 
@@ -425,6 +433,17 @@ class BrokerApp(Application):
         "and there are device files), on (refuse to start where it cannot hold) or off "
         "(also --no-enforce-devices).",
     ).tag(config=True)
+    mps = MpsChoice(
+        "auto",
+        help="CUDA MPS, one control daemon per GPU, giving each job on a shared GPU a pinned "
+        "memory limit the driver enforces: auto (where nvidia-cuda-mps-control is found, the "
+        "broker is root and the GPU is not in MIG mode), on (refuse to start where it "
+        "cannot run) or off.",
+    ).tag(config=True)
+    mps_dir = Unicode(
+        "/run/gpulane/mps",
+        help="Folder of the MPS daemons' pipe and log folders (gpuN/pipe, gpuN/log), root's.",
+    ).tag(config=True)
     memory_watch_interval = Duration(
         "1s", help="How often the GPU memory watchdog reads per-process GPU memory."
     ).tag(config=True)
@@ -486,7 +505,7 @@ class BrokerApp(Application):
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval", "k8s_namespace",
             "memory_watch_interval", "memory_watch_grace", "gpu_mem_slack",
-            "stray_gpu_processes", "gpu_readings",
+            "stray_gpu_processes", "gpu_readings", "mps", "mps_dir",
         )
     }  # fmt: skip
     flags: dict[Any, Any] = {  # noqa: RUF012
@@ -606,6 +625,7 @@ class BrokerApp(Application):
         settings = replace(
             settings,
             devices=device_settings,
+            mps=self._mps_plan(inventory),
             memory_watch=WatchSettings(
                 interval=float(self.memory_watch_interval),
                 grace=float(self.memory_watch_grace),
@@ -619,6 +639,7 @@ class BrokerApp(Application):
         if self.gpu_source == "k8s" and self.simulate_gpus is None:
             broker.pods = self._pod_leases()
         broker.devices.close_all()  # before anyone is let in; start() reopens reattached jobs'
+        broker.mps.start()  # each GPU's MPS daemon, before any job can be told of it
 
         async def serve_following() -> None:
             # An inventory that changes (Kubernetes nodes) wakes the queue when it does.
@@ -629,6 +650,28 @@ class BrokerApp(Application):
             await serve(broker, Path(self.socket), self.dashboard_port, self.dashboard_ip)
 
         asyncio.run(serve_following())
+
+    def _mps_plan(self, inventory: Any) -> MpsSettings:
+        """Which GPUs get an MPS daemon: real GPUs read through NVML only (never simulated
+        ones, nor Kubernetes nodes'), not in MIG mode, where the broker is root."""
+        import shutil
+
+        from gpulane.broker import mps
+        from gpulane.broker.mps_daemons import mig_modes
+
+        nvml = inventory.nvml() if hasattr(inventory, "nvml") else None
+        uuids, mig = {}, {}
+        if nvml is not None:
+            uuids = {r.index: r.uuid for r in inventory.read() if r.uuid}
+            mig = mig_modes(nvml, inventory.count)
+        return mps.plan(
+            self.mps,
+            control=shutil.which(mps.CONTROL),
+            uuids=uuids,
+            mig=mig,
+            is_root=os.geteuid() == 0,
+            base=self.mps_dir,
+        )
 
     def _pod_leases(self) -> PodLeases | None:
         from gpulane.broker.k8s_capacity import core_api

@@ -38,6 +38,8 @@ from gpulane.broker.groups import GroupReader
 from gpulane.broker.identity import Identity
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
+from gpulane.broker.mps_daemons import CHECK_INTERVAL as MPS_CHECK_INTERVAL
+from gpulane.broker.mps_daemons import MpsDaemons
 from gpulane.broker.quotas import Pruner, SubmitRate
 from gpulane.broker.settings import BrokerSettings
 from gpulane.broker.store import JobRecord, Store
@@ -93,6 +95,9 @@ class Broker:
         self.can_kill_any = os.geteuid() == 0
         # GPU device files open only to holders; app.py closed them all before start().
         self.devices = DeviceGuard(settings.devices)
+        # CUDA MPS daemons, one per GPU, where MPS is on; app.py started them before start().
+        self.mps = MpsDaemons(settings.mps)
+        self._mps_handle: asyncio.TimerHandle | None = None
         # The GPU memory watchdog, where per-process readings exist (NVML or a file).
         reader = memory_watch.reader_for(settings.memory_watch, inventory)
         self.memory = None
@@ -148,12 +153,17 @@ class Broker:
         self.leases.start()
         if self.memory is not None:
             self.memory.start()
+        self.mps.adopt(self.jobs.values(), self._memory_given)  # reattached jobs' MPS clients
         self._schedule()  # opens the GPUs to the reattached jobs' users
+        self._check_mps()
         self.devices.sweep()
         self._prune()
 
     def stop(self) -> None:
         self.leases.stop()
+        if self._mps_handle is not None:
+            self._mps_handle.cancel()
+        self.mps.stop()
         if self.memory is not None:
             self.memory.stop()
         if self._prune_handle is not None:
@@ -317,6 +327,7 @@ class Broker:
         )
         if self.memory is not None:
             snapshot["strays"] = self.memory.stray_views()
+        snapshot["mps"] = self.mps.settings.line()
         return snapshot
 
     def holders(self, now: float) -> list[Holder]:
@@ -339,6 +350,7 @@ class Broker:
             gpu_memory=self.inventory.memory,
             waiting=waiting,
             memory=None if self.memory is None else self.memory.of(job.id),
+            mps_env=self.mps.env_for(job.id),
         )
 
     def _event(
@@ -423,6 +435,7 @@ class Broker:
             log.info("job %d granted to %s on GPU %s", job.id, job.user, job.assigned_gpus)
         # Every grant and every end passes here (_finalize schedules): device access follows.
         self.devices.sync(self.jobs.values())
+        self.mps.sync(self.jobs.values(), self._memory_given)  # before the grant is published
         self._publish(urgent=granted)
 
     def _retry_schedule(self) -> None:
@@ -496,6 +509,15 @@ class Broker:
 
     def _memory_given(self, job: JobRecord) -> int | None:
         return views.memory_limit(job, self.config, self.inventory.memory)
+
+    def _check_mps(self) -> None:
+        """Start again any MPS daemon that died, every few seconds while MPS is on."""
+        if not self.mps.enabled:
+            return
+        self.mps.check()
+        self._mps_handle = asyncio.get_running_loop().call_later(
+            MPS_CHECK_INTERVAL, self._check_mps
+        )
 
     def _over_memory(self, job_id: int, message: str) -> None:
         """The watchdog's end: over its GPU memory for longer than the grace."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from gpulane.broker import procs, watchdog
 from gpulane.broker.gpus import Inventory
+from gpulane.broker.mps_daemons import is_mps_server
 from gpulane.broker.store import JobRecord
 from gpulane.jobs import JobState, format_bytes
 from gpulane.views import Stray
@@ -206,7 +207,8 @@ class MemoryWatch:
 
     def check(self, now: float) -> None:
         """One reading, one decision, its actions."""
-        readings = self.read()
+        # MPS servers (broker/mps_daemons.py) serve granted jobs' clients: not strays.
+        readings = [r for r in self.read() if not is_mps_server(r.pid)]
         running = [j for j in self.jobs() if j.state is JobState.RUNNING]
         by_pid: dict[int, JobRecord] = {}
         live = live_commands(running)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from gpulane.broker import policy
 from gpulane.broker.devices import DeviceSettings
 from gpulane.broker.memory_watch import WatchSettings
+from gpulane.broker.mps import MpsSettings
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,5 @@ class BrokerSettings:
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     # The GPU memory watchdog (broker/memory_watch.py): runs where there are readings.
     memory_watch: WatchSettings = field(default_factory=WatchSettings)
+    # CUDA MPS daemons with pinned memory limits (broker/mps.py); off unless app.py plans it.
+    mps: MpsSettings = field(default_factory=MpsSettings)

@@ -122,8 +122,10 @@ def job_view(
     gpu_memory: int,
     waiting: Waiting | None = None,
     memory: tuple[int | None, str | None] | None = None,
+    mps_env: dict[str, str] | None = None,
 ) -> JobView:
-    """The job as ``viewer`` sees it at ``now``; ``waiting`` where it is queued and explained."""
+    """The job as ``viewer`` sees it at ``now``; ``waiting`` where it is queued and explained;
+    ``mps_env`` where it is an MPS client (broker/mps.py), for its owner's command."""
     limit = memory_limit(job, config, gpu_memory)
     view: JobView = {
         "id": job.id,
@@ -163,6 +165,8 @@ def job_view(
         view["reason_text"] = waiting_text(waiting, config, job.user, viewer == job.user, now)
     if viewer == job.user:  # only the owner sees what the job runs
         view["command"] = job.command
+        if mps_env and job.state is JobState.RUNNING:
+            view["mps_env"] = dict(mps_env)
     return view
 
 

@@ -297,6 +297,9 @@ def job_environment(job: JobView) -> dict[str, str]:
         env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
     if job.get("slices"):
         env[SLICES_ENV] = str(job["slices"])
+    # An MPS client (broker/mps.py): its GPU by UUID, its daemon's folders, and the pinned
+    # memory limit the driver enforces; replaces CUDA_VISIBLE_DEVICES' index.
+    env.update(job.get("mps_env") or {})
     return env
 
 

@@ -251,6 +251,37 @@ def check_device_driver(site: BrokerSite) -> Finding:
     return Finding(name, "fail", f"{why}: the queue cannot be enforced", nvidia_driver.FIX_LINE)
 
 
+def check_mps(site: BrokerSite) -> Finding:
+    """CUDA MPS, the hard GPU memory cap (issue 14): the running broker's word, else what
+    this machine offers (``MPS: off (nvidia-cuda-mps-control not found)``)."""
+    import shutil
+
+    from gpulane.broker import mps
+
+    health = _health(site)
+    line = health.get("mps") if isinstance(health, dict) else None
+    if not isinstance(line, str) or not line:
+        if site.simulated:
+            line = "MPS: off (simulated GPUs)"
+        elif shutil.which(mps.CONTROL) is None:
+            line = f"MPS: off ({mps.CONTROL} not found)"
+        else:
+            return Finding("MPS", "warn", "the broker does not say whether MPS is on", site.restart)
+    said = line.removeprefix("MPS: ")
+    if said.startswith("on") or any(
+        w in said for w in (mps.OFF_FLAG, "simulated", "no NVIDIA GPU")
+    ):
+        return Finding("MPS", "ok", said)
+    fix = ""
+    if mps.CONTROL in said:
+        fix = (
+            f"apt-get install nvidia-compute-utils-<driver branch>  # or start with {mps.OFF_FLAG}"
+        )
+    return Finding(
+        "MPS", "warn", f"{said}: GPU memory past a grant is only watched, not capped", fix
+    )
+
+
 def check_kernel_extension(site: BrokerSite) -> Finding:
     from gpulane.hub.config import kernel_config_path
 
@@ -352,6 +383,7 @@ BROKER_CHECKS: tuple[Callable[[BrokerSite], Finding], ...] = (
     check_state,
     check_gpus,
     check_device_driver,
+    check_mps,
     check_kernel_extension,
     check_hub,
     check_groups,
