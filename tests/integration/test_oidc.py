@@ -40,6 +40,7 @@ PEOPLE: dict[str, dict[str, Any]] = {
     "sub-fay": {"preferred_username": "fay", "groups": ["jupyter-users", "gpu-users"]},
     "sub-eve": {"preferred_username": "eve", "groups": ["students"]},
     "sub-carl": {"preferred_username": "carl", "groups": ["jupyter-admins"]},
+    "sub-hal": {"preferred_username": "hal", "groups": ["jupyter-users", "gpu-users", "optics"]},
 }
 ALLOWED, ADMINS, GPU = "jupyter-users", "jupyter-admins", "gpu-users"
 
@@ -77,7 +78,7 @@ configure(
     simulate_gpus=1,
     dashboard_port={dashboard_port},
     idle_culler=False,
-    broker_args=["--gpu-groups", {gpu!r}],
+    broker_args=["--gpu-groups", {gpu!r}, "--group-shares", "optics=3"],
 )
 """
 
@@ -279,6 +280,37 @@ def test_gpu_groups_from_the_claim_decide_who_may_use_gpus(oidc_hub):
     finally:
         ada.close()
         ben.close()
+
+
+def test_hub_groups_are_share_groups_where_the_hubs_groups_count(oidc_hub):
+    """--group-shares optics=3 with the hub's groups: hal, in the hub group optics (from the
+    claim; no Unix group of that name exists), waits on a share of 3, ada on 1."""
+    ada, _ = oidc_hub.login("sub-ada")
+    hal, _ = oidc_hub.login("sub-hal")
+    socket = oidc_hub.state / "run" / "broker.sock"
+    clients: list[UnixJSONClient] = []
+    jobs: list[tuple[UnixJSONClient, int]] = []
+    try:
+        ada.make_token()
+        hal.make_token()
+        as_ada = UnixJSONClient(socket, token=ada.token)
+        as_hal = UnixJSONClient(socket, token=hal.token)
+        clients += [as_ada, as_hal]
+        for client, name in ((as_ada, "share-a1"), (as_hal, "share-h"), (as_ada, "share-a2")):
+            jobs.append((client, client.request("POST", "/v1/jobs", {"name": name})["id"]))
+        queue = as_hal.request("GET", "/v1/status")["queue"]  # as gpulane status shows it
+        view = next(v for v in queue if v["id"] == jobs[1][1])
+        assert view["state"] == "queued" and view["position"] == 1, view
+        # Only the share group's weight makes the shares differ, and the text name them.
+        assert "ada has used 0.0 GPU-hours on a share of 1" in view["reason_text"], view
+        assert "you 0.0 on a share of 3: you go first" in view["reason_text"], view
+    finally:
+        for client, job_id in jobs:
+            client.request("POST", f"/v1/jobs/{job_id}/cancel")
+        for client in clients:
+            client.close()
+        ada.close()
+        hal.close()
 
 
 def test_the_client_secret_is_in_no_config_argv_or_log(oidc_hub):

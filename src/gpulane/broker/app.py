@@ -355,8 +355,8 @@ class BrokerApp(Application):
     ).tag(config=True)
     group_shares = Shares(
         "",
-        help="Fair-share weights per Unix group, such as physics=3,chem=1; a group's share "
-        "is split among its members with jobs, by their user weights.",
+        help="Fair-share weights per group (of --group-source), such as physics=3,chem=1; a "
+        "group's share is split among its members with jobs, by their user weights.",
     ).tag(config=True)
     gpu_groups = Groups("", help="Unix groups allowed to use GPUs (default: everyone).").tag(
         config=True

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -29,12 +29,14 @@ from gpulane.broker import (
     pod_leases,
     policy,
     procs,
+    shares,
     views,
 )
 from gpulane.broker.devices import DeviceGuard
 from gpulane.broker.explain import QueueExplainer, loop_time, policy_state
 from gpulane.broker.gpus import Inventory
 from gpulane.broker.groups import GroupReader
+from gpulane.broker.hub_auth import HubTokenError
 from gpulane.broker.identity import Identity
 from gpulane.broker.leases import Leases
 from gpulane.broker.metrics import BrokerMetrics
@@ -213,6 +215,7 @@ class Broker:
         self.leases.beat(job.id)
         self.metrics.submitted()
         if who.pid:
+        self.learn_share_group(who.user, who.groups)
             self.leases.watch_client(who.pid, job.id)
         log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
         self._schedule()
@@ -223,6 +226,37 @@ class Broker:
         if job.state is JobState.QUEUED:
             self._finalize(job, JobState.CANCELLED, f"cancelled by {who.user}")
         elif job.state is JobState.RUNNING:
+    def learn_share_group(self, user: str, groups: Iterable[str]) -> None:
+        """Where share groups are the hub's, ``user``'s from the hub groups they came with
+        (the hub says who is in a group only when asked about a user)."""
+        cfg = self.config
+        if not (cfg.group_shares and self.groups.from_hub()):
+            return
+        group = shares.share_group(groups, cfg.group_shares)
+        mapping = shares.with_share_group(cfg.user_groups, user, group)
+        if mapping is not None:
+            self.config = replace(cfg, user_groups=mapping)
+            log.info("%s's share group is now %s", user, group or "none")
+
+    def use_hub_share_groups(self) -> list[str]:
+        """Where share groups are the hub's, drop the Unix ones read at start; the users with
+        jobs now, whose hub groups to ask for (:meth:`learn_hub_share_groups`)."""
+        if not (self.config.group_shares and self.groups.from_hub()):
+            return []
+        self.config = replace(self.config, user_groups={})
+        return sorted({job.user for job in self.jobs.values()})
+
+    async def learn_hub_share_groups(self, users: Iterable[str]) -> None:
+        """Ask the hub for each of ``users``' groups (after a restart, for the jobs still
+        queued or running); one the hub cannot answer for is learned at their next submit."""
+        for user in users:
+            try:
+                groups = await self.groups.groups_of(user)
+            except HubTokenError:
+                continue  # logged by hub_auth
+            self.learn_share_group(user, groups)
+        self._schedule()
+
             self._revoke(job, JobState.CANCELLED, f"cancelled by {who.user}")
         self.metrics.cancelled()
         return self.view(job, who)

@@ -48,6 +48,11 @@ class GroupReader:
             return who  # a socket peer's groups are read from its uid already
         return replace(who, groups=unix_groups_of_name(who.user))
 
+    async def groups_of(self, user: str) -> frozenset[str]:
+        """The hub groups of ``user`` (cached briefly); raises ``HubTokenError`` where the
+        hub cannot be asked. Only with the hub as the source."""
+        return await self._hub_groups(user)
+
     async def _hub_groups(self, user: str) -> frozenset[str]:
         cached = self._hub_cache.get(user)
         now = time.monotonic()

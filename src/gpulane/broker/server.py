@@ -405,6 +405,8 @@ async def serve(
     acceptor.stop()
     sock.close()
     server.stop()
+    # Share groups are the hub's too: those of users with jobs now are asked for meanwhile.
+    learning = asyncio.ensure_future(broker.learn_hub_share_groups(broker.use_hub_share_groups()))
     # Finish what is open before the store closes: event streams end cleanly, requests in
     # flight are answered, kept-alive connections are closed (clients reconnect later).
     for ready in list(app.settings["event_streams"]):
@@ -418,6 +420,7 @@ async def serve(
 
 def _raise_fd_limit() -> None:
     # One descriptor per connected client and per watched client process.
+    learning.cancel()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

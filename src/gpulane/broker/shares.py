@@ -6,6 +6,12 @@ jobs queued or running, in proportion to their own weights; a user outside
 every share group stands alone with their own weight. The fair-share order
 compares *standing*: recent GPU-seconds (decayed with the half-life) divided by
 the share, so a user with twice the share may use twice as much.
+
+Share groups are groups of the broker's group source (:mod:`gpulane.broker.groups`):
+Unix groups, read once when the broker starts (:func:`share_groups`), or the hub's,
+learned from the groups a user comes with (:func:`share_group`, kept per user by
+:func:`with_share_group`: one entry per hub user who submitted, a bound the hub's
+admins set).
 """
 
 from __future__ import annotations
@@ -75,6 +81,26 @@ def parse_shares(text: str, option: str) -> dict[str, float]:
                 "weights separated by commas, such as alice=2,bob=1"
             )
         result[name.strip()] = weight
+    return result
+
+
+def share_group(groups: Iterable[str], group_shares: Mapping[str, float]) -> str | None:
+    """The share group of a user in ``groups``: the first of ``group_shares`` (by name)
+    among them, as :func:`share_groups` picks; ``None`` where they are in none."""
+    mine = set(groups)
+    return next((name for name in sorted(group_shares) if name in mine), None)
+
+
+def with_share_group(
+    user_groups: Mapping[str, str], user: str, group: str | None
+) -> dict[str, str] | None:
+    """``user_groups`` with ``user`` in ``group`` (out of every group for ``None``), or
+    ``None`` where that changes nothing."""
+    if user_groups.get(user) == group:
+        return None
+    result = {name: g for name, g in user_groups.items() if name != user}
+    if group is not None:
+        result[user] = group
     return result
 
 

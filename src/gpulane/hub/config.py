@@ -118,8 +118,8 @@ class GpulaneHub(LoggingConfigurable):
 
     group_shares = Dict(
         value_trait=Float(),
-        help="Fair-share weights per Unix group, e.g. {'physics': 3, 'chem': 1}; a group's "
-        "share is split among its members with jobs.",
+        help="Fair-share weights per group (of group_source), e.g. {'physics': 3, 'chem': 1}; "
+        "a group's share is split among its members with jobs.",
     ).tag(config=True)
 
     gpu_groups = Set(
