@@ -526,9 +526,13 @@ def floor_rows(settle: Callable[[], None]) -> list[Row]:
 FLOORS = 3  # the floor rows that lead transfer_rows' list
 
 
-def transfer_rows(kernel: BenchKernel, settle: Callable[[], None]) -> list[Row]:
-    """1 GiB in and 1 GiB out through %%gpu, beside the floors of the same run."""
+def transfer_rows(
+    kernel: BenchKernel, unpooled: BenchKernel, settle: Callable[[], None]
+) -> list[Row]:
+    """1 GiB in and 1 GiB out through %%gpu, beside the floors of the same run, and 1 GiB in
+    from a kernel without a spill pool (every input written into fresh memory)."""
     kernel.first_line(TRANSFER_SETUP)
+    unpooled.first_line(TRANSFER_SETUP)
     return [
         *floor_rows(settle),
         Row(
@@ -539,6 +543,11 @@ def transfer_rows(kernel: BenchKernel, settle: Callable[[], None]) -> list[Row]:
         Row(
             "1 GiB out, %%gpu: done after last line, less tiny",
             lambda: gib_out(kernel, settle),
+            settle,
+        ),
+        Row(
+            "1 GiB in, GPULANE_SPILL_POOL=0 (not a target)",
+            lambda: gib_in(unpooled, settle),
             settle,
         ),
     ]
@@ -558,7 +567,7 @@ def print_transfer_rows(rows: list[Row]) -> None:
             f"{row.name:<52}{len(row.samples):>4} | {ms_cell(row.samples, row.note)} | "
             f"{ratios[0]:>8} {ratios[1]:>6}"
         )
-    for row in rows[FLOORS:]:
+    for row in rows[FLOORS : FLOORS + 2]:  # the last row: the same, no pool (for the ratio)
         if row.samples:
             med = statistics.median(row.samples) * 1000
             mark = bb.verdict(med <= TRANSFER_TARGET_MS)
@@ -577,7 +586,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--transfer",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the 1 GiB in and out rows (needs ~4 GiB of memory; default: on)",
+        help="the 1 GiB in and out rows (needs ~7 GiB of memory; default: on)",
     )
     ap.add_argument(
         "--slurm",
@@ -702,7 +711,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with_big = BenchKernel(folder, "transfer", on_broker)  # holds a 1 GiB array
             stack.callback(with_big.shutdown)
             kernels.append(with_big)
-            moved = transfer_rows(with_big, settle_broker)
+            unpooled = BenchKernel(folder, "nopool", {**on_broker, "GPULANE_SPILL_POOL": "0"})
+            stack.callback(unpooled.shutdown)
+            kernels.append(unpooled)
+            moved = transfer_rows(with_big, unpooled, settle_broker)
             order_rows += moved
         print(f"sampling: {args.warmup} warm-up + {args.n} rounds of {len(rows)} rows")
         sample(rows + order_rows, args.n, args.warmup)

@@ -24,7 +24,8 @@ def test_a_large_array_round_trips_intact_writable_and_leaves_no_spill_file(brok
         f"big = np.random.default_rng(1).random({FLOATS})\n"
         "sent = digest(big)\n"
         "expected = digest(big * 2)\n"
-        "spill = get_ipython().magics_manager.registry['GpuMagics'].spill_dir\n",
+        "spill = get_ipython().magics_manager.registry['GpuMagics'].spill_dir\n"
+        "def lent():\n    return [n for n in os.listdir(spill) if not n.startswith('pool-')]\n",
         timeout=120,
     )
     assert setup.status == "ok", setup.messages
@@ -41,7 +42,7 @@ def test_a_large_array_round_trips_intact_writable_and_leaves_no_spill_file(brok
     assert "could not" not in cell.stream("stderr"), cell.stream("stderr")
     check = k.execute(
         "print(seen == sent, writable, digest(big) == expected, big.flags.writeable,\n"
-        f"      bool(made[-1] == {FLOATS - 1}), made.flags.writeable, os.listdir(spill))\n"
+        f"      bool(made[-1] == {FLOATS - 1}), made.flags.writeable, lent())\n"
         "made[0] = -1\n"  # writable in the kernel too: a mapping of its own
         "print(made[0], made[1])\n",
         timeout=120,
@@ -56,6 +57,13 @@ def test_a_large_array_round_trips_intact_writable_and_leaves_no_spill_file(brok
         "print(sum(1 for line in open('/proc/self/maps') if str(spill) in line and 'deleted' in line))"
     )
     assert int(maps.stream().strip()) >= 1
+    # The kernel keeps the input's spill file (its pool) and writes the next input of the same
+    # size into it, once the worker that mapped it is gone.
+    pool = "get_ipython().magics_manager.registry['GpuMagics'].spill_pool"
+    again = k.execute("%%gpu\nseen = float(big[:3].sum())", timeout=180)
+    assert again.status == "ok", again.messages
+    kept = k.execute(f"print(seen == float(big[:3].sum()), len({pool}._entries), lent())")
+    assert kept.stream().split() == ["True", "1", "[]"]
 
 
 def test_an_array_mutated_in_the_kernel_after_submit_does_not_reach_a_background_cell(
@@ -68,10 +76,15 @@ def test_an_array_mutated_in_the_kernel_after_submit_does_not_reach_a_background
         "%%gpu --bg --name snap\nimport time\ntime.sleep(2)\ntotal = float(big.sum())"
     )
     assert started.status == "ok", started.messages
-    k.execute("big += 1")  # while the background cell is queued or running
+    k.execute("import time\ntime.sleep(1)\nbig += 1")  # the background cell runs meanwhile
+    # The next cell's input has the same size: the kernel's spill pool must not write it into
+    # the file the background cell's worker still maps (the pool's reuse test: a write lease).
+    after = k.execute("%%gpu\nafter = float(big.sum())", timeout=120)
+    assert after.status == "ok", after.messages
     waited = k.execute("%gpu wait", timeout=120)
     assert waited.status == "ok", waited.messages
-    assert k.execute("print(total, float(big.sum()))").stream().split() == [
+    assert k.execute("print(total, float(big.sum()), after)").stream().split() == [
         "0.0",
+        f"{float(FLOATS // 8)}",
         f"{float(FLOATS // 8)}",
     ]

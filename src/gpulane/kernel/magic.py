@@ -30,6 +30,7 @@ from gpulane.kernel.options import (
 from gpulane.kernel.protocol import RunCell
 from gpulane.kernel.returns import names_to_return
 from gpulane.kernel.session import GpuSession, shortfall
+from gpulane.kernel.spillpool import SpillPool
 from gpulane.kernel.transfer import Packed, TransferTooLarge, cleanup, default_spill_dir, pack
 from gpulane.kernel.worker import WarmPool, launch_for
 from gpulane.scheduler import Scheduler, SchedulerError, connect
@@ -46,6 +47,7 @@ class GpuMagics(Magics):
         self.pool = WarmPool.from_environment(os.environ)
         shell.events.register("post_run_cell", self.pool.refresh)  # the notebook's new imports
         self.spill_dir = default_spill_dir()
+        self.spill_pool = SpillPool.from_environment(self.spill_dir, os.environ)
         self.background: list[GpuCell] = []  # this notebook's --bg jobs, oldest first
         self.session: GpuSession | None = None
         self._scheduler: Scheduler | None = None
@@ -150,7 +152,7 @@ class GpuMagics(Magics):
         namespace = self.ip.user_ns
         values = {name: namespace[name] for name in sorted(names_used(cell)) if name in namespace}
         returns = names_to_return(cell, options.returns, options.no_return, values)
-        packed = pack(values, self.spill_dir, options.max_transfer)
+        packed = pack(values, self.spill_dir, options.max_transfer, pool=self.spill_pool)
         for name, reason in packed.skipped.items():
             print_notice(f"{name} is not sent to the GPU worker (it cannot be pickled: {reason})")
         return packed, returns
@@ -265,6 +267,7 @@ class GpuMagics(Magics):
         if self.session is not None and self.session.running:
             self.session.stop("the kernel is shutting down")
         self.pool.shutdown()
+        self.spill_pool.close()
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 

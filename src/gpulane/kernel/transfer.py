@@ -13,6 +13,10 @@ Writing into it costs no copy-on-write. The one difference from an ordinary arra
 that the cell *forks* shares those pages, so its writes to such an array show in the
 parent (an ordinary array would be copied on write).
 
+The kernel writes its large inputs into files of its :mod:`~gpulane.kernel.spillpool` where
+one of the size is free (memory already allocated: the write is a copy, not an allocation);
+the receiver gets a name of its own for the file and treats it as any spill file.
+
 Where the two sides share no folder (a worker on another machine) the same buffers follow
 their message on the channel (:mod:`gpulane.kernel.channel`), read into ordinary memory.
 """
@@ -35,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from gpulane.kernel.spillpool import SpillPool
 
 # pathlib, secrets, shutil, tempfile and gpulane.jobs are imported where they are used: a cold worker
 # unpacks its inputs before the cell's first line, and needs none of them until it returns
@@ -244,11 +250,14 @@ def pack(
     spill_dir: Path | None,
     max_bytes: int,
     inline_limit: int = 1 << 20,
+    pool: SpillPool | None = None,
 ) -> Packed:
     """Pickle each value on its own; big buffers go to files in spill_dir, small ones inline.
 
     With no spill_dir (:func:`shared_spill_dir`: a worker on another machine) big buffers are
-    kept, to follow the message on the channel (:mod:`gpulane.kernel.channel`).
+    kept, to follow the message on the channel (:mod:`gpulane.kernel.channel`). With a pool
+    (the kernel's :class:`~gpulane.kernel.spillpool.SpillPool`) a large buffer is written into
+    a pooled file whose memory is already allocated, where one of its size is free.
     """
     started = time.perf_counter()
     blobs: dict[str, bytes] = {}
@@ -268,7 +277,7 @@ def pack(
         for name, name_views in views.items():
             refs = packed.buffers[name] = []
             for view in name_views:
-                refs.append(_store_buffer(view, spill_dir, inline_limit))
+                refs.append(_store_buffer(view, spill_dir, inline_limit, pool))
     except BaseException:
         cleanup(packed)  # a full disk or an interrupt must not leave half a transfer behind
         raise
@@ -290,18 +299,23 @@ def shared_spill_dir(spill_dir: str) -> Path | None:
     return Path(spill_dir) if private and stat.S_IMODE(info.st_mode) & 0o077 == 0 else None
 
 
-def _store_buffer(view: memoryview, spill_dir: Path | None, inline_limit: int) -> BufferRef:
+def _store_buffer(
+    view: memoryview, spill_dir: Path | None, inline_limit: int, pool: SpillPool | None
+) -> BufferRef:
     if view.nbytes < inline_limit or view.nbytes == 0:
         return BufferRef(size=view.nbytes, inline=view.tobytes())
     if spill_dir is None:
         return BufferRef(size=view.nbytes, follows=True, data=view)  # sent beside the message
+    lent = pool.store(view) if pool is not None else None
+    if lent is not None:
+        return BufferRef(size=view.nbytes, path=lent)  # a name of its own, as any spill file
     import secrets
 
     path = spill_dir / f"{secrets.token_hex(12)}.buf"
     # O_EXCL: never follow a planted symlink or reuse someone's file; 0600: only we can read it.
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, view)
+        write_all(fd, view)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
@@ -310,7 +324,8 @@ def _store_buffer(view: memoryview, spill_dir: Path | None, inline_limit: int) -
     return BufferRef(size=view.nbytes, path=str(path))
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` to ``fd``."""
     # os.write may write less than asked (Linux caps one call near 2 GiB); slicing a memoryview is free.
     written = 0
     while written < view.nbytes:
