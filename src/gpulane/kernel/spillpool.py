@@ -25,6 +25,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpulane.config import SPILL_POOL_ENV, SPILL_POOL_IDLE_ENV
-from gpulane.jobs import parse_duration, parse_memory
+from gpulane.jobs import OptionError, parse_duration, parse_memory
 
 POOL_FROM = 16 << 20  # bytes: smaller buffers are quick to write fresh
 DEFAULT_LIMIT = 2 << 30  # bytes of pooled files per kernel (the default --max-transfer)
@@ -64,14 +65,21 @@ class SpillPool:
     @classmethod
     def from_environment(cls, folder: Path, env: Mapping[str, str]) -> SpillPool:
         """The pool ``GPULANE_SPILL_POOL`` (a size, ``0``: off) and ``GPULANE_SPILL_POOL_IDLE``
-        ask for; a malformed value is an OptionError naming the variable."""
+        ask for; a malformed value is said in one line on stderr and its default used (as the
+        fork server's settings are)."""
         limit, idle = DEFAULT_LIMIT, float(DEFAULT_IDLE)
         text = env.get(SPILL_POOL_ENV, "").strip()
-        if text:
-            limit = 0 if text == "0" else parse_memory(text, SPILL_POOL_ENV)
+        try:
+            if text:
+                limit = 0 if text == "0" else parse_memory(text, SPILL_POOL_ENV)
+        except OptionError as error:
+            sys.stderr.write(f"gpulane: {error}; using the default, 2G\n")
         text = env.get(SPILL_POOL_IDLE_ENV, "").strip()
-        if text:
-            idle = parse_duration(text, SPILL_POOL_IDLE_ENV)
+        try:
+            if text:
+                idle = parse_duration(text, SPILL_POOL_IDLE_ENV)
+        except OptionError as error:
+            sys.stderr.write(f"gpulane: {error}; using the default, 2m\n")
         return cls(folder, limit, idle)
 
     @property
