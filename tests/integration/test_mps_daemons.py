@@ -233,3 +233,51 @@ def test_status_and_doctor_say_why_mps_is_off_and_on_refuses_in_one_line(make_br
         assert done.returncode == code, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(said), done.stderr
+
+
+def test_the_broker_gives_a_shared_gpus_job_its_mps_env_and_keeps_a_serving_daemon(
+    daemons: MpsDaemons, broker_house
+) -> None:
+    """The wiring in the broker (core.py): a grant's view carries the env its command gets,
+    another user's job on the same GPU gets none, a whole GPU none; at exit the daemon
+    without clients is quit, the serving one kept and found by the next broker."""
+    from gpulane.broker.identity import Identity
+    from gpulane.broker.policy import PolicyConfig
+    from gpulane.jobs import Request
+    from gpulane.scheduler.embedded import job_environment
+
+    daemons.start()
+    house = broker_house(gpus=2, mps=daemons.settings, policy=PolicyConfig(slices_per_gpu=2))
+    alice = Identity(uid=1001, user="alice", groups=frozenset(), pid=None)
+    bob = Identity(uid=1002, user="bob", groups=frozenset(), pid=None)
+    mine = house.call(house.broker.submit, alice, Request(gpu_mem=4 * 1024**3))
+    theirs = house.call(house.broker.submit, bob, Request(gpu_mem=4 * 1024**3))
+    whole = house.call(house.broker.submit, alice, Request(gpus=1))
+    assert [v["assigned_gpus"] for v in (mine, theirs, whole)] == [[0], [0], [1]]
+    env = job_environment(house.call(house.broker.lookup, alice, mine["id"]))
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(mps.folders(daemons.settings.base, 0)[0])
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=4096M"
+    for who, view in ((bob, theirs), (alice, whole)):
+        env = job_environment(house.call(house.broker.lookup, who, view["id"]))
+        assert not any(key.startswith("CUDA_MPS_") for key in env), env
+    status = house.call(house.broker.status, alice)
+    assert status["mps"].startswith("MPS: on for GPU 0, 1 ")
+    house.restart()  # the old broker quits GPU 1's daemon (no clients), keeps GPU 0's
+    assert len(_records(daemons, 0)) == 1  # kept and adopted, never started again
+    assert len(_records(daemons, 1)) == 2  # quit at exit, started again by the new broker
+
+
+def test_a_restarted_broker_counts_every_reattached_shared_job_as_a_client(
+    daemons: MpsDaemons,
+) -> None:
+    """Which reattached job is an MPS client the broker cannot know: all count, so a new
+    job of either user waits for no server (it runs without MPS) rather than hanging."""
+    limit = 4 * 1024**3
+    alice, bob, whole = _running(1, 1001, [0]), _running(2, 1002, [0]), _running(3, 1003, [1])
+    daemons.adopt([alice, bob, whole], lambda j: None if j.id == 3 else limit)
+    assert daemons.clients == {0: {1: 1001, 2: 1002}}
+    daemons.start()
+    new = _running(4, 1001, [0])
+    daemons.sync([alice, bob, whole, new], lambda j: None if j.id == 3 else limit)
+    assert daemons.env_for(4) is None and daemons.env_for(1) is None
