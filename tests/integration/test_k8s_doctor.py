@@ -94,6 +94,15 @@ def network(store: Store, values: dict[str, Any] | None = None, workers: bool = 
         store.put("networkpolicies", "jhub", policy)
     if workers:
         store.put("networkpolicies", "jhub", worker_policy("jhub"))
+    if ("services", "jhub", "hub") not in store.objects:
+        ports = [{"name": "hub", "port": 8081, "targetPort": "http"}]
+        ports += (
+            (values if values is not None else chart_values())
+            .get("hub", {})
+            .get("service", {})
+            .get("extraPorts", [])
+        )
+        store.put("services", "jhub", {"metadata": {"name": "hub"}, "spec": {"ports": ports}})
     for pod in (
         chart_pod("hub-5d9c", "hub", "10.0.0.2", {}),
         chart_pod(
@@ -127,9 +136,9 @@ def test_the_report_is_one_line_per_check(api: Any, capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
     assert [line.split()[0] for line in lines[:-1] if not line.startswith(" ")] == (
-        ["ok"] * 6 + ["INFO"]
+        ["ok"] * 7 + ["INFO"]
     )
-    assert lines[-1] == "0 failed, 0 warning(s), 6 ok, 1 noted"
+    assert lines[-1] == "0 failed, 0 warning(s), 7 ok, 1 noted"
 
 
 def test_the_emulator_serves_what_doctor_and_apply_use(api: Any) -> None:
@@ -222,7 +231,32 @@ def test_doctor_passes_on_a_cluster_set_up_as_the_checklist_says(
         "ok as jhub's 4 NetworkPolicies read: %%gpu workers reach user pods on 32768-60999 "
         "and DNS only, nothing reaches them; kernels and the proxy reach the broker's port 9873"
     )
+    assert lines["dashboard"] == (
+        "ok Service jhub/hub has port 9873: the proxy sends /services/gpulane/ to the "
+        "dashboard in the hub pod"
+    )
     assert lines["not checked"].startswith("info doctor reads the API, not the network: that ")
+
+
+def test_doctor_finds_the_dashboards_port_missing(
+    api: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, kubeconfig, _ = api
+    operator(store)
+    store.delete("services", "jhub", "hub")
+    store.put(
+        "services",
+        "jhub",
+        {"metadata": {"name": "hub"}, "spec": {"ports": [{"name": "hub", "port": 8081}]}},
+    )
+    status, lines = doctor(kubeconfig, capsys)
+    assert status == 1
+    assert lines["dashboard"] == (
+        "fail Service jhub/hub has no port 9873 (ports 8081): the proxy cannot reach the dashboard"
+    )
+    store.delete("services", "jhub", "hub")
+    status, lines = doctor(kubeconfig, capsys)
+    assert lines["dashboard"].startswith("fail no Service jhub/hub: is the hub installed here")
 
 
 def test_doctor_reads_what_the_network_policies_mean(

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpulane.admin.doctor.context import Finding, run_each
-from gpulane.admin.doctor.k8s_workers import check_network_policy, check_unseen
+from gpulane.admin.doctor.k8s_workers import (
+    check_dashboard,
+    check_network_policy,
+    check_unseen,
+)
 from gpulane.admin.k8s_network import WORKER_NEEDS
 from gpulane.admin.k8s_time_slicing import (
     DEFAULT_CONFIGMAP,
@@ -368,6 +372,7 @@ K8S_CHECKS: tuple[Callable[[KubeSite], Finding], ...] = (
     check_device_plugin,
     check_time_slicing,
     check_network_policy,
+    check_dashboard,
     check_unseen,
 )
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gpulane.admin.doctor.context import Finding
 from gpulane.admin.k8s_netpol import Pod, allowed
 from gpulane.admin.k8s_network import (
+    SERVICE_HOST,
     SERVICE_PORT,
     USER_PODS,
     WORKER_COMPONENT,
@@ -188,6 +189,51 @@ def check_network_policy(site: KubeSite) -> Finding:
         f"as {ns}'s {len(policies)} NetworkPolicies read: %%gpu workers reach user pods on "
         f"{low}-{high} and DNS only, nothing reaches them; kernels and the proxy reach the "
         f"broker's port {SERVICE_PORT}",
+    )
+
+
+def check_dashboard(site: KubeSite) -> Finding:
+    """The gpulane service's port on the hub's Service, where the proxy pod sends the
+    dashboard (``hub.service.extraPorts`` in hub-values' values)."""
+    from gpulane.admin.doctor.k8s import SKIPPED
+
+    name = "dashboard"
+    if not site.reachable():
+        return Finding(name, "warn", SKIPPED)
+    ns = site.hub_namespace
+    cluster = site.cluster()
+    try:
+        service = cluster.call(
+            f"read Service {ns}/{SERVICE_HOST}",
+            lambda: cluster.core.read_namespaced_service(
+                SERVICE_HOST, ns, _request_timeout=site.timeout
+            ),
+            missing_ok=True,
+        )
+    except K8sError as error:
+        return Finding(name, "fail", str(error))
+    if service is None:
+        return Finding(
+            name,
+            "fail",
+            f"no Service {ns}/{SERVICE_HOST}: is the hub installed here, or renamed by "
+            "fullnameOverride (then set GpulaneHub.dashboard_url to match)?",
+            f"kubectl -n {ns} get services",
+        )
+    ports = [p.port for p in service.spec.ports or []]
+    if SERVICE_PORT not in ports:
+        return Finding(
+            name,
+            "fail",
+            f"Service {ns}/{SERVICE_HOST} has no port {SERVICE_PORT} (ports "
+            f"{', '.join(map(str, ports)) or 'none'}): the proxy cannot reach the dashboard",
+            "helm upgrade with the values of gpulane k8s hub-values (hub.service.extraPorts)",
+        )
+    return Finding(
+        name,
+        "ok",
+        f"Service {ns}/{SERVICE_HOST} has port {SERVICE_PORT}: the proxy sends "
+        "/services/gpulane/ to the dashboard in the hub pod",
     )
 
 
