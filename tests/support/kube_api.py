@@ -5,7 +5,9 @@ No API server can be installed on the test machines. This one keeps core/v1 obje
 networkpolicies and the GPU Operator's nvidia.com/v1 clusterpolicies in memory and serves
 what gpulane and KubeSpawner use:
 create, get, list (all namespaces too, with a label selector), merge-patch, replace (PUT),
-delete and watch (ADDED/MODIFIED/DELETED after a resourceVersion); ``/version``; and
+delete (with the garbage collector's part: objects whose ownerReferences name the deleted
+one's uid are deleted too) and watch (ADDED/MODIFIED/DELETED after a resourceVersion);
+``/version``; and
 access reviews (SelfSubjectAccessReview, SubjectAccessReview) answered from
 :attr:`Store.grants`. It checks no schema (unit tests validate objects with
 kubernetes-validate) and authenticates no one: every request is :data:`SELF`, loopback,
@@ -128,7 +130,14 @@ class Store:
             obj = self.objects.pop((kind, namespace, name), None)
             if obj is None:
                 return 404, status(404, "NotFound", f'{kind} "{name}" not found')
-            return 200, self._record(kind, "DELETED", obj)
+            deleted = self._record(kind, "DELETED", obj)
+            # The garbage collector: what the deleted object owns goes with it (background).
+            uid = obj["metadata"].get("uid")
+            for key, other in list(self.objects.items()):
+                owners = other["metadata"].get("ownerReferences") or []
+                if key[1] == namespace and any(o.get("uid") == uid for o in owners):
+                    self.delete(*key)
+            return 200, deleted
 
     def select(self, kind: str, namespace: str | None, selector: str) -> list[dict[str, Any]]:
         with self.changed:
@@ -229,6 +238,7 @@ def make_handler(store: Store) -> type[BaseHTTPRequestHandler]:
             elif method == "PUT":
                 self.send(*store.replace(kind, ns, name or "", self.body()))
             elif method == "DELETE":
+                self.body()  # DeleteOptions (read, so the kept-alive connection stays in step)
                 self.send(*store.delete(kind, ns, name or ""))
             elif name is not None:
                 found = store.select(kind, namespace if kind in NAMESPACED else None, "")
