@@ -562,6 +562,9 @@ def test_the_dashboard_is_served_on_the_hubs_service() -> None:
     plain = hub_values(load_profiles({"profile": [{"slug": "cpu"}]}), "", options())
     assert "networkPolicy" not in plain["singleuser"] and "proxy" not in plain
     assert "service" not in plain["hub"]
+    assert "# Network: the chart's policies let kernels and the proxy reach port 9873" in render(
+        pset, text, options()
+    )
 
 
 @pytest.mark.parametrize("ports", [(80, 90), (50000, 40000), (1024, 70000)])

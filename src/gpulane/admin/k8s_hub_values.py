@@ -416,6 +416,13 @@ def render(pset: ProfileSet, profiles_text: str, options: HubOptions) -> str:
         f"{options.start_timeout} s, idle servers are culled after {options.cull_timeout} s.",
         "# Persistent files: ~/persist (per user) and ~/shared (team); the rest of ~ is scratch.",
     ]
+    if queues_gpus(pset):
+        low, high = options.worker_ports
+        header.append(
+            f"# Network: the chart's policies let kernels and the proxy reach port {SERVICE_PORT} "
+            f"of the hub pod (the gpulane service), and %%gpu worker pods reach user pods on "
+            f"{low}-{high}; the workers' own policy is in gpulane-rbac.yaml."
+        )
     if not options.hub_image:
         header.append("# WARNING: no --hub-image: the chart's default hub image lacks gpulane.")
     return "\n".join(header) + "\n" + yaml_dump(values)
