@@ -35,7 +35,7 @@ class EnvVar:
 
 DEFAULT_SOCKET = Path("/run/gpulane/broker.sock")
 DEFAULT_CONFIG = Path("/etc/gpulane/gpulane.toml")
-BACKENDS = ("auto", "broker", "slurm")
+BACKENDS = ("auto", "broker", "slurm", "kubernetes")
 
 SOCKET_ENV = "GPULANE_SOCKET"
 CONFIG_ENV = "GPULANE_CONFIG"
@@ -62,7 +62,12 @@ SPILL_POOL_IDLE_ENV = "GPULANE_SPILL_POOL_IDLE"
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(SOCKET_ENV, str(DEFAULT_SOCKET), "you / the admin / the hub", "the broker's socket"),
     EnvVar(CONFIG_ENV, str(DEFAULT_CONFIG), "you / the admin", "the site configuration file"),
-    EnvVar(BACKEND_ENV, "auto", "you / the admin / BatchSpawner", "`auto`, `broker` or `slurm`"),
+    EnvVar(
+        BACKEND_ENV,
+        "auto",
+        "you / the admin / BatchSpawner",
+        "`auto`, `broker`, `slurm` or `kubernetes`",
+    ),
     EnvVar(MAX_TRANSFER_ENV, "2G", "you", "default `--max-transfer` of `%%gpu`"),
     EnvVar(
         WARM_WORKER_ENV,

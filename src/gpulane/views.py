@@ -70,6 +70,8 @@ class JobDetails(TypedDict, total=False):
     node: str
     slurm_state: str
     job_dir: str
+    # Kubernetes %%gpu cells only: the worker pod's phase ("pulling image on node gpu-2").
+    pod: str
 
 
 class JobView(JobDetails):

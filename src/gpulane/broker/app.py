@@ -26,8 +26,10 @@ from gpulane.errors import ConfigError, GpulaneError, OptionError
 from gpulane.jobs import MAX_TIME_SECONDS, TIME_FORMS, parse_count, parse_duration, parse_memory
 
 if TYPE_CHECKING:
+    from gpulane.broker.core import Broker
     from gpulane.broker.mps import MpsSettings
     from gpulane.broker.pod_leases import PodLeases
+    from gpulane.broker.worker_jobs import WorkerJobs
 
 EXIT_USAGE = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -422,6 +424,16 @@ class BrokerApp(Application):
         help="With --gpu-source k8s: the hub's namespace, whose GPU servers' pods keep their "
         "leases across a hub pod restart (default: the service account's namespace).",
     ).tag(config=True)
+    worker_node_selector = Unicode(
+        "",
+        help="With --gpu-source k8s: the nodeSelector of %%gpu cells' worker pods, as "
+        "KEY=VALUE[,KEY=VALUE...] (such as nvidia.com/gpu.present=true).",
+    ).tag(config=True)
+    worker_python = Unicode(
+        "python3",
+        help="With --gpu-source k8s: the Python of the users' images that runs a %%gpu "
+        "cell's worker (gpulane must be installed for it).",
+    ).tag(config=True)
     gpu_device_files = DeviceFiles(
         "",
         help="Each GPU's device files, opened to a job's user only while it holds the GPU "
@@ -504,6 +516,7 @@ class BrokerApp(Application):
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval", "k8s_namespace",
+            "worker_node_selector", "worker_python",
             "memory_watch_interval", "memory_watch_grace", "gpu_mem_slack",
             "stray_gpu_processes", "gpu_readings", "mps", "mps_dir",
         )
@@ -638,6 +651,7 @@ class BrokerApp(Application):
         broker = Broker(settings, inventory, store)
         if self.gpu_source == "k8s" and self.simulate_gpus is None:
             broker.pods = self._pod_leases()
+            broker.workers = self._worker_jobs(broker)
         broker.devices.close_all()  # before anyone is let in; start() reopens reattached jobs'
         broker.mps.start()  # each GPU's MPS daemon, before any job can be told of it
 
@@ -685,6 +699,33 @@ class BrokerApp(Application):
             )
             return None
         return PodLeases(*core_api(self.kubeconfig or None), namespace, self.kubeconfig)
+
+    def _worker_jobs(self, broker: Broker) -> WorkerJobs | None:
+        """%%gpu cells' worker pods, created in the hub's namespace."""
+        from gpulane.broker.k8s_capacity import core_api
+        from gpulane.broker.pod_leases import hub_namespace
+        from gpulane.broker.worker_jobs import WorkerJobs, WorkerLauncher
+        from gpulane.broker.worker_pods import WorkerPodSettings
+
+        namespace = hub_namespace(self.k8s_namespace)
+        if not namespace:
+            self.log.warning("no --k8s-namespace (and no service account's): no %%gpu worker pods")
+            return None
+        selector: dict[str, str] = {}
+        for term in filter(None, (t.strip() for t in self.worker_node_selector.split(","))):
+            key, equals, value = term.partition("=")
+            if not equals or not key.strip():
+                raise OptionError(f"--worker-node-selector: {term!r} is not KEY=VALUE")
+            selector[key.strip()] = value.strip()
+        settings = WorkerPodSettings(
+            namespace=namespace,
+            gpu_resource=self.gpu_resource,
+            slice_resource=self.gpu_resource,
+            node_selector=selector,
+            python=self.worker_python,
+        )
+        launcher = WorkerLauncher(*core_api(self.kubeconfig or None), settings, self.kubeconfig)
+        return WorkerJobs(broker, launcher)
 
 
 def file_config(path: str | None = None) -> Config:

@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpulane.broker import (
     access,
@@ -56,6 +56,9 @@ from gpulane.errors import (
 from gpulane.jobs import JobState, Request, format_duration
 from gpulane.views import Holder, JobEvent, JobView, Snapshot, UsageReport
 
+if TYPE_CHECKING:
+    from gpulane.broker.worker_jobs import WorkerJobs
+
 log = logging.getLogger("gpulane.broker")
 
 
@@ -82,6 +85,8 @@ class Broker:
         self.timers = JobTimers(lambda job_id: job_id in self.jobs)
         # Kubernetes GPU servers' pods, followed again after a hub pod restart (app.py sets it).
         self.pods: pod_leases.PodLeases | None = None
+        # %%gpu cells' worker pods on Kubernetes (app.py sets it; broker/worker_jobs.py).
+        self.workers: WorkerJobs | None = None
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
         # The explanation and the queue's order, kept per state version (every change of
@@ -375,7 +380,7 @@ class Broker:
         now: float | None = None,
         waiting: policy.Waiting | None = None,
     ) -> JobView:
-        return views.job_view(
+        view = views.job_view(
             job,
             # Only the owner (the same name from the same source) sees what the job runs.
             viewer=who.user if access.owns(who, job) else "",
@@ -386,6 +391,9 @@ class Broker:
             memory=None if self.memory is None else self.memory.of(job.id),
             mps_env=self.mps.env_for(job.id),
         )
+        if self.workers is not None:
+            self.workers.annotate(job.id, view)
+        return view
 
     def _event(
         self, job: JobRecord, who: Identity, waiting: policy.Waiting | None = None
@@ -573,6 +581,11 @@ class Broker:
         job = self.jobs.get(job_id)
         if job is not None and self._command_keeps_lease(job):
             return
+        if job is not None and self.workers is not None and job_id in self.workers.keepers:
+            # A %%gpu cell's kernel is gone: its worker pod is deleted (SIGTERM to its keeper,
+            # which a SIGKILL would leave running), then the end follows the keeper's exit.
+            self._revoke(job, JobState.FAILED, why)
+            return
         # The first reason is kept while the end cannot be saved: a lease that runs out
         # meanwhile must not reword a client's exit.
         why = self._gone_why.setdefault(job_id, why)
@@ -684,6 +697,8 @@ class Broker:
         self._publish(urgent={job.id})
 
     def _signal_job(self, job: JobRecord, sig: signal.Signals) -> None:
+        if self.workers is not None and self.workers.signal(job.id, sig):
+            return  # a worker pod's keeper is the broker's own child, whoever the job's user
         if job.cmd_pid and self._may_signal(job):
             procs.signal_group(job.cmd_pid, job.cmd_start, sig)
 

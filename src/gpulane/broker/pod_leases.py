@@ -82,6 +82,14 @@ def keeper_argv(namespace: str, pod: str, uid: str) -> list[str]:
             "--namespace", namespace, "--pod", pod, "--uid", uid]  # fmt: skip
 
 
+def keeper_env(kubeconfig: str = "") -> dict[str, str]:
+    """A pod keeper's environment: this process's ways to the API (and ``kubeconfig``)."""
+    env = {k: os.environ[k] for k in KEEPER_ENV if k in os.environ}
+    if kubeconfig:
+        env["KUBECONFIG"] = kubeconfig
+    return env
+
+
 def pod_of(job: JobRecord) -> PodRef | None:
     """The pod a running detached job stands for, by its command; None for any other job."""
     if not (job.detached and job.state is JobState.RUNNING) or len(job.command) != 2:
@@ -127,9 +135,7 @@ class PodLeases:
         self._core = core
         self._serialize = serialize
         self.namespace = namespace
-        self._env = {k: os.environ[k] for k in KEEPER_ENV if k in os.environ}
-        if kubeconfig:
-            self._env["KUBECONFIG"] = kubeconfig
+        self._env = keeper_env(kubeconfig)
 
     def read(self, ref: PodRef) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException

@@ -280,6 +280,21 @@ class JobActionHandler(_Handler):
             raise NotFound(f"no action {action!r}")
 
 
+class WorkerHandler(_Handler):
+    """A running %%gpu job's worker pod on Kubernetes (broker/worker_jobs.py): the body is
+    the kernel's connect-back address and the worker's one-time key, nothing else."""
+
+    async def post(self, job_id: str) -> None:
+        data = self.json_body(known={"connect", "key"})
+        if self.broker.workers is None:
+            raise NotFound("this broker starts no worker pods (it is not on Kubernetes)")
+        self.reply(
+            await self.broker.workers.start(
+                self.identity, int(job_id), data.get("connect"), data.get("key")
+            )
+        )
+
+
 class EventsHandler(_Handler):
     """A stream of JSON lines: the job's view and the GPU holders, at every change."""
 
@@ -331,6 +346,7 @@ def make_app(broker: Broker, hub_tokens: HubTokens | None = None) -> tornado.web
             (r"/v1/jobs", JobsHandler, args),
             (r"/v1/jobs/(\d{1,18})", JobHandler, args),
             (r"/v1/jobs/(\d{1,18})/events", EventsHandler, args),
+            (r"/v1/jobs/(\d{1,18})/worker", WorkerHandler, args),
             (r"/v1/jobs/(\d{1,18})/(heartbeat|started|finish|cancel)", JobActionHandler, args),
         ],
         default_handler_class=_NotFound,

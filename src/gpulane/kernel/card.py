@@ -62,6 +62,8 @@ def render(update: JobUpdate) -> CardView:
         lines = [f"time limit {format_duration(job.get('time_limit'))}"]
         if job.get("gpu_mem_warning"):  # the broker's watchdog: over its GPU memory
             lines.append(f"warning: {job['gpu_mem_warning']}; it ends soon unless it frees some")
+        if job.get("pod"):  # Kubernetes: the worker pod's own phase, or why it is refused
+            lines.append(f"worker pod: {job['pod']}")
         return CardView(f"{head} runs on {share}", lines, state)
     return render_final(job)
 

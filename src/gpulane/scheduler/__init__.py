@@ -15,7 +15,8 @@ __all__ = ["Scheduler", "SchedulerError", "SchedulerUnavailable", "connect"]
 def connect(socket: str | os.PathLike[str] | None = None) -> Scheduler:
     """The scheduler this client should use, and why (``scheduler.reason``).
 
-    Order: an explicit socket or ``$GPULANE_SOCKET`` means the broker;
+    Order: ``kubernetes`` (the variable or the file) means the broker, whose grants run in
+    worker pods; then an explicit socket or ``$GPULANE_SOCKET`` means the broker;
     ``$GPULANE_BACKEND`` or the configuration file's ``backend`` next; with
     ``auto``, a listening broker socket wins, then a Slurm whose controller
     answers, else the broker (whose absence is then reported plainly).
@@ -34,6 +35,11 @@ def connect(socket: str | os.PathLike[str] | None = None) -> Scheduler:
         raise SchedulerError(
             f"{site.BACKEND_ENV}={backend!r}; use one of {', '.join(site.BACKENDS)}"
         )
+    if backend == "kubernetes":
+        from gpulane.scheduler.kube import KubeCellScheduler
+
+        # The broker in the hub pod; %%gpu cells run in worker pods it creates (scheduler/kube.py).
+        return _broker(KubeCellScheduler(broker_socket), "configured: backend = kubernetes")
     if socket or os.environ.get(site.SOCKET_ENV):
         return _broker(BrokerScheduler(broker_socket), "GPULANE_SOCKET or --socket names a broker")
     if backend == "broker":
