@@ -43,6 +43,7 @@ BACKEND_ENV = "GPULANE_BACKEND"
 MAX_TRANSFER_ENV = "GPULANE_MAX_TRANSFER"
 WARM_WORKER_ENV = "GPULANE_WARM_WORKER"
 CALLBACK_HOST_ENV = "GPULANE_CALLBACK_HOST"
+BROKER_URL_ENV = "GPULANE_BROKER_URL"
 KEY_DIR_ENV = "GPULANE_KEY_DIR"
 JOB_ID_ENV = "GPULANE_JOB_ID"
 SLICES_ENV = "GPULANE_SLICES"
@@ -119,6 +120,13 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "2m",
         "you / the admin",
         "a kept spill file is freed after this long without use",
+    ),
+    EnvVar(
+        BROKER_URL_ENV,
+        "",
+        "the admin (z2jh: `singleuser.extraEnv`)",
+        "the broker's API over TCP (its `--api-port`, `http://HOST:PORT/`), with the server's "
+        "hub token: for a kernel in a pod without the broker's socket",
     ),
     EnvVar(
         CALLBACK_HOST_ENV,

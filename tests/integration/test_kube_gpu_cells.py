@@ -31,8 +31,9 @@ IPS = {ALICE: "127.0.0.50", BOB: "127.0.0.51"}
 NAMESPACE = "jhub"
 
 
-def server_pod(user: str) -> dict[str, Any]:
+def server_pod(user: str, ip: str = "") -> dict[str, Any]:
     """A user's running server pod, as KubeSpawner makes it (the parts the broker reads)."""
+    ip = ip or IPS[user]
     return {
         "metadata": {
             "name": f"jupyter-{user}",
@@ -49,7 +50,7 @@ def server_pod(user: str) -> dict[str, Any]:
             ],
             "volumes": [{"name": "home", "persistentVolumeClaim": {"claimName": f"claim-{user}"}}],
         },
-        "status": {"phase": "Running", "podIP": IPS[user], "podIPs": [{"ip": IPS[user]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
     }
 
 

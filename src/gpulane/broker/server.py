@@ -31,7 +31,7 @@ from gpulane.broker.connections import Acceptor, RequestRates, TooFast
 from gpulane.broker.core import Broker
 from gpulane.broker.groups import GroupReader
 from gpulane.broker.hub_auth import HubTokenError, HubTokenNotForUs, HubTokens
-from gpulane.broker.identity import Identity, peer_identity
+from gpulane.broker.identity import NO_UID, Identity, peer_identity
 from gpulane.broker.statuses import status_of
 from gpulane.errors import (
     Forbidden,
@@ -83,9 +83,19 @@ class _Handler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         stream = self.request.connection.stream  # type: ignore[union-attr]
-        # Credentials read at accept (connections.py): the client may have hung up since.
-        self.identity = peer_identity(*stream.peer)
         header = self.request.headers.get("Authorization", "")
+        peer = getattr(stream, "peer", None)
+        if peer is None:
+            # TCP (--api-port: a kernel in a user pod on Kubernetes, broker/tcp_api.py): no
+            # peer credentials, so a hub token alone names the caller, with no uid or process.
+            if not header or self.hub_tokens is None:
+                raise NotAuthenticated(
+                    "on this port send your server's JupyterHub token (Authorization: token ...)"
+                )
+            self.identity = Identity(uid=NO_UID, user="", groups=frozenset(), pid=None)
+        else:
+            # Credentials read at accept (connections.py): the client may have hung up since.
+            self.identity = peer_identity(*peer)
         # Outside a hub the kernel's peer credentials alone decide; a token changes nothing.
         if header and self.hub_tokens is not None:
             scheme, _, token = header.partition(" ")

@@ -54,6 +54,7 @@ class UnixJSONClient:
 
     def __init__(self, path: Path, timeout: float = 30.0, token: str | None = None) -> None:
         self.path = path
+        self.where = str(path)  # the broker's address, for messages
         self.timeout = timeout
         self._local = threading.local()
         # Inside a JupyterHub server: its API token names the hub user to the broker.
@@ -70,12 +71,12 @@ class UnixJSONClient:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         for attempt in (1, 2):
-            conn: UnixHTTPConnection | None = getattr(self._local, "conn", None)
+            conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
             reused = conn is not None
             try:
                 if conn is None:
                     conn = self._local.conn = self._dial(connect_wait)
-                conn.request(method, path, body=payload, headers=headers)
+                conn.request(method, self.base + path, body=payload, headers=headers)
                 response = conn.getresponse()
                 return _decode(response.status, response.read())
             except _STALE_CONNECTION as error:
@@ -93,9 +94,14 @@ class UnixJSONClient:
                 raise
         raise AssertionError("unreachable: the second attempt returns or raises")
 
-    def _dial(self, wait: float) -> UnixHTTPConnection:
+    base = ""  # what the API's paths are under (a service's prefix over TCP)
+
+    def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        return UnixHTTPConnection(self.path, timeout)
+
+    def _dial(self, wait: float) -> http.client.HTTPConnection:
         """A connected connection; a refused or missing socket is dialled again for ``wait`` s."""
-        conn = UnixHTTPConnection(self.path, self.timeout)
+        conn = self._connection(self.timeout)
         deadline: float | None = None
         while True:
             try:
@@ -106,7 +112,7 @@ class UnixJSONClient:
                 if deadline is None and wait > 0:
                     deadline = now + wait
                     sys.stderr.write(
-                        f"[gpulane] the broker at {self.path} is not answering; "
+                        f"[gpulane] the broker at {self.where} is not answering; "
                         f"retrying for up to {wait:.0f} s\n"
                     )
                     sys.stderr.flush()
@@ -117,10 +123,10 @@ class UnixJSONClient:
     def stream(self, path: str) -> Iterator[Any]:
         """Each JSON line of a streamed (NDJSON) answer, as it comes; no timeout, since
         a queued job may wait for hours. Raises SchedulerUnavailable if the feed is cut."""
-        conn = UnixHTTPConnection(self.path, None)  # its own: the feed holds it open
+        conn = self._connection(None)  # its own: the feed holds it open
         try:
             try:
-                conn.request("GET", path, headers=self._auth)
+                conn.request("GET", self.base + path, headers=self._auth)
                 response = conn.getresponse()
             except OSError as error:
                 raise self._unavailable(error) from None
@@ -146,9 +152,30 @@ class UnixJSONClient:
 
     def _unavailable(self, error: OSError) -> SchedulerUnavailable:
         return SchedulerUnavailable(
-            f"no gpulane broker answers at {self.path} ({error.strerror or error}); "
+            f"no gpulane broker answers at {self.where} ({error.strerror or error}); "
             "start one with 'gpulane broker', or point GPULANE_SOCKET at it"
         )
+
+
+class ServiceJSONClient(UnixJSONClient):
+    """The same API over TCP (the broker's ``--api-port``, ``http://HOST:PORT/``, a path prefix
+    kept): for a kernel in another pod, which only its hub token names."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SchedulerError(f"{url!r}: the broker's URL must be http://HOST:PORT/PREFIX/")
+        if not token:
+            raise SchedulerError(f"the broker at {url} needs this server's JupyterHub token")
+        super().__init__(Path(parts.path), timeout, token)
+        self.where = url
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.base = parts.path.rstrip("/")
+
+    def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
 
 def _decode(status: int, data: bytes) -> Any:

@@ -7,16 +7,19 @@ listens on and the one-time key the worker must prove (read from the kernel's pr
 key file; it travels in the request body, then in a Secret, never in argv or environment).
 The job's updates then carry the pod's phase (``pod``: "pulling image on node gpu-2");
 the job ends when the pod ends (the broker follows it). Ctrl-C cancels the job: the
-broker deletes the pod. ``GPULANE_BACKEND=kubernetes`` selects it (the hub sets it in
-user pods).
+broker deletes the pod. ``GPULANE_BACKEND=kubernetes`` selects it (the admin sets it in
+user pods, with ``GPULANE_BROKER_URL``: the broker's TCP API, the socket being in the hub
+pod).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import IO
 
+from gpulane.config import BROKER_URL_ENV
 from gpulane.jobs import Request
 from gpulane.scheduler.base import (
     JobUpdate,
@@ -27,13 +30,26 @@ from gpulane.scheduler.base import (
     UpdateCallback,
 )
 from gpulane.scheduler.embedded import CONNECT_WINDOW, BrokerScheduler, _Lease
+from gpulane.scheduler.http import ServiceJSONClient
 from gpulane.worker_env import RUNNER_ADDRESS_ENV, RUNNER_KEYFILE_ENV
 
 
 class KubeCellScheduler(BrokerScheduler):
-    """The broker's client, whose grants run in worker pods the broker creates."""
+    """The broker's client, whose grants run in worker pods the broker creates: over its
+    socket, or at ``GPULANE_BROKER_URL`` (a kernel in a user pod, with its hub token)."""
 
     local_launch = False
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        heartbeat: float = 2.0,
+        token: str | None = None,
+    ) -> None:
+        super().__init__(socket, heartbeat, token)
+        url = os.environ.get(BROKER_URL_ENV)
+        if url:
+            self.client = ServiceJSONClient(url, token or os.environ.get("JUPYTERHUB_API_TOKEN"))
 
     def run(
         self,
