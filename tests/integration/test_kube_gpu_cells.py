@@ -187,6 +187,23 @@ def test_a_pod_kubernetes_cannot_start_shows_why_on_the_card(
     assert not agent.procs
 
 
+def test_a_gpu_session_keeps_one_worker_pod_for_its_cells(
+    cluster: tuple[Store, NodeAgent, BrokerProcess], kernels: Any
+) -> None:
+    store, agent, broker = cluster
+    alice = kernels(ALICE, broker, env=kube_env(ALICE))
+    start = alice.execute("%gpu session start --idle 10m --time 5m", timeout=120)
+    assert start.status == "ok", start.messages
+    settle(broker, lambda: agent.procs, "the session's worker pod to run")
+    assert alice.execute("%%gpu --session --no-return\nweights = [1]", timeout=60).status == "ok"
+    second = alice.execute("%%gpu --session\nweights.append(2)\ncount = len(weights)", timeout=60)
+    assert second.status == "ok", second.messages
+    assert alice.execute("print(count)").stream().strip() == "2"
+    assert len(agent.workers) == 1 and len(workers(store)) == 1  # one pod for the session
+    assert alice.execute("%gpu session stop", timeout=60).status == "ok"
+    settle(broker, lambda: not workers(store) and not jobs(broker)["running"], "the pod freed")
+
+
 # ---------------------------------------------------------------------------- attacks
 
 ATTACK = """
