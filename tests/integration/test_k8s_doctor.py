@@ -229,11 +229,13 @@ def test_doctor_passes_on_a_cluster_set_up_as_the_checklist_says(
     )
     assert lines["network policy"] == (
         "ok as jhub's 4 NetworkPolicies read: %%gpu workers reach user pods on 32768-60999 "
-        "and DNS only, nothing reaches them; kernels and the proxy reach the broker's port 9873"
+        "and DNS only, nothing reaches them; kernels reach the broker's API on 9874, the "
+        "proxy the dashboard on 9873"
     )
     assert lines["dashboard"] == (
         "ok Service jhub/hub has port 9873: the proxy sends /services/gpulane/ to the "
-        "dashboard in the hub pod"
+        "dashboard in the hub pod; and port 9874: kernels reach the broker's API "
+        "(GPULANE_BROKER_URL)"
     )
     assert lines["not checked"].startswith("info doctor reads the API, not the network: that ")
 
@@ -252,7 +254,18 @@ def test_doctor_finds_the_dashboards_port_missing(
     status, lines = doctor(kubeconfig, capsys)
     assert status == 1
     assert lines["dashboard"] == (
-        "fail Service jhub/hub has no port 9873 (ports 8081): the proxy cannot reach the dashboard"
+        "fail Service jhub/hub has no port 9873 (ports 8081): the proxy cannot reach the "
+        "dashboard; no port 9874 (ports 8081): kernels in user pods cannot reach the broker's API"
+    )
+    # The dashboard's port alone (values from before the API had its own port).
+    store.delete("services", "jhub", "hub")
+    only = [{"name": "hub", "port": 8081}, {"name": "gpulane", "port": 9873}]
+    store.put("services", "jhub", {"metadata": {"name": "hub"}, "spec": {"ports": only}})
+    status, lines = doctor(kubeconfig, capsys)
+    assert status == 1
+    assert lines["dashboard"] == (
+        "fail Service jhub/hub has no port 9874 (ports 8081, 9873): kernels in user pods "
+        "cannot reach the broker's API"
     )
     store.delete("services", "jhub", "hub")
     status, lines = doctor(kubeconfig, capsys)

@@ -554,17 +554,27 @@ def test_the_dashboard_is_served_on_the_hubs_service() -> None:
     command = broker["command"]
     assert command[command.index("--dashboard-ip") + 1] == "0.0.0.0"
     assert command[command.index("--dashboard-port") + 1] == "9873"
-    (port,) = values["hub"]["service"]["extraPorts"]
-    assert port["port"] == port["targetPort"] == 9873
-    (opened,) = values["hub"]["networkPolicy"]["ingress"]
-    assert opened["ports"] == [{"protocol": "TCP", "port": 9873}]
+    # The broker's API for kernels in user pods on its own port, and their URL of it.
+    assert command[command.index("--api-ip") + 1] == "0.0.0.0"
+    assert command[command.index("--api-port") + 1] == "9874"
+    assert c.Spawner.environment["GPULANE_BROKER_URL"] == "http://hub:9874"
+    assert c.Spawner.environment["GPULANE_BACKEND"] == "kubernetes"
+    assert "GPULANE_SOCKET" not in c.Spawner.environment  # no socket in a user pod
+    dashboard, api = values["hub"]["service"]["extraPorts"]
+    assert dashboard["port"] == dashboard["targetPort"] == 9873
+    assert api == {"name": "gpulane-api", "port": 9874, "targetPort": 9874}
+    to_dashboard, to_api = values["hub"]["networkPolicy"]["ingress"]
+    assert to_dashboard["ports"] == [{"protocol": "TCP", "port": 9873}]
+    assert to_dashboard["from"][0]["podSelector"]["matchLabels"]["component"] == "proxy"
+    assert to_api["ports"] == [{"protocol": "TCP", "port": 9874}]
+    assert to_api["from"][0]["podSelector"]["matchLabels"]["component"] == "singleuser-server"
     # Without GPU profiles there is no broker, and nothing is opened.
     plain = hub_values(load_profiles({"profile": [{"slug": "cpu"}]}), "", options())
     assert "networkPolicy" not in plain["singleuser"] and "proxy" not in plain
     assert "service" not in plain["hub"]
-    assert "# Network: the chart's policies let kernels and the proxy reach port 9873" in render(
-        pset, text, options()
-    )
+    header = render(pset, text, options())
+    assert "# Network: the chart's policies let the proxy reach port 9873" in header
+    assert "kernels in user pods port 9874" in header and "no TLS" in header
 
 
 @pytest.mark.parametrize("ports", [(80, 90), (50000, 40000), (1024, 70000)])

@@ -109,10 +109,14 @@ def test_nothing_reaches_a_worker() -> None:
 
 def test_kernels_and_the_proxy_reach_the_broker_and_nothing_new() -> None:
     world = policies()
-    assert allowed(world, ADA, HUB, 9873)  # a kernel -> the broker
+    assert allowed(world, ADA, HUB, 9874)  # a kernel -> the broker's API (hub tokens only)
     assert allowed(world, PROXY, HUB, 9873)  # the dashboard, /services/gpulane/
-    assert not allowed(world, ADA, HUB, 9874)
-    assert not allowed(world, ELSEWHERE, HUB, 9873)  # another namespace's pods: no
+    assert not allowed(world, ADA, HUB, 9873)  # kernels: the API's port, not the dashboard's
+    assert not allowed(world, PROXY, HUB, 9874)  # the proxy: the dashboard, not the API
+    assert not allowed(world, WORKER, HUB, 9874)  # a %%gpu worker never talks to the broker
+    assert not allowed(world, ADA, HUB, 9875)
+    for port in (9873, 9874):  # another namespace's pods: no
+        assert not allowed(world, ELSEWHERE, HUB, port)
     # User pods still cannot reach each other, kernels' ports included.
     assert not allowed(world, ADA, BEN, KERNEL_PORT)
     assert not allowed(world, ADA, BEN, 8888)
@@ -126,7 +130,7 @@ def test_without_gpulanes_rules_the_chart_blocks_the_worker_and_the_kernel() -> 
     # notebook port only, and the hub only on 8081.
     world = policies({})
     assert not allowed(world, WORKER, ADA, KERNEL_PORT)
-    assert not allowed(world, ADA, HUB, 9873)
+    assert not allowed(world, ADA, HUB, 9874)
     assert not allowed(world, PROXY, HUB, 9873)
 
 

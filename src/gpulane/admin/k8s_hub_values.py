@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpulane.admin.k8s_network import (
+    API_PORT,
     CALLBACK_PORTS,
     CHART_HUB_ROLE,
     SERVICE_HOST,
@@ -254,6 +255,9 @@ def extra_config(pset: ProfileSet) -> str:
         '    dashboard_ip="0.0.0.0",',
         f"    dashboard_url={f'http://{SERVICE_HOST}:{SERVICE_PORT}'!r},",
         f"    dashboard_port={SERVICE_PORT},",
+        "    # Kernels in user pods reach the broker's API on its own port, with their hub token.",
+        f"    api_port={API_PORT},",
+        f"    api_url={f'http://{SERVICE_HOST}:{API_PORT}'!r},",
         ")",
     ]
     return "\n".join(lines) + "\n"
@@ -390,7 +394,7 @@ def hub_values(pset: ProfileSet, profiles_text: str, options: HubOptions) -> dic
     if queues_gpus(pset):
         # The broker runs: its service port open to the proxy and the kernels, the user
         # pods' callback ports to %%gpu workers, in the chart's own network policies.
-        _merge(values, chart_values(SERVICE_PORT, options.worker_ports))
+        _merge(values, chart_values(SERVICE_PORT, options.worker_ports, API_PORT))
     return values
 
 
@@ -419,9 +423,10 @@ def render(pset: ProfileSet, profiles_text: str, options: HubOptions) -> str:
     if queues_gpus(pset):
         low, high = options.worker_ports
         header.append(
-            f"# Network: the chart's policies let kernels and the proxy reach port {SERVICE_PORT} "
-            f"of the hub pod (the gpulane service), and %%gpu worker pods reach user pods on "
-            f"{low}-{high}; the workers' own policy is in gpulane-rbac.yaml."
+            f"# Network: the chart's policies let the proxy reach port {SERVICE_PORT} of the hub "
+            f"pod (the gpulane service, the dashboard), kernels in user pods port {API_PORT} "
+            f"(the broker's API, hub tokens only, no TLS inside the cluster), and %%gpu worker "
+            f"pods reach user pods on {low}-{high}; the workers' own policy is in gpulane-rbac.yaml."
         )
     if not options.hub_image:
         header.append("# WARNING: no --hub-image: the chart's default hub image lacks gpulane.")

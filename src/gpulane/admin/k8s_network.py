@@ -4,10 +4,12 @@ The broker in the hub pod creates one worker pod per GPU cell (and a Secret hold
 one-time key); the worker connects OUT to its user's kernel and listens on nothing. The
 connections that needs, and nothing else:
 
-- a kernel in a user pod -> the broker in the hub pod, on the gpulane service's port
-  (:data:`SERVICE_PORT`, the dashboard's; the service's URL is ``http://hub:PORT``, the
-  chart's documented way to serve a JupyterHub service from the hub pod);
-- the proxy -> that port (the dashboard, routed at ``/services/gpulane/``);
+- a kernel in a user pod -> the broker's API in the hub pod, on its own port
+  (:data:`API_PORT`, ``--api-port``: hub tokens only, capped per client address;
+  ``GPULANE_BROKER_URL=http://hub:PORT`` in the user pods);
+- the proxy -> the gpulane service's port (:data:`SERVICE_PORT`, the dashboard's, routed at
+  ``/services/gpulane/``; the service's URL is ``http://hub:PORT``, the chart's documented
+  way to serve a JupyterHub service from the hub pod); user pods do not reach that one;
 - a worker pod -> the user pods on the kernel's callback ports (the kernel listens on an
   ephemeral port: the kernel image's ``ip_local_port_range``, :data:`CALLBACK_PORTS`), and
   DNS in kube-system;
@@ -41,6 +43,7 @@ HUB_ACCESS = {"hub.jupyter.org/network-access-hub": "true"}  # the proxy's and u
 KUBE_SYSTEM = {"kubernetes.io/metadata.name": "kube-system"}
 WORKER_POLICY = "gpulane-workers"
 SERVICE_PORT = 9873  # GpulaneHub.dashboard_port's default
+API_PORT = 9874  # GpulaneHub.api_port's default: the broker's API for kernels in user pods
 SERVICE_HOST = "hub"  # the chart's Service for the hub pod (without fullnameOverride)
 # Linux's default ip_local_port_range: where a kernel's callback listener (port 0) lands.
 CALLBACK_PORTS = (32768, 60999)
@@ -119,34 +122,42 @@ def worker_policy(namespace: str, ports: tuple[int, int] = CALLBACK_PORTS) -> di
 
 
 def chart_values(
-    port: int = SERVICE_PORT, ports: tuple[int, int] = CALLBACK_PORTS
+    port: int = SERVICE_PORT,
+    ports: tuple[int, int] = CALLBACK_PORTS,
+    api_port: int = API_PORT,
 ) -> dict[str, Any]:
     """The chart values that open what the broker's service and the workers need in the
-    chart's own policies, and give the hub's Service the service's port."""
+    chart's own policies, and give the hub's Service the service's and the API's ports:
+    the dashboard's port to the proxy only, the API's to user pods only."""
 
-    def to_hub() -> dict[str, Any]:  # one object per place (YAML would write an anchor)
-        return {"to": [{"podSelector": {"matchLabels": dict(HUB_PODS)}}], "ports": [_tcp(port)]}
+    def to_hub(to: int) -> dict[str, Any]:  # one object per place (YAML would write an anchor)
+        return {"to": [{"podSelector": {"matchLabels": dict(HUB_PODS)}}], "ports": [_tcp(to)]}
+
+    def reaching(pods: dict[str, str], to: int) -> dict[str, Any]:
+        # The chart's pods that carry its network-access-hub label, and of this component.
+        return {
+            "from": [{"podSelector": {"matchLabels": {**HUB_ACCESS, **pods}}}],
+            "ports": [_tcp(to)],
+        }
 
     return {
         "hub": {
             "service": {
-                "extraPorts": [{"name": "gpulane", "port": port, "targetPort": port}],
-            },
-            "networkPolicy": {
-                # The proxy (the dashboard) and the user pods (their kernels) carry this label;
-                # the chart opens the hub's own port 8081 to the same pods.
-                "ingress": [
-                    {
-                        "from": [{"podSelector": {"matchLabels": dict(HUB_ACCESS)}}],
-                        "ports": [_tcp(port)],
-                    }
+                "extraPorts": [
+                    {"name": "gpulane", "port": port, "targetPort": port},
+                    {"name": "gpulane-api", "port": api_port, "targetPort": api_port},
                 ],
             },
+            "networkPolicy": {
+                # The chart opens the hub's own port 8081 to pods with HUB_ACCESS; of those,
+                # the proxy reaches the dashboard, the user pods (kernels) the broker's API.
+                "ingress": [reaching(PROXY_PODS, port), reaching(USER_PODS, api_port)],
+            },
         },
-        "proxy": {"chp": {"networkPolicy": {"egress": [to_hub()]}}},
+        "proxy": {"chp": {"networkPolicy": {"egress": [to_hub(port)]}}},
         "singleuser": {
             "networkPolicy": {
-                "egress": [to_hub()],
+                "egress": [to_hub(api_port)],
                 "ingress": [
                     {
                         "from": [{"podSelector": {"matchLabels": dict(WORKER_COMPONENT)}}],

@@ -402,6 +402,28 @@ class BrokerApp(Application):
         help="The dashboard's address: loopback, or 0.0.0.0 in a hub pod on Kubernetes "
         "(the chart's proxy runs in another pod; every page asks the hub who is asking).",
     ).tag(config=True)
+    api_port = Count(
+        None,
+        maximum=65535,
+        allow_none=True,
+        help="Also serve the API on this TCP port, for clients named by a JupyterHub token "
+        "only (kernels in user pods on Kubernetes); needs the broker to run as a hub service.",
+    ).tag(config=True)
+    api_ip = Address(
+        "127.0.0.1",
+        help="The TCP API's address: loopback, or 0.0.0.0 in a hub pod on Kubernetes (the "
+        "NetworkPolicy lets only user pods reach it).",
+    ).tag(config=True)
+    max_api_connections = Cap(
+        "1024",
+        maximum=100_000,
+        help="Open connections to the TCP API from all clients together (0: no cap).",
+    ).tag(config=True)
+    max_api_connections_per_address = Cap(
+        "64",
+        maximum=100_000,
+        help="Open connections to the TCP API from one client address (0: no cap).",
+    ).tag(config=True)
     gpu_source = Enum(
         ["nvml", "k8s"],
         "nvml",
@@ -513,6 +535,7 @@ class BrokerApp(Application):
             "lease_ttl", "kill_grace",
             "max_submits_per_minute", "retention", "max_ended_per_user",
             "dashboard_port", "dashboard_ip", "log_level",
+            "api_port", "api_ip", "max_api_connections", "max_api_connections_per_address",
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval", "k8s_namespace",
@@ -578,6 +601,7 @@ class BrokerApp(Application):
         from gpulane.broker.shares import share_groups
         from gpulane.broker.store import Store
 
+        self.check_api()  # before anything is opened
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
         logging.basicConfig(
             level=self.log_level,
@@ -661,9 +685,34 @@ class BrokerApp(Application):
             if follow is not None:
                 loop = asyncio.get_running_loop()
                 follow(lambda: loop.call_soon_threadsafe(broker.capacity_changed))
-            await serve(broker, Path(self.socket), self.dashboard_port, self.dashboard_ip)
+            await serve(
+                broker, Path(self.socket), self.dashboard_port, self.dashboard_ip, self._api()
+            )
 
         asyncio.run(serve_following())
+
+    def _api(self) -> tuple[str, int, int, int] | None:
+        """The TCP API's (ip, port, total cap, per-address cap); None where it is off."""
+        if self.api_port is None:
+            return None
+        return (
+            self.api_ip,
+            int(self.api_port),
+            int(self.max_api_connections),
+            int(self.max_api_connections_per_address),
+        )
+
+    def check_api(self) -> None:
+        """Refuse a TCP API outside a hub: there, no token could name its clients."""
+        if self.api_port is None:
+            return
+        if not (os.environ.get("JUPYTERHUB_API_URL") and os.environ.get("JUPYTERHUB_API_TOKEN")):
+            raise OptionError(
+                "--api-port serves clients named by JupyterHub tokens only: run the broker "
+                "as a JupyterHub service (JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN unset)"
+            )
+        if self.dashboard_port is not None and self.dashboard_port == self.api_port:
+            raise OptionError(f"--api-port {self.api_port} is also --dashboard-port; use another")
 
     def _mps_plan(self, inventory: Any) -> MpsSettings:
         """Which GPUs get an MPS daemon: real GPUs read through NVML only (never simulated

@@ -54,14 +54,22 @@ class _CountedStream(IOStream):
     """An IOStream that gives its uid's connection slot back when it closes."""
 
     def __init__(
-        self, sock: socket.socket, acceptor: Acceptor, peer: tuple[int, int], **kwargs: Any
+        self,
+        sock: socket.socket,
+        acceptor: Acceptor,
+        peer: tuple[int, int] | None,
+        key: Hashable = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(sock, **kwargs)
         self.acceptor = acceptor
         # The peer's (pid, uid), read once at accept: by the time a request is handled the
-        # client may have hung up, and a closed stream has no socket left to ask.
+        # client may have hung up, and a closed stream has no socket left to ask. None on
+        # TCP (broker/tcp_api.py), where only a hub token names the caller.
         self.peer = peer
-        self.uid = peer[1]
+        # Whose connection slot this is: the uid on the socket, the client's address on TCP.
+        self.uid: Hashable = peer[1] if peer is not None else key
+        self.label = f"uid {self.uid}" if peer is not None else f"address {key}"
         self.stalled: tuple[int, float] | None = None  # (bytes written, since when) while writing
 
     def close_fd(self) -> None:
@@ -86,7 +94,7 @@ class Acceptor:
         self.max_per_user = max_per_user  # 0: no cap
         self.write_timeout = write_timeout
         self.clock = clock
-        self.counts: dict[int, int] = {}
+        self.counts: dict[Hashable, int] = {}
         self.streams: set[_CountedStream] = set()
         self._backoff = 0.0
         self._paused: asyncio.TimerHandle | None = None
@@ -221,7 +229,7 @@ class Acceptor:
             elif now - stream.stalled[1] > self.write_timeout:
                 self._note(
                     ("stalled", stream.uid),
-                    f"closed a connection of uid {stream.uid}: its answer went unread "
+                    f"closed a connection of {stream.label}: its answer went unread "
                     f"for {self.write_timeout:.0f} s",
                 )
                 stream.close()

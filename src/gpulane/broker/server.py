@@ -387,8 +387,10 @@ async def serve(
     socket_path: Path,
     dashboard_port: int | None = None,
     dashboard_ip: str = "127.0.0.1",
+    tcp_api: tuple[str, int, int, int] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; ``tcp_api`` is (ip, port, total cap, per-address cap) of
+    the API on TCP for hub-token clients (broker/tcp_api.py)."""
     _raise_fd_limit()
     prepare_socket_dir(socket_path)
     # Everyone on the machine may connect: the kernel tells us who they are.
@@ -422,6 +424,7 @@ async def serve(
         # hub, the pod's address on Kubernetes (every page is behind the hub's OAuth).
         make_dashboard(broker).listen(dashboard_port, address=dashboard_ip)
         log.info("dashboard on http://%s:%d", dashboard_ip, dashboard_port)
+    tcp = _listen_api(server, broker, tcp_api, hub_tokens) if tcp_api else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -430,6 +433,9 @@ async def serve(
     await stop.wait()
     acceptor.stop()
     sock.close()
+    if tcp is not None:
+        tcp.stop()
+        tcp.sock.close()
     server.stop()
     # Share groups are the hub's too: those of users with jobs now are asked for meanwhile.
     learning = asyncio.ensure_future(broker.learn_hub_share_groups(broker.use_hub_share_groups()))
@@ -442,6 +448,28 @@ async def serve(
     broker.stop()
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
+
+
+def _listen_api(
+    server: HTTPServer,
+    broker: Broker,
+    api: tuple[str, int, int, int],
+    hub_tokens: HubTokens | None,
+) -> Acceptor:
+    """The API on TCP, served by ``server`` (the socket's handlers, rates and timeouts)."""
+    from gpulane.broker.tcp_api import TcpAcceptor, listen
+
+    ip, port, max_total, max_per_address = api
+    if hub_tokens is None:  # app.py refuses first; never serve TCP without the hub's word
+        raise SystemExit("gpulane broker: --api-port needs the broker to run as a hub service")
+    try:
+        sock = listen(ip, port)
+    except OSError as error:
+        raise SystemExit(f"gpulane broker: cannot listen on {ip}:{port}: {error.strerror}") from None
+    acceptor = TcpAcceptor(server, sock, max_total, max_per_address, broker.settings.write_timeout)
+    acceptor.start()
+    log.info("API for hub-token clients on http://%s:%d", ip, port)
+    return acceptor
 
 
 def _raise_fd_limit() -> None:

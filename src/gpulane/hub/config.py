@@ -152,6 +152,24 @@ class GpulaneHub(LoggingConfigurable):
         "reaches the dashboard through the hub's Service (dashboard_url).",
     ).tag(config=True)
 
+    api_port = Integer(
+        0,
+        help="With gpu_source 'k8s': the TCP port of the broker's API for kernels in user "
+        "pods, named by their server's hub token only (0: none; zero-to-jupyterhub: 9874, "
+        "`gpulane k8s hub-values` sets it and opens it to user pods only).",
+    ).tag(config=True)
+
+    api_ip = Unicode(
+        "0.0.0.0",
+        help="With api_port: the address the broker's API listens on in the hub pod.",
+    ).tag(config=True)
+
+    api_url = Unicode(
+        "",
+        help="With api_port: where kernels in user pods reach the broker's API, given them "
+        "as GPULANE_BROKER_URL (default http://hub:<api_port>, the hub's Service).",
+    ).tag(config=True)
+
     dashboard_url = Unicode(
         "",
         help="The gpulane service's URL, where the hub's proxy sends /services/gpulane/ "
@@ -188,14 +206,16 @@ class GpulaneHub(LoggingConfigurable):
     def _python_default(self) -> str:
         return sys.executable
 
-    @validate("slices", "simulate_gpus", "dashboard_port", "idle_timeout")
+    @validate("slices", "simulate_gpus", "dashboard_port", "idle_timeout", "api_port")
     def _non_negative(self, proposal: dict[str, Any]) -> int:
         value = int(proposal["value"])
+        if proposal["trait"].name == "api_port" and value > 65535:
+            raise ValueError(f"GpulaneHub.api_port must be a port up to 65535, not {value}")
         if value < 0 or (proposal["trait"].name == "slices" and value < 1):
             raise ValueError(f"GpulaneHub.{proposal['trait'].name} must be positive, not {value}")
         return value
 
-    @validate("dashboard_ip")
+    @validate("dashboard_ip", "api_ip")
     def _dashboard_ip(self, proposal: dict[str, Any]) -> str:
         import ipaddress
 
@@ -203,9 +223,21 @@ class GpulaneHub(LoggingConfigurable):
         try:
             ipaddress.ip_address(value)
         except ValueError:
+            name = proposal["trait"].name
             raise TraitError(
-                f"GpulaneHub.dashboard_ip {value!r} must be an IP address, e.g. 0.0.0.0"
+                f"GpulaneHub.{name} {value!r} must be an IP address, e.g. 0.0.0.0"
             ) from None
+        return value
+
+    @validate("api_url")
+    def _api_url(self, proposal: dict[str, Any]) -> str:
+        from urllib.parse import urlsplit
+
+        value = str(proposal["value"])
+        if value and (urlsplit(value).scheme != "http" or not urlsplit(value).hostname):
+            raise TraitError(
+                f"GpulaneHub.api_url {value!r} must be an http:// URL, e.g. http://hub:9874"
+            )
         return value
 
     @validate("dashboard_url")
@@ -281,6 +313,8 @@ class GpulaneHub(LoggingConfigurable):
             command += ["--gpu-source", "k8s", "--gpu-resource", self.gpu_resource]
             if self.k8s_namespace:
                 command += ["--k8s-namespace", self.k8s_namespace]
+            if self.api_port:  # for kernels in user pods, which cannot reach the socket
+                command += ["--api-ip", self.api_ip, "--api-port", str(self.api_port)]
         if self.max_running_per_user:
             command += ["--max-running-per-user", str(self.max_running_per_user)]
         for name, broker_default in BROKER_DURATIONS.items():
@@ -388,6 +422,13 @@ class GpulaneHub(LoggingConfigurable):
         environment = dict(_existing(c.Spawner, "environment", {}))
         environment.update(self.extra_environment)
         environment[config.SOCKET_ENV] = self.broker_socket
+        if self.gpu_source == "k8s" and self.api_port:
+            # User pods have no broker socket: their kernels reach its API over TCP, and
+            # %%gpu cells run in worker pods the broker creates (scheduler/kube.py).
+            environment.pop(config.SOCKET_ENV)
+            url = self.api_url or f"http://hub:{self.api_port}"
+            environment[config.BROKER_URL_ENV] = url
+            environment.setdefault(config.BACKEND_ENV, "kubernetes")
         if self.idle_culler:
             # Kernels with GPU work queued or running report activity this often, so the
             # culler never takes a server mid-job (src/gpulane/kernel/activity.py).

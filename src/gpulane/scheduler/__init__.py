@@ -16,7 +16,8 @@ def connect(socket: str | os.PathLike[str] | None = None) -> Scheduler:
     """The scheduler this client should use, and why (``scheduler.reason``).
 
     Order: ``kubernetes`` (the variable or the file) means the broker, whose grants run in
-    worker pods; then an explicit socket or ``$GPULANE_SOCKET`` means the broker;
+    worker pods; then an explicit socket or ``$GPULANE_SOCKET`` means the broker, and
+    then ``$GPULANE_BROKER_URL`` the broker over TCP (a pod without its socket);
     ``$GPULANE_BACKEND`` or the configuration file's ``backend`` next; with
     ``auto``, a listening broker socket wins, then a Slurm whose controller
     answers, else the broker (whose absence is then reported plainly).
@@ -42,6 +43,8 @@ def connect(socket: str | os.PathLike[str] | None = None) -> Scheduler:
         return _broker(KubeCellScheduler(broker_socket), "configured: backend = kubernetes")
     if socket or os.environ.get(site.SOCKET_ENV):
         return _broker(BrokerScheduler(broker_socket), "GPULANE_SOCKET or --socket names a broker")
+    if os.environ.get(site.BROKER_URL_ENV):
+        return _broker(BrokerScheduler(), "GPULANE_BROKER_URL names a broker (over TCP)")
     if backend == "broker":
         return _broker(BrokerScheduler(broker_socket), "configured: backend = broker")
     if backend == "slurm":

@@ -31,7 +31,7 @@ from gpulane.scheduler.base import (
     Snapshot,
     UpdateCallback,
 )
-from gpulane.scheduler.http import UnixJSONClient
+from gpulane.scheduler.http import ServiceJSONClient, UnixJSONClient
 from gpulane.scheduler.spawn import spawn_command
 
 RECONNECT_WINDOW = 60.0  # how long a client keeps trying while the broker restarts
@@ -40,6 +40,14 @@ CONNECT_WINDOW = 30.0
 STOP_GRACE = 5.0  # SIGINT, then SIGTERM after half of this, then SIGKILL
 STATUS_PAGE = 1000  # queue entries asked for per status request (the broker's maximum)
 MAX_STATUS_PAGES = 100  # a status read stops after this many pages
+
+
+def broker_url(socket: str | os.PathLike[str] | None = None) -> str | None:
+    """``$GPULANE_BROKER_URL`` (the broker's API over TCP, from a pod without its socket),
+    unless a socket is named, as an argument or by ``$GPULANE_SOCKET``, which wins."""
+    if socket or os.environ.get(config.SOCKET_ENV):
+        return None
+    return os.environ.get(config.BROKER_URL_ENV) or None
 
 
 class BrokerScheduler(Scheduler):
@@ -54,7 +62,10 @@ class BrokerScheduler(Scheduler):
         self.socket = config.socket_path(socket)
         # Inside a JupyterHub server its token names the hub user; the hub passes one explicitly.
         token = token or os.environ.get("JUPYTERHUB_API_TOKEN")
-        self.client = UnixJSONClient(self.socket, token=token)
+        url = broker_url(socket)
+        self.client = (
+            ServiceJSONClient(url, token) if url else UnixJSONClient(self.socket, token=token)
+        )
         self.heartbeat_interval = heartbeat
 
     # ------------------------------------------------------------------ the interface

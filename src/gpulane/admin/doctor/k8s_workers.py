@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gpulane.admin.doctor.context import Finding
 from gpulane.admin.k8s_netpol import Pod, allowed
 from gpulane.admin.k8s_network import (
+    API_PORT,
     SERVICE_HOST,
     SERVICE_PORT,
     USER_PODS,
@@ -168,11 +169,12 @@ def check_network_policy(site: KubeSite) -> Finding:
         (worker, dns, 53, "UDP", True, "a worker ask DNS in kube-system"),
         (worker, user, 8888, "TCP", False, "a worker reach a user's Jupyter server (8888)"),
         (worker, hub, SERVICE_PORT, "TCP", False, f"a worker reach the broker ({SERVICE_PORT})"),
+        (worker, hub, API_PORT, "TCP", False, f"a worker reach the broker's API ({API_PORT})"),
         (worker, hub, 8081, "TCP", False, "a worker reach the hub's API (8081)"),
         (worker, OUTSIDE, 443, "TCP", False, "a worker reach the internet"),
         (user, worker, low, "TCP", False, "a user pod reach a worker"),
         (hub, worker, low, "TCP", False, "the hub pod reach a worker"),
-        (user, hub, SERVICE_PORT, "TCP", True, f"a kernel reach the broker ({SERVICE_PORT})"),
+        (user, hub, API_PORT, "TCP", True, f"a kernel reach the broker's API ({API_PORT})"),
         (proxy, hub, SERVICE_PORT, "TCP", True, f"the proxy reach the dashboard ({SERVICE_PORT})"),
     )
     wrong = [
@@ -187,14 +189,15 @@ def check_network_policy(site: KubeSite) -> Finding:
         NAME,
         "ok",
         f"as {ns}'s {len(policies)} NetworkPolicies read: %%gpu workers reach user pods on "
-        f"{low}-{high} and DNS only, nothing reaches them; kernels and the proxy reach the "
-        f"broker's port {SERVICE_PORT}",
+        f"{low}-{high} and DNS only, nothing reaches them; kernels reach the broker's API "
+        f"on {API_PORT}, the proxy the dashboard on {SERVICE_PORT}",
     )
 
 
 def check_dashboard(site: KubeSite) -> Finding:
     """The gpulane service's port on the hub's Service, where the proxy pod sends the
-    dashboard (``hub.service.extraPorts`` in hub-values' values)."""
+    dashboard, and the broker's API port, where kernels in user pods send their requests
+    (``hub.service.extraPorts`` in hub-values' values)."""
     from gpulane.admin.doctor.k8s import SKIPPED
 
     name = "dashboard"
@@ -221,19 +224,27 @@ def check_dashboard(site: KubeSite) -> Finding:
             f"kubectl -n {ns} get services",
         )
     ports = [p.port for p in service.spec.ports or []]
-    if SERVICE_PORT not in ports:
+    absent = [
+        f"no port {port} (ports {', '.join(map(str, ports)) or 'none'}): {what}"
+        for port, what in (
+            (SERVICE_PORT, "the proxy cannot reach the dashboard"),
+            (API_PORT, "kernels in user pods cannot reach the broker's API"),
+        )
+        if port not in ports
+    ]
+    if absent:
         return Finding(
             name,
             "fail",
-            f"Service {ns}/{SERVICE_HOST} has no port {SERVICE_PORT} (ports "
-            f"{', '.join(map(str, ports)) or 'none'}): the proxy cannot reach the dashboard",
+            f"Service {ns}/{SERVICE_HOST} has " + "; ".join(absent),
             "helm upgrade with the values of gpulane k8s hub-values (hub.service.extraPorts)",
         )
     return Finding(
         name,
         "ok",
         f"Service {ns}/{SERVICE_HOST} has port {SERVICE_PORT}: the proxy sends "
-        "/services/gpulane/ to the dashboard in the hub pod",
+        f"/services/gpulane/ to the dashboard in the hub pod; and port {API_PORT}: kernels "
+        "reach the broker's API (GPULANE_BROKER_URL)",
     )
 
 
