@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A cold GPU worker's start, alone: what a Slurm node pays before a ``%%gpu`` cell's first line.
 
-Starts ``python -m gpulane.kernel.runner`` the way a Slurm job does (it dials back to a
+Starts the worker (``RUNNER_COMMAND``) the way a Slurm job does (it dials back to a
 ``CallbackWorker`` in this process with a key file) and sends it
 ``import time; print('x', time.process_time())``. Each sample: the wall time from starting
 the process to the line ``x`` arriving here, and the worker's own CPU time at that line.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 from gpulane.kernel.protocol import CellOutput, RunCell
 from gpulane.kernel.transfer import pack
-from gpulane.kernel.worker import CallbackWorker
+from gpulane.kernel.worker import RUNNER_COMMAND, CallbackWorker
 
 CELL = "import time\nprint('x', time.process_time())"
 PREFIX: list[str] = []  # srun --gres=gpu:1 with --srun
@@ -66,8 +66,10 @@ def cold_worker(src: str | None) -> tuple[float, float]:
     env = {**os.environ, **SLURM_ENV, **worker.job_env}
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # This tree's worker as the kernel starts it; another tree's with -m, which every tree takes.
+    command = RUNNER_COMMAND if src is None else (sys.executable, "-m", "gpulane.kernel.runner")
     started = time.perf_counter()
-    proc = subprocess.Popen([*PREFIX, sys.executable, "-m", "gpulane.kernel.runner"], env=env)
+    proc = subprocess.Popen([*PREFIX, *command], env=env)
     try:
         if not sink.seen.wait(60) or not worker.done.wait(60):
             raise RuntimeError("the worker printed no line within 60 s")

@@ -58,3 +58,13 @@ def test_a_wrong_key_is_refused_and_nothing_is_received() -> None:
             connect(listener.address, b"not the key")
         thread.join(10)
         assert refused and type(refused[0]).__name__ == "AuthenticationError"
+
+
+@pytest.mark.parametrize("key", [b"", b"k" * 32, b"x" * 64, bytes(range(200))])
+def test_hmac_md5_is_the_hmac_modules(key: bytes) -> None:
+    import hmac
+
+    from gpulane.kernel.link import hmac_md5
+
+    for message in (b"", b"#CHALLENGE#" + bytes(range(20)), b"y" * 1000):
+        assert hmac_md5(key, message) == hmac.new(key, message, "md5").digest()

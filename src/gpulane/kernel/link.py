@@ -7,7 +7,10 @@ and :func:`connect` answers and delivers the same HMAC challenge as
 ``multiprocessing.connection.Client`` with an ``authkey``. Why not that module itself:
 importing it costs a cold worker ~15 ms (its context, reduction and util modules pull in
 tempfile, shutil and subprocess) before the cell's first line, and the worker uses only
-``send``, ``recv`` and ``fileno``.
+``send``, ``recv`` and ``fileno``. For the same reason it dials with ``_socket`` (``socket``
+builds its enums and imports ``selectors``) and computes the challenge's HMAC-MD5 on the
+built-in ``_md5`` (``hmac`` and ``hashlib`` load OpenSSL's ``_hashlib``), each with the
+plain module as a fallback where the built-in one is missing.
 """
 
 from __future__ import annotations
@@ -92,13 +95,17 @@ class Link:
 def connect(target: tuple[str, int] | str, key: bytes) -> Link:
     """Dial the kernel (TCP for a (host, port), else a Unix socket path) and pass its key
     check both ways, as ``multiprocessing.connection.Client(target, authkey=key)`` does."""
-    import socket
+    import _socket
 
-    family = socket.AF_INET if isinstance(target, tuple) else socket.AF_UNIX
-    with socket.socket(family) as sock:
+    family = _socket.AF_INET if isinstance(target, tuple) else _socket.AF_UNIX
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    try:
         sock.setblocking(True)
         sock.connect(target)
-        link = Link(sock.detach())
+    except BaseException:
+        sock.close()
+        raise
+    link = Link(sock.detach())
     try:
         _answer_challenge(link, key)
         _deliver_challenge(link, key)
@@ -109,24 +116,42 @@ def connect(target: tuple[str, int] | str, key: bytes) -> Link:
 
 
 def _answer_challenge(link: Link, key: bytes) -> None:
-    import hmac
-
     message = bytes(link.recv_bytes(_HANDSHAKE_MAX))
     if not message.startswith(CHALLENGE):
         raise AuthenticationError("the kernel sent no challenge")
-    link.send_bytes(hmac.new(key, message[len(CHALLENGE) :], "md5").digest())
+    link.send_bytes(hmac_md5(key, message[len(CHALLENGE) :]))
     if bytes(link.recv_bytes(_HANDSHAKE_MAX)) != WELCOME:
         raise AuthenticationError("the kernel refused this worker's key")
 
 
 def _deliver_challenge(link: Link, key: bytes) -> None:
-    import hmac
+    from _operator import _compare_digest  # hmac.compare_digest where OpenSSL's is absent
 
     message = os.urandom(_CHALLENGE_BYTES)
     link.send_bytes(CHALLENGE + message)
-    expected = hmac.new(key, message, "md5").digest()
-    if hmac.compare_digest(bytes(link.recv_bytes(_HANDSHAKE_MAX)), expected):
+    expected = hmac_md5(key, message)
+    if _compare_digest(bytes(link.recv_bytes(_HANDSHAKE_MAX)), expected):
         link.send_bytes(WELCOME)
     else:
         link.send_bytes(FAILURE)
         raise AuthenticationError("the kernel did not prove it holds the key")
+
+
+_BLOCK = 64  # MD5's block size in bytes
+_INNER = bytes(x ^ 0x36 for x in range(256))
+_OUTER = bytes(x ^ 0x5C for x in range(256))
+
+
+def hmac_md5(key: bytes, message: bytes) -> bytes:
+    """``hmac.new(key, message, "md5").digest()`` (RFC 2104) on the built-in ``_md5``."""
+    try:
+        from _md5 import md5  # type: ignore[import-not-found]  # built in, without a stub
+    except ImportError:  # a Python built without it: OpenSSL's, through hmac
+        import hmac
+
+        return hmac.new(key, message, "md5").digest()
+    if len(key) > _BLOCK:
+        key = md5(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = md5(key.translate(_INNER) + message).digest()
+    return bytes(md5(key.translate(_OUTER) + inner).digest())

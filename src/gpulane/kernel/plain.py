@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import hashlib
 import keyword
 import linecache
 import re
@@ -127,7 +126,11 @@ def _plain_names(tree: ast.Module) -> bool:
 
 def _code_name(source: str, number: int) -> str:
     """IPython's name for a cell's code (``IPython.core.compilerop.code_name``)."""
-    digest = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+    try:
+        from _sha1 import sha1  # type: ignore[import-not-found]  # built in, no stub; hashlib loads OpenSSL
+    except ImportError:
+        from hashlib import sha1
+    digest = sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
     return f"<ipython-input-{number}-{digest[:12]}>"
 
 

@@ -1,6 +1,7 @@
 """The GPU worker: runs notebook cells on the granted GPU and sends back output and names.
 
-Started by the kernel side (``python -m gpulane.kernel.runner``) before the GPU is
+Started by the kernel side (``python -c`` calling :func:`cold`, see ``worker.RUNNER_COMMAND``;
+``python -m gpulane.kernel.runner`` does the same) before the GPU is
 granted, so that Python, IPython and the channel are ready when the turn
 comes: the grant only sends the cell. Where it cannot be started early (inside a Slurm
 allocation) it starts cold, and its first cell runs before IPython is imported when the
@@ -25,11 +26,11 @@ import builtins
 import contextlib
 import gc
 import os
-import queue
 import signal
 import sys
 import threading
 import types
+from _queue import Empty, SimpleQueue
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,8 @@ class CellRunner:
 
     def __init__(self, connect: Callable[[], Link]) -> None:
         connecting = _InBackground(connect, "gpulane-connect")
-        self.inbox: queue.Queue[RunCell | Stop] = queue.Queue()
+        # _queue's SimpleQueue: what queue.Queue would give here, without importing queue
+        self.inbox: SimpleQueue[RunCell | Stop] = SimpleQueue()
         self.shell: Any = None  # the IPython shell, once built
         self.module: types.ModuleType | None = None  # a cold worker's __main__, until then
         self._plain_cells: dict[str, int] = {}  # code name -> number, for the shell's tracebacks
@@ -142,7 +144,7 @@ class CellRunner:
                 if self.shell is None:
                     try:
                         message = self.inbox.get(timeout=SHELL_WHEN_IDLE_S)
-                    except queue.Empty:
+                    except Empty:
                         self.build_shell()  # no cell waiting (a spare): build it meanwhile
                         continue
                 else:

@@ -62,7 +62,14 @@ from gpulane.kernel.transfer import follow_channel
 from gpulane.scheduler.base import CommandProcess, Launcher
 from gpulane.scheduler.spawn import spawn_command, wait_or_kill_group
 
-RUNNER_COMMAND = (sys.executable, "-m", "gpulane.kernel.runner")
+# ``-c`` rather than ``-m gpulane.kernel.runner`` (which also works): ``-m`` imports runpy and
+# importlib.util first, ~3 ms of a cold worker's start (a Slurm node's) before its first line;
+# and the collector is off before the worker's imports, not after them (runner.main's reason).
+RUNNER_COMMAND = (
+    sys.executable,
+    "-c",
+    "import gc; gc.disable(); import sys; from gpulane.kernel.runner import cold; sys.exit(cold())",
+)
 
 
 class Sink(Protocol):
