@@ -124,7 +124,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         BROKER_URL_ENV,
         "",
-        "the admin (z2jh: `singleuser.extraEnv`)",
+        "the hub on Kubernetes (`GpulaneHub.api_port`; `gpulane k8s hub-values` sets it)",
         "the broker's API over TCP (its `--api-port`, `http://HOST:PORT/`), with the server's "
         "hub token: for a kernel in a pod without the broker's socket",
     ),
