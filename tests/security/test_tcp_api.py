@@ -168,7 +168,10 @@ def test_a_users_token_submits_streams_heartbeats_and_runs_over_tcp(tcp_api: Tcp
     done = subprocess.run(as_user(ALICE, argv), env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, (done.stdout, done.stderr, tcp_api.broker.log_text()[-3000:])
     assert "ran on" in done.stdout, done.stdout
-    assert alice not in done.stdout + done.stderr + tcp_api.broker.log_text()
+    log = tcp_api.broker.log_text()
+    assert alice not in done.stdout + done.stderr + log  # the token is never logged
+    # The client does not offer its process to a broker that cannot see it.
+    assert "/started" not in log, log
 
 
 def test_tcp_clients_without_a_valid_token_for_us_are_refused(tcp_api: TcpApi) -> None:

@@ -63,6 +63,8 @@ class BrokerScheduler(Scheduler):
         # Inside a JupyterHub server its token names the hub user; the hub passes one explicitly.
         token = token or os.environ.get("JUPYTERHUB_API_TOKEN")
         url = broker_url(socket)
+        # Over TCP the broker cannot see this client's processes: it never signals them.
+        self.remote = url is not None
         self.client = (
             ServiceJSONClient(url, token) if url else UnixJSONClient(self.socket, token=token)
         )
@@ -241,8 +243,10 @@ class _Lease:
             self.scheduler.report_finish(self.job_id, 127)
             raise SchedulerError(f"cannot start {command[0]!r}: {error.strerror}") from None
         # If this fails the broker cannot kill the command for us; our own stop still works.
-        with contextlib.suppress(SchedulerError):
-            self.scheduler.report_started(self.job_id, self.proc.pid)
+        # Over TCP it would always refuse (it cannot see our processes): our stop alone acts.
+        if not self.scheduler.remote:
+            with contextlib.suppress(SchedulerError):
+                self.scheduler.report_started(self.job_id, self.proc.pid)
         proc = self.proc
         threading.Thread(
             target=lambda: self.inbox.put(("exited", proc.wait())), daemon=True, name="gpulane-wait"
