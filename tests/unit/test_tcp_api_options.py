@@ -3,6 +3,7 @@ command line and from ``gpulane.hub.configure`` on Kubernetes, and the clients' 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,34 @@ def test_the_hub_on_kubernetes_starts_the_api_and_points_user_pods_at_it() -> No
         assert "--api-port" not in service["command"]
         assert config.BROKER_URL_ENV not in plain.Spawner.environment
         assert config.SOCKET_ENV in plain.Spawner.environment
+
+
+def test_the_api_url_reaches_pods_where_the_chart_sets_their_environment() -> None:
+    # z2jh's jupyterhub_config.py sets c.KubeSpawner.environment from singleuser.extraEnv
+    # before hub.extraConfig runs; a subclass's config shadows c.Spawner.environment.
+    # traitlets resolves sections by class name along the MRO, as for the real classes
+    # (KubeSpawner itself wants a cluster's kubeconfig to be built).
+    from traitlets import Dict
+    from traitlets.config import Configurable
+
+    from gpulane.hub import configure
+
+    class Spawner(Configurable):
+        environment = Dict().tag(config=True)
+
+    class KubeSpawner(Spawner):
+        pass
+
+    c = Config()
+    c.KubeSpawner.environment = {"GPULANE_USER_DIR": "{username}", config.SOCKET_ENV: "/x"}
+    configure(c, gpu_source="k8s", api_port=9874, extra_environment={"SITE": "1"})
+    with warnings.catch_warnings():  # the stand-ins lack Spawner's other options
+        warnings.simplefilter("ignore", UserWarning)
+        env = KubeSpawner(config=c).environment
+    assert env[config.BROKER_URL_ENV] == "http://hub:9874"
+    assert env[config.BACKEND_ENV] == "kubernetes"
+    assert env["GPULANE_USER_DIR"] == "{username}" and env["SITE"] == "1"
+    assert config.SOCKET_ENV not in env
 
 
 @pytest.mark.parametrize(

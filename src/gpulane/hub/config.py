@@ -429,6 +429,13 @@ class GpulaneHub(LoggingConfigurable):
             url = self.api_url or f"http://hub:{self.api_port}"
             environment[config.BROKER_URL_ENV] = url
             environment.setdefault(config.BACKEND_ENV, "kubernetes")
+            # zero-to-jupyterhub sets c.KubeSpawner.environment (singleuser.extraEnv), which
+            # shadows c.Spawner.environment for its pods: merge these into it too.
+            if "environment" in c.KubeSpawner:
+                pods = {**environment, **c.KubeSpawner.environment}
+                pods.pop(config.SOCKET_ENV, None)
+                pods[config.BROKER_URL_ENV] = url
+                c.KubeSpawner.environment = pods
         if self.idle_culler:
             # Kernels with GPU work queued or running report activity this often, so the
             # culler never takes a server mid-job (src/gpulane/kernel/activity.py).
