@@ -111,7 +111,7 @@ def test_a_gpu_cell_runs_in_a_worker_pod_and_a_second_users_cell_waits_for_it(
         "%%gpu --time 5m\n"
         "import os, time\n"
         "print('in pod, job', os.environ['GPULANE_JOB_ID'], flush=True)\n"
-        "time.sleep(4)\n"
+        "time.sleep(6)\n"
         "answer = bump(base)\n"
     )
     wait_for(lambda: agent.procs, 60, what="Alice's worker pod to run")
