@@ -156,3 +156,33 @@ def test_clients_take_the_url_unless_a_socket_is_named(monkeypatch: pytest.Monke
     monkeypatch.setenv(config.SOCKET_ENV, "/tmp/gpulane-test.sock")
     named = connect()
     assert type(named.client) is UnixJSONClient  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hub:9874", "hub:9874", "http://:9874", "http://hub:99999", "http://hub:x"]
+)
+def test_a_bad_broker_url_is_one_line(url: str) -> None:
+    from gpulane.scheduler.base import SchedulerError
+    from gpulane.scheduler.http import ServiceJSONClient
+
+    with pytest.raises(SchedulerError, match="the broker's URL must be http://HOST:PORT"):
+        ServiceJSONClient(url, "t")
+    with pytest.raises(SchedulerError, match="needs this server's JupyterHub token"):
+        ServiceJSONClient("http://hub:9874", None)
+
+
+def test_no_broker_at_the_url_names_the_url_and_the_variable() -> None:
+    import socket
+
+    from gpulane.scheduler.base import SchedulerUnavailable
+    from gpulane.scheduler.http import ServiceJSONClient
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = ServiceJSONClient(f"http://127.0.0.1:{port}", "secret-token")
+    with pytest.raises(SchedulerUnavailable) as error:
+        client.request("GET", "/v1/health")
+    message = str(error.value)
+    assert f"http://127.0.0.1:{port}" in message and "GPULANE_BROKER_URL" in message
+    assert "secret-token" not in message and "\n" not in message

@@ -165,14 +165,24 @@ class ServiceJSONClient(UnixJSONClient):
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
+        try:
+            port = parts.port or 80
+        except ValueError:  # a port out of range or not a number
+            port = 0
+        if parts.scheme != "http" or not parts.hostname or not port:
             raise SchedulerError(f"{url!r}: the broker's URL must be http://HOST:PORT/PREFIX/")
         if not token:
             raise SchedulerError(f"the broker at {url} needs this server's JupyterHub token")
         super().__init__(Path(parts.path), timeout, token)
         self.where = url
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.host, self.port = parts.hostname, port
         self.base = parts.path.rstrip("/")
+
+    def _unavailable(self, error: OSError) -> SchedulerUnavailable:
+        return SchedulerUnavailable(
+            f"no gpulane broker answers at {self.where} ({error.strerror or error}); "
+            "check GPULANE_BROKER_URL (the broker's --api-port, open to this pod)"
+        )
 
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
