@@ -9,7 +9,8 @@ run times from the pod times) and ``philly_runtime.csv`` (short jobs), assigned 
 six users of whom one submits 40%, arriving faster than the machine (4 GPUs cut
 into 4 slices) serves them. Each job declares a time limit 1.2-3x its run time.
 The event loop drives ``policy.decide`` as ``broker/core.py`` does: after every
-arrival and end, with usage recorded when a job ends. Seeded: the same arguments
+arrival and end, with usage recorded when a job ends (each second decayed by its age,
+``policy.run_usage``, as the broker records it). Seeded: the same arguments
 give the same table. The old rules are this repository's policy as of
 ``OLD_RULES`` (read with ``git show``).
 """
@@ -209,6 +210,8 @@ def simulate(
             else:
                 _, _, began = running.pop(job_id)
                 used = (now - began) * share(job)
+                if hasattr(module, "run_usage"):  # each second decayed by its age, as core.py
+                    used = module.run_usage(share(job), now - began, half_life)
                 usage[job.user] = usage.get(job.user, module.Usage()).add(used, now, half_life)
                 out.end[job_id] = now
         if sum(share(j) for j, _, _ in running.values()) >= gpus or not queued:
@@ -383,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--overload", type=float, default=1.5, help="offered load / capacity")
     parser.add_argument("--starvation-after", type=float, default=3600.0, help="seconds")
-    parser.add_argument("--half-life", type=float, default=86400.0, help="seconds")
+    parser.add_argument(
+        "--half-life", type=float, default=policy.PolicyConfig().half_life, help="seconds"
+    )
     parser.add_argument("--traces", type=Path, default=TRACES)
     args = parser.parse_args(argv)
     jobs = load_jobs(args.jobs, args.seed, args.overload, args.traces)

@@ -409,7 +409,7 @@ def test_dashboard_data_ended_reasons_are_private_and_standings_public(
             rows = {r["user"]: r for r in view["standings"]}
             assert ADA in rows, rows
             assert all(r["gpu_hours"] >= 1 / 3600 for r in rows.values()), rows
-            assert all(r["half_life"] == 24 * 3600 for r in rows.values()), rows
+            assert all(r["half_life"] == 600 for r in rows.values()), rows
             assert abs(sum(r["share"] for r in rows.values()) - 1) < 1e-9, rows
         assert [r["user"] for r in admin_view["standings"]] == [
             r["user"] for r in bens_view["standings"]

@@ -31,7 +31,8 @@ def reason(house: BrokerHouse, who: Any, job_id: int) -> tuple[str, str]:
 
 
 def test_fair_share_names_who_goes_first_and_both_users_standing(broker_house: House) -> None:
-    house = broker_house(gpus=1, policy=policy.PolicyConfig(starvation_after=100 * HOUR))
+    config = policy.PolicyConfig(starvation_after=100 * HOUR, half_life=24 * HOUR)
+    house = broker_house(gpus=1, policy=config)
     first = submit(house, ALICE, time_limit=3 * 3600)
     house.advance(HOUR)  # alice has used an hour of the GPU
     mine = submit(house, ALICE)

@@ -45,7 +45,7 @@ def test_defaults_match_the_old_parser() -> None:
     assert (app.default_time, app.max_time, app.half_life, app.starvation_after) == (
         3600,
         86400,
-        86400,
+        600,
         3600,
     )
     assert (app.lease_ttl, app.kill_grace, app.gpu_memory) == (10, 10, 16 * 1024**3)

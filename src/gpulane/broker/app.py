@@ -346,7 +346,9 @@ class BrokerApp(Application):
     max_running_per_user = Cap("0", help="Cap on running jobs per user (0: none).").tag(config=True)
     default_time = Duration("1h", help="Time limit of a job that gives none.").tag(config=True)
     max_time = Duration("24h", help="Longest time limit a job may ask for.").tag(config=True)
-    half_life = Duration("24h", help="Fair-share usage half-life.").tag(config=True)
+    half_life = Duration(
+        "10m", help="Fair-share usage half-life (24h: fair over the day, not the hour)."
+    ).tag(config=True)
     starvation_after = Duration(
         "1h",
         help="The job that has waited longest without its user getting GPU time, once over "
@@ -450,6 +452,12 @@ class BrokerApp(Application):
         "",
         help="With --gpu-source k8s: the nodeSelector of %%gpu cells' worker pods, as "
         "KEY=VALUE[,KEY=VALUE...] (such as nvidia.com/gpu.present=true).",
+    ).tag(config=True)
+    worker_start_timeout = Duration(
+        "10m",
+        help="With --gpu-source k8s: a %%gpu cell's worker pod that is not running this long "
+        "after it was created (its image not pulled, no node for it) ends its job, the reason "
+        "in the message, and gives the GPU back.",
     ).tag(config=True)
     worker_python = Unicode(
         "python3",

@@ -664,8 +664,9 @@ class Broker:
                 gpu_memory.offered(self.inventory.memory, self.config.gpu_mem_reserve),
             )
             gpu_seconds = share * max(0.0, now - job.started_at)
+            half_life = self.config.half_life
             used = self.usage.get(job.user, policy.Usage()).add(
-                gpu_seconds, now, self.config.half_life
+                policy.run_usage(share, now - job.started_at, half_life), now, half_life
             )
         changes: dict[str, Any] = {
             "state": state,

@@ -33,7 +33,7 @@ GROUP_SOURCES = ("unix", "hub")
 BROKER_DURATIONS = {
     "default_time": "1h",
     "max_time": "24h",
-    "half_life": "24h",
+    "half_life": "10m",
     "starvation_after": "1h",
     "lease_ttl": "10s",
     "kill_grace": "10s",
