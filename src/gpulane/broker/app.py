@@ -453,12 +453,6 @@ class BrokerApp(Application):
         help="With --gpu-source k8s: the nodeSelector of %%gpu cells' worker pods, as "
         "KEY=VALUE[,KEY=VALUE...] (such as nvidia.com/gpu.present=true).",
     ).tag(config=True)
-    worker_start_timeout = Duration(
-        "10m",
-        help="With --gpu-source k8s: a %%gpu cell's worker pod that is not running this long "
-        "after it was created (its image not pulled, no node for it) ends its job, the reason "
-        "in the message, and gives the GPU back.",
-    ).tag(config=True)
     worker_python = Unicode(
         "python3",
         help="With --gpu-source k8s: the Python of the users' images that runs a %%gpu "
