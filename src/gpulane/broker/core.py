@@ -215,22 +215,17 @@ class Broker:
             detached=request.detached,
         )
         self.store.insert(job)
+        self.learn_share_group(who.user, who.groups)
         self.submit_rate.accepted(who.user, now)
         self.jobs[job.id] = job
         self.leases.beat(job.id)
         self.metrics.submitted()
         if who.pid:
-        self.learn_share_group(who.user, who.groups)
             self.leases.watch_client(who.pid, job.id)
         log.info("job %d submitted by %s: %s", job.id, who.user, request.describe())
         self._schedule()
         return self.view(job, who)
 
-    def cancel(self, who: Identity, job_id: int) -> JobView:
-        job = self._own_job(who, job_id, admin_ok=True)
-        if job.state is JobState.QUEUED:
-            self._finalize(job, JobState.CANCELLED, f"cancelled by {who.user}")
-        elif job.state is JobState.RUNNING:
     def learn_share_group(self, user: str, groups: Iterable[str]) -> None:
         """Where share groups are the hub's, ``user``'s from the hub groups they came with
         (the hub says who is in a group only when asked about a user)."""
@@ -262,6 +257,11 @@ class Broker:
             self.learn_share_group(user, groups)
         self._schedule()
 
+    def cancel(self, who: Identity, job_id: int) -> JobView:
+        job = self._own_job(who, job_id, admin_ok=True)
+        if job.state is JobState.QUEUED:
+            self._finalize(job, JobState.CANCELLED, f"cancelled by {who.user}")
+        elif job.state is JobState.RUNNING:
             self._revoke(job, JobState.CANCELLED, f"cancelled by {who.user}")
         self.metrics.cancelled()
         return self.view(job, who)

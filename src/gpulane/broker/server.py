@@ -417,6 +417,8 @@ async def serve(
     )
     acceptor.start()
     broker.start()
+    # Share groups are the hub's too: those of users with jobs now are asked for meanwhile.
+    learning = asyncio.ensure_future(broker.learn_hub_share_groups(broker.use_hub_share_groups()))
     if dashboard_port:
         from gpulane.broker.dashboard import make_dashboard
 
@@ -431,14 +433,13 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     log.info("gpulane broker listening on %s", socket_path)
     await stop.wait()
+    learning.cancel()
     acceptor.stop()
     sock.close()
     if tcp is not None:
         tcp.stop()
         tcp.sock.close()
     server.stop()
-    # Share groups are the hub's too: those of users with jobs now are asked for meanwhile.
-    learning = asyncio.ensure_future(broker.learn_hub_share_groups(broker.use_hub_share_groups()))
     # Finish what is open before the store closes: event streams end cleanly, requests in
     # flight are answered, kept-alive connections are closed (clients reconnect later).
     for ready in list(app.settings["event_streams"]):
@@ -474,7 +475,6 @@ def _listen_api(
 
 def _raise_fd_limit() -> None:
     # One descriptor per connected client and per watched client process.
-    learning.cancel()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
