@@ -204,6 +204,32 @@ def test_a_gpu_session_keeps_one_worker_pod_for_its_cells(
     settle(broker, lambda: not workers(store) and not jobs(broker)["running"], "the pod freed")
 
 
+def test_a_worker_pod_that_never_starts_ends_its_job_with_the_reason(
+    cluster: tuple[Store, NodeAgent, BrokerProcess],
+    kernels: Any,
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    """No interrupt: past --worker-start-timeout the broker ends the job and frees the GPU."""
+    store, agent, first = cluster
+    kubeconfig = first.args[first.args.index("--kubeconfig") + 1]
+    broker = make_broker(
+        "--gpu-source", "k8s", "--kubeconfig", kubeconfig, "--k8s-namespace", NAMESPACE,
+        "--k8s-interval", "1s", "--worker-python", sys.executable, "--worker-start-timeout", "12s",
+    )  # fmt: skip
+    notebook = server_pod(ALICE)["spec"]["containers"][0]
+    unpullable = {**notebook, "image": "registry.example.org/lab/missing:2"}
+    store.patch("pods", NAMESPACE, f"jupyter-{ALICE}", {"spec": {"containers": [unpullable]}})
+    alice = kernels(ALICE, broker, env=kube_env(ALICE))
+    result = alice.execute("%%gpu\nprint('never')", timeout=90)
+    assert result.status == "error"
+    texts = "\n".join(result.texts()) + json.dumps(result.reply)
+    assert "its worker pod did not start within 00:12 (image pull failed on node gpu-1" in texts, (
+        texts
+    )
+    settle(broker, lambda: not workers(store) and not jobs(broker)["running"], "the GPU freed")
+    assert not agent.procs
+
+
 # ---------------------------------------------------------------------------- attacks
 
 ATTACK = """

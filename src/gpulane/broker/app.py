@@ -453,6 +453,12 @@ class BrokerApp(Application):
         help="With --gpu-source k8s: the nodeSelector of %%gpu cells' worker pods, as "
         "KEY=VALUE[,KEY=VALUE...] (such as nvidia.com/gpu.present=true).",
     ).tag(config=True)
+    worker_start_timeout = Duration(
+        "10m",
+        help="With --gpu-source k8s: a %%gpu cell's worker pod that is not running this long "
+        "after it was created (its image not pulled, no node for it) ends its job, the reason "
+        "in the message, and gives the GPU back.",
+    ).tag(config=True)
     worker_python = Unicode(
         "python3",
         help="With --gpu-source k8s: the Python of the users' images that runs a %%gpu "
@@ -541,7 +547,7 @@ class BrokerApp(Application):
             "max_connections_per_user", "max_requests_per_second", "request_burst",
             "idle_timeout", "write_timeout", "gpu_device_files", "enforce_devices",
             "gpu_source", "kubeconfig", "gpu_resource", "k8s_interval", "k8s_namespace",
-            "worker_node_selector", "worker_python",
+            "worker_node_selector", "worker_python", "worker_start_timeout",
             "memory_watch_interval", "memory_watch_grace", "gpu_mem_slack",
             "stray_gpu_processes", "gpu_readings", "mps", "mps_dir",
         )
@@ -776,7 +782,7 @@ class BrokerApp(Application):
             python=self.worker_python,
         )
         launcher = WorkerLauncher(*core_api(self.kubeconfig or None), settings, self.kubeconfig)
-        return WorkerJobs(broker, launcher)
+        return WorkerJobs(broker, launcher, float(self.worker_start_timeout))
 
 
 def file_config(path: str | None = None) -> Config:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpulane.broker")
 
 MAX_PHASE_LINE = 4096  # a keeper's line longer than this is not a phase (cut, not kept)
+_STARTED = ("running", "succeeded", "failed")  # phases (worker_pods.phase_text) past the start
 
 
 class WorkerLauncher:
@@ -128,9 +129,15 @@ class WorkerLauncher:
 class WorkerJobs:
     """The broker's side: which jobs have a worker pod, its phase, and its end."""
 
-    def __init__(self, broker: Broker, launcher: WorkerLauncher) -> None:
+    def __init__(
+        self, broker: Broker, launcher: WorkerLauncher, start_timeout: float = 600.0
+    ) -> None:
         self.broker = broker
         self.launcher = launcher
+        # A pod not running this long after its creation ends its job (an image that cannot
+        # be pulled, no node that fits): the GPU is not held for a pod that never starts.
+        self.start_timeout = start_timeout
+        self._deadlines: dict[int, asyncio.TimerHandle] = {}
         self.phases: dict[int, str] = {}
         self.keepers: dict[int, subprocess.Popen[bytes]] = {}
         self._starting: set[int] = set()
@@ -172,6 +179,7 @@ class WorkerJobs:
             target=self._follow, args=(loop, job_id, keeper, keeper.stdout), daemon=True,
             name=f"worker-keeper-{job_id}",
         ).start()  # fmt: skip
+        self._deadlines[job_id] = loop.call_later(self.start_timeout, self._not_started, job_id)
         live = broker.jobs.get(job_id)
         if live is None or live.ending_state is not None:
             self.signal(job_id, signal.SIGTERM)  # revoked while its pod was made
@@ -205,12 +213,35 @@ class WorkerJobs:
             if held is not None:
                 self.signal(job_id, held)
         self.phases[job_id] = text
+        if text.startswith(_STARTED):
+            self._cancel_deadline(job_id)
         self.broker._publish(urgent={job_id})
+
+    def _not_started(self, job_id: int) -> None:
+        self._deadlines.pop(job_id, None)
+        job = self.broker.jobs.get(job_id)
+        if job is None or job.state is not JobState.RUNNING or job.ending_state is not None:
+            return
+        from gpulane.jobs import format_duration
+
+        phase = self.phases.get(job_id, "")
+        self.broker._revoke(
+            job,
+            JobState.FAILED,
+            f"its worker pod did not start within {format_duration(self.start_timeout)}"
+            + (f" ({phase})" if phase else ""),
+        )
+
+    def _cancel_deadline(self, job_id: int) -> None:
+        handle = self._deadlines.pop(job_id, None)
+        if handle is not None:
+            handle.cancel()
 
     def _ended(self, job_id: int, keeper: subprocess.Popen[bytes], status: int) -> None:
         if self.keepers.get(job_id) is not keeper:
             return
         del self.keepers[job_id]
+        self._cancel_deadline(job_id)
         self._ready.discard(job_id)
         self._held.pop(job_id, None)
         why = self.phases.pop(job_id, "")
