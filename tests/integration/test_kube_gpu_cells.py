@@ -12,6 +12,8 @@ would make them, and the kernels speak to the broker's socket as their Unix user
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -166,6 +168,21 @@ def test_interrupting_a_gpu_cell_deletes_its_pod_and_frees_the_gpu(
     settle(broker, lambda: not jobs(broker)["running"], "the GPU to be freed")
     assert pod["metadata"]["name"] not in agent.procs  # its process was stopped
     assert alice.execute("print(keep)").stream().strip() == "intact"
+
+
+def test_a_kernel_that_dies_has_its_worker_pod_deleted(
+    cluster: tuple[Store, NodeAgent, BrokerProcess], kernels: Any
+) -> None:
+    store, agent, broker = cluster
+    alice = kernels(ALICE, broker, env=kube_env(ALICE))
+    msg_id = alice.submit("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(300)")
+    alice.wait_for_output(msg_id, "started", timeout=60)
+    [pod] = workers(store)
+    os.kill(alice.pid, signal.SIGKILL)  # the kernel's process: its lease's client
+    settle(broker, lambda: not workers(store), "the worker pod to be deleted")
+    settle(broker, lambda: not store.select("secrets", NAMESPACE, ""), "its Secret deleted")
+    settle(broker, lambda: not jobs(broker)["running"], "the GPU to be freed")
+    assert pod["metadata"]["name"] not in agent.procs
 
 
 def test_a_pod_kubernetes_cannot_start_shows_why_on_the_card(
