@@ -182,3 +182,18 @@ def test_a_cold_worker_whose_teardown_hangs_is_ended_by_its_watchdog():
     worker.wait_output()
     stderr = "".join(str(text) for kind, text in sink.items if kind == "stderr")
     assert "Timeout" in stderr and "__del__" in stderr, sink.items
+
+
+def test_closing_a_worker_ends_its_channel_reader_before_its_descriptor_goes():
+    # A reader left in recv on a closed descriptor reads whatever connection gets the number
+    # next (another worker's key check, a stranger's bytes), and unpickles it.
+    worker = LocalWorker()
+    worker.attach(Collect())
+    reader = worker._reader
+    try:
+        time.sleep(0.5)  # the worker waits for a cell; its reader waits in recv
+        assert reader is not None and reader.is_alive()
+        worker.close()
+        assert not reader.is_alive()
+    finally:
+        worker.stop()

@@ -90,6 +90,7 @@ class WorkerHandle(ABC):
         self.done = threading.Event()  # set when the worker reports a cell's end, or is gone
         self.result: Done | None = None
         self._threads: list[threading.Thread] = []
+        self._reader: threading.Thread | None = None  # reads the channel, once started
         self._send_lock = threading.Lock()
 
     @property
@@ -120,6 +121,24 @@ class WorkerHandle(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def _close_channel(self) -> None:
+        """Close the channel once its reader is out of it: shut the socket down (a read
+        blocked in it returns), wait for the reader, then close the descriptor. Closed under
+        a reader still in ``recv``, the descriptor's number can be handed to the next
+        connection this process opens (another worker's key check, a stranger on its port),
+        and the old reader would read that connection's bytes, unpickling them: seen under
+        load as a worker's key-check answer read by another worker's reader."""
+        with contextlib.suppress(OSError, ValueError):
+            end = socket.socket(fileno=os.dup(self.channel.fileno()))
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()  # the duplicate only
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(5)
+        with contextlib.suppress(OSError):
+            self.channel.close()
 
     def _send_quietly(self, message: Interrupt | Stop) -> None:
         with contextlib.suppress(OSError, ValueError), self._send_lock:
@@ -199,6 +218,7 @@ class LocalWorker(WorkerHandle):
                 ),
                 threading.Thread(target=self._read_channel, daemon=True),
             ]
+            self._reader = self._threads[-1]
             for thread in self._threads:
                 thread.start()
 
@@ -221,8 +241,7 @@ class LocalWorker(WorkerHandle):
         self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.channel.close()
+        self._close_channel()
         if not self._threads:  # relays own the pipes once started
             for pipe in (self.proc.stdout, self.proc.stderr):
                 if pipe is not None:
@@ -397,6 +416,7 @@ class CallbackWorker(WorkerHandle):
         self._stop_listening()
         reader = threading.Thread(target=self._read_channel, daemon=True, name="gpulane-remote")
         self._threads = [reader]
+        self._reader = reader
         reader.start()
         # It may be on another machine: bytes go on the channel.
         follow_channel(self._message.inputs)
@@ -425,8 +445,7 @@ class CallbackWorker(WorkerHandle):
         self._stop_listening()
         self.keyfile.unlink(missing_ok=True)
         if self._connected.is_set():
-            with contextlib.suppress(OSError):
-                self.channel.close()
+            self._close_channel()
 
 
 def _shutdown(peer: socket.socket) -> None:
