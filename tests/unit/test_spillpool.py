@@ -21,7 +21,7 @@ import pytest
 
 from gpulane.kernel import spillpool
 from gpulane.kernel.spillpool import SpillPool
-from gpulane.kernel.transfer import cleanup, pack, unpack
+from gpulane.kernel.transfer import cleanup, follow_channel, pack, unpack
 
 MiB = 1 << 20
 SIZE = 2 * MiB  # float64 elements below: SIZE bytes each
@@ -182,3 +182,22 @@ def test_settings_from_the_environment(spill: Path, capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("gpulane: GPULANE_SPILL_POOL") for line in lines)
     assert "'lots' is not a size" in lines[0] and "using the default, 2G" in lines[0]
+
+
+def test_a_pooled_input_follows_the_channel_to_a_worker_elsewhere(spill: Path) -> None:
+    """The Slurm path: the kernel maps the lent file to send its bytes on the channel; once
+    sent, the pooled file is free again for the next input of its size."""
+    from tests.unit.test_transfer import over_the_channel
+
+    pool = SpillPool(spill)
+    packed = pack({"x": array(1.0)}, spill, 1 << 30, pool=pool)
+    inode = lent_inode(packed)
+    follow_channel(packed)
+    assert [p.name for p in spill.iterdir()] == [p.name for p in pooled_files(spill)]
+    received = over_the_channel({"op": "run", "inputs": packed})
+    values, failures = unpack(received["inputs"])
+    assert failures == {} and (values["x"] == 1.0).all()
+    again = pack({"x": array(2.0)}, spill, 1 << 30, pool=pool)
+    assert lent_inode(again) == inode, "sent: the kernel's own mapping of it is gone"
+    cleanup(again)
+    pool.close()
