@@ -219,3 +219,62 @@ def test_phases_read_as_the_card_says_them() -> None:
         "running on node g"
     )
     assert wp.phase_text(None) == "its pod is gone"
+
+
+def hub_values_server_pod(user: str, user_dir: str | None) -> dict[str, Any]:
+    """A server pod with the storage `gpulane k8s hub-values --nfs-server` writes: an NFS
+    `persist` volume shared by all users, each mounting their own folder through
+    ``subPathExpr: $(GPULANE_USER_DIR)``, which KubeSpawner sets per user."""
+    from gpulane.admin.k8s_hub_values import HubOptions, storage
+    from gpulane.config import USER_DIR_ENV
+
+    options = HubOptions(
+        public_url="https://hub.example.org",
+        authorize_url="https://idp/auth",
+        token_url="https://idp/token",
+        userdata_url="https://idp/userinfo",
+        client_id="hub",
+        nfs_server="nfs.example.org",
+        home_export="/export/home",
+        shared_export="/export/shared",
+    )
+    volumes, mounts = storage(options)
+    pod = server_pod(user)
+    container = pod["spec"]["containers"][0]
+    container["volumeMounts"] = mounts
+    container["env"] = [] if user_dir is None else [{"name": USER_DIR_ENV, "value": user_dir}]
+    pod["spec"]["volumes"] = volumes
+    return pod
+
+
+def test_each_users_worker_mounts_that_users_folder_of_a_shared_volume() -> None:
+    """The attack it stops: without the variable its mount names, the kubelet mounts the
+    literal folder `$(GPULANE_USER_DIR)`, one folder for every user's worker."""
+    pods = {
+        user: wp.worker_pod(job(user=user), hub_values_server_pod(user, user), SETTINGS)
+        for user in ("ada", "ben")
+    }
+    for user, pod in pods.items():
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        container = pod["spec"]["containers"][0]
+        persist = next(m for m in container["volumeMounts"] if m["name"] == "persist")
+        assert persist["subPathExpr"] == "$(GPULANE_USER_DIR)"
+        assert {"name": "GPULANE_USER_DIR", "value": user} in container["env"]
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["persist"]["nfs"]["server"] == "nfs.example.org"
+        assert "home" not in volumes  # the server's scratch emptyDir is its own
+    # A job environment cannot name another user's folder: the server's value wins.
+    forged = wp.worker_pod(
+        job(user="ben", env={"GPULANE_USER_DIR": "ada"}),
+        hub_values_server_pod("ben", "ben"),
+        SETTINGS,
+    )
+    env = forged["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "GPULANE_USER_DIR"] == [
+        {"name": "GPULANE_USER_DIR", "value": "ben"}
+    ]
+
+
+def test_a_mount_whose_variable_the_server_does_not_set_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match=r"uses \$\(GPULANE_USER_DIR\)"):
+        wp.worker_pod(job(), hub_values_server_pod("ada", None), SETTINGS)

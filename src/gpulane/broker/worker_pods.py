@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,15 +146,35 @@ def check_key(key: object) -> bytes:
         raise InvalidRequest(f"key must be {2 * KEY_BYTES} hex digits") from None
 
 
-def _storage(server: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The server's persistent volumes and their mounts in its first container (its claims
-    only: no service-account token, config maps or the hub's other volumes)."""
+# Volume kinds a worker takes from its server: the user's storage, never the hub's config
+# maps, host paths or the service-account token.
+_STORAGE_KINDS = ("persistentVolumeClaim", "nfs")
+_VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def _storage(
+    server: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The server's storage volumes (claims and NFS), their mounts in its first container, and
+    the variables those mounts' ``subPathExpr`` name, copied from that container: without them
+    the kubelet leaves ``$(GPULANE_USER_DIR)`` as literal text, and every user's worker would
+    mount the same folder of the shared volume."""
     spec = server.get("spec") or {}
-    claims = [dict(v) for v in spec.get("volumes") or [] if v.get("persistentVolumeClaim")]
-    names = {v["name"] for v in claims}
-    containers = spec.get("containers") or [{}]
-    mounts = [dict(m) for m in containers[0].get("volumeMounts") or [] if m.get("name") in names]
-    return claims, mounts
+    volumes = [dict(v) for v in spec.get("volumes") or [] if any(k in v for k in _STORAGE_KINDS)]
+    names = {v["name"] for v in volumes}
+    container = (spec.get("containers") or [{}])[0]
+    mounts = [dict(m) for m in container.get("volumeMounts") or [] if m.get("name") in names]
+    server_env = {e.get("name"): e for e in container.get("env") or []}
+    needed: dict[str, dict[str, Any]] = {}
+    for mount in mounts:
+        for name in _VARIABLE.findall(mount.get("subPathExpr") or ""):
+            if name not in server_env:
+                raise InvalidRequest(
+                    f"your server's mount {mount.get('mountPath')!r} uses $({name}), which its "
+                    "container does not set; ask your admin to check the storage settings"
+                )
+            needed[name] = dict(server_env[name])
+    return volumes, mounts, list(needed.values())
 
 
 def worker_pod(
@@ -163,7 +184,8 @@ def worker_pod(
     spec = server.get("spec") or {}
     metadata = server.get("metadata") or {}
     container = (spec.get("containers") or [{}])[0]
-    claims, mounts = _storage(server)
+    claims, mounts, mount_env = _storage(server)
+    mount_names = {e["name"] for e in mount_env}  # the server's value wins: its mounts need it
     env = {k: v for k, v in job.env.items() if k not in _NOT_IN_POD}
     env.update(
         {
@@ -180,7 +202,10 @@ def worker_pod(
         "name": "worker",
         "image": container.get("image"),
         "command": [settings.python, "-m", "gpulane.kernel.runner"],
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+        "env": [
+            *mount_env,
+            *({"name": k, "value": v} for k, v in sorted(env.items()) if k not in mount_names),
+        ],
         "resources": {"limits": resources, "requests": dict(resources)},
         "volumeMounts": [
             *mounts,
