@@ -466,7 +466,9 @@ def _listen_api(
     try:
         sock = listen(ip, port)
     except OSError as error:
-        raise SystemExit(f"gpulane broker: cannot listen on {ip}:{port}: {error.strerror}") from None
+        raise SystemExit(
+            f"gpulane broker: cannot listen on {ip}:{port}: {error.strerror}"
+        ) from None
     acceptor = TcpAcceptor(server, sock, max_total, max_per_address, broker.settings.write_timeout)
     acceptor.start()
     log.info("API for hub-token clients on http://%s:%d", ip, port)

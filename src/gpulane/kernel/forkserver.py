@@ -77,7 +77,7 @@ def warm_caches() -> None:
     line). Pure Python: no thread, no device."""
     from IPython.core.inputtransformer2 import TransformerManager
 
-    TransformerManager().transform_cell("x = 1\nprint(x)\n")
+    TransformerManager().transform_cell("x = 1\nprint(x)\n")  # type: ignore[no-untyped-call]
 
 
 MAX_RECORD = 1 << 20
