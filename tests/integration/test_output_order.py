@@ -1,10 +1,13 @@
-"""A `%%gpu` cell's outputs in the order the cell made them, as the same cell shows them plainly.
+"""A `%%gpu` cell's outputs in the order the cell made them, as a plain ipykernel cell shows them.
 
-Real ipykernel kernels as a real user against a real broker: each cell runs plainly and
-under `%%gpu` in the same kind of kernel, and the two lists of outputs (message type,
-stream name, text) must be the same, up to the joining of adjacent text of one stream
-(ipykernel batches each stream on its own timer). The gpulane card is not the cell's output.
-Then the same through a notebook run headless (`jupyter nbconvert --execute`, papermill).
+Real ipykernel kernels as a real user against a real broker. Each cell's `%%gpu` outputs
+(message type, stream name, text) must be exactly its expected list (EXPECTED), up to the
+joining of adjacent text of one stream (ipykernel batches each stream on its own timer);
+the gpulane card is not the cell's output. The same cell run plainly in the same kind of
+kernel is the reference the lists are checked against: see plain_outputs() for the one part
+of a plain cell that ipykernel does not keep in order (a subprocess's text, read from
+descriptor 1 on a thread of its own). Then the same through a notebook run headless
+(`jupyter nbconvert --execute`, papermill).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kernels import CellResult
+from tests.support.kernels import CellResult, UserKernel
 from tests.support.users import as_user, need_module, user_env
 
 pytestmark = pytest.mark.usefixtures("unix_users")
@@ -45,8 +48,28 @@ FD_WRITES = (
     "import os\nos.write(1, b'fd one\\n')\nprint('python')\nwritten = os.write(2, b'fd two\\n')"
 )
 SHELL = "!echo from the shell"
+ANSWER = "x = 6 * 7\nprint(x)"
+SUBPROCESS_TEXT = "from a subprocess\n"  # what MIXED's subprocess writes to descriptor 1
 
 Output = tuple[str, str, str]  # (type, stream name or "", text)
+
+# Each cell's outputs in the order it made them: stdout is sent before each display and
+# clear_output (ipykernel flushes both streams, stdout first, before publishing one).
+EXPECTED: dict[str, list[Output]] = {
+    MIXED: [
+        ("stream", "stdout", "out\n"),
+        ("display_data", "", "'shown'"),
+        ("stream", "stdout", "after display\n" + SUBPROCESS_TEXT),
+        ("stream", "stderr", "to stderr\n"),
+        ("clear_output", "", "True"),
+        ("stream", "stdout", "last\n"),
+    ],
+    SEVERAL_WRITES: [("stream", "stdout", "a b c\n")],
+    LOOP: [("stream", "stdout", "".join(f"{i}\n" for i in range(1000)))],
+    SHELL: [("stream", "stdout", "from the shell\r\n")],  # IPython runs ! commands in a pty
+    ANSWER: [("stream", "stdout", "42\n")],
+}
+PLAIN_TRIES = 5
 
 
 @pytest.fixture
@@ -91,6 +114,41 @@ def stream_messages(cell: CellResult) -> list[str]:
     return [c["text"] for _, kind, c in cell.messages if kind == "stream" and c["name"] == "stdout"]
 
 
+def without(items: list[Output], text: str) -> list[Output]:
+    """``items`` with ``text`` taken out of every stream's text, as if it had not been written."""
+    kept = [
+        (kind, name, body.replace(text, "") if kind == "stream" else body)
+        for kind, name, body in items
+    ]
+    return joined([item for item in kept if item[0] != "stream" or item[2]])
+
+
+def plain_outputs(kernel: UserKernel, code: str) -> list[Output]:
+    """The plain cell's outputs, once they are ``EXPECTED[code]``: the reference for the list.
+
+    ipykernel (7.x, OutStream with watchfd) turns descriptor 1 into a pipe that a thread of
+    its own reads, so a subprocess's text joins the stream whenever that thread runs: after
+    the cell's later prints, its clear_output, or its end (then it is another cell's), as
+    it does for a user (here, at load 4.5: late in 1 of 20 plain runs of MIXED). So only
+    the plain run is retried, and only for that: with the subprocess's text taken out, each
+    try must be the expected list as it is; and one of PLAIN_TRIES tries must be it exactly,
+    or the list is not where ipykernel puts the subprocess's text when it keeps up.
+    """
+    want = EXPECTED[code]
+    tries: list[list[Output]] = []
+    for _ in range(PLAIN_TRIES):
+        cell = kernel.execute(code)
+        assert cell.status == "ok", cell.messages
+        got = outputs(cell)
+        if got == want:
+            return got
+        tries.append(got)
+        assert without(got, SUBPROCESS_TEXT) == without(want, SUBPROCESS_TEXT), got
+        # This try's text, if later still, lands in this cell, not in the next try.
+        assert kernel.execute("import time; time.sleep(0.5)").status == "ok"
+    raise AssertionError(f"no plain run showed {want}: {tries}")
+
+
 @pytest.mark.parametrize(
     "code",
     [MIXED, SEVERAL_WRITES, LOOP, SHELL],
@@ -98,10 +156,10 @@ def stream_messages(cell: CellResult) -> list[str]:
 )
 def test_a_gpu_cell_shows_what_the_plain_cell_shows_in_the_same_order(broker, kernels, code):
     k = kernels(ALICE, broker)
-    plain = k.execute(code)
-    gpu = k.execute("%%gpu\n" + code)
-    assert plain.status == "ok" and gpu.status == "ok", gpu.messages
-    assert outputs(gpu) == outputs(plain)
+    gpu = k.execute("%%gpu\n" + code)  # first: a plain try's late text cannot reach it
+    assert gpu.status == "ok", gpu.messages
+    assert outputs(gpu) == EXPECTED[code]
+    assert plain_outputs(k, code) == EXPECTED[code]
 
 
 def test_bytes_written_to_the_descriptors_keep_their_place(broker, kernels):
@@ -145,7 +203,7 @@ def test_text_still_streams_while_the_cell_runs(broker, kernels):
 
 # --------------------------------------------------------------------------- headless notebooks
 
-CELLS = [MIXED, SEVERAL_WRITES, LOOP, SHELL, "x = 6 * 7\nprint(x)"]
+CELLS = [MIXED, SEVERAL_WRITES, LOOP, SHELL, ANSWER]
 
 
 def notebook(cells: list[str]) -> dict:
@@ -226,11 +284,33 @@ def run_headless(tool: str, folder: Path, broker, name: str, cells: list[str]) -
     return executed
 
 
+def shown_in_a_notebook(items: list[Output]) -> list[Output]:
+    """What a notebook keeps of a cell's ``items``: clear_output empties the cell, and with
+    wait=True it does so when the next output comes."""
+    kept: list[Output] = []
+    pending = False
+    for item in items:
+        if item[0] == "clear_output":
+            kept, pending = ([], False) if item[2] == "False" else (kept, True)
+            continue
+        if pending:
+            kept, pending = [], False
+        kept.append(item)
+    return joined(kept)
+
+
 @pytest.mark.parametrize("tool", ["nbconvert", "papermill"])
 def test_a_headless_notebook_shows_the_same_outputs_with_gpu_as_without(
     broker, alices_folder, tool
 ):
-    plain = run_headless(tool, alices_folder, broker, "plain", CELLS)
+    want = [shown_in_a_notebook(EXPECTED[c]) for c in CELLS]
     gpu = run_headless(tool, alices_folder, broker, "gpu", ["%%gpu\n" + c for c in CELLS])
-    assert notebook_outputs(gpu) == notebook_outputs(plain)
-    assert notebook_outputs(plain)[-1] == [("stream", "stdout", "42\n")]
+    assert notebook_outputs(gpu) == want
+    # The plain notebook, as the reference for all that ipykernel keeps in order; where the
+    # subprocess's text lands in a plain kernel is its pipe thread's (plain_outputs()): when
+    # it is late, after MIXED's clear_output, the notebook keeps it. (Not retried: a notebook
+    # run is seconds; the in-kernel test above retries for the exact place.)
+    plain = run_headless(tool, alices_folder, broker, "plain", CELLS)
+    assert [without(c, SUBPROCESS_TEXT) for c in notebook_outputs(plain)] == [
+        without(c, SUBPROCESS_TEXT) for c in want
+    ]
